@@ -1,0 +1,35 @@
+# megatron-prior: every target is idempotent; `make setup` reinstalls nothing when nothing changed.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench clean
+
+setup: $(VENV)/.setup-done
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch-done: | $(PY)
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.12"
+	touch $@
+
+# Rebuilt only when the package metadata or the C++ sources change.
+$(VENV)/.setup-done: $(VENV)/.torch-done setup.py pyproject.toml $(wildcard csrc/*.cpp)
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PY) -c "import megatron_prior._packer as p; print('C++ packer built:', p.__file__)"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf build *.egg-info megatron_prior/_packer*.so

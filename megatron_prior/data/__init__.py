@@ -1,0 +1,1 @@
+"""Weighted indexed datasets, GPT/caption datasets and the packer that feeds PRIOR's weights."""

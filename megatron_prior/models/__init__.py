@@ -1,0 +1,1 @@
+"""Model builders: the reference LM (GPTModel), H-LVLM (LLaVAModel) and U-LVLM."""

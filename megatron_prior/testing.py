@@ -1,0 +1,175 @@
+"""Run a function on N gloo ranks in spawned processes on localhost.
+
+Used by the multi-rank tests and the benchmarks: ``run_on_ranks(fn, 2, arg)`` starts two
+processes with torchrun's environment variables (a fresh free port each time), calls
+``fn(arg)`` in each, and returns the per-rank results in rank order. If a rank fails, its
+traceback is re-raised in the caller; if the ranks do not finish in ``timeout`` seconds,
+they are killed and ``TimeoutError`` names the ranks still running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+_CHILD_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankFailed(RuntimeError):
+    """A rank raised; the message carries that rank's traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple,
+           results: "mp.Queue") -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    # One intra-op thread per rank: ranks share the machine's cores, and oversubscription
+    # makes gloo collectives time out on small machines.
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        from megatron_prior import parallel
+
+        parallel.destroy()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0) -> list:
+    """Call ``fn(*args)`` on ``world_size`` spawned ranks; return their results by rank."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outcome: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcome))
+                raise TimeoutError(f"ranks {missing} of {world_size} did not finish in {timeout:.0f} s")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
+                if dead:
+                    raise RankFailed(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} "
+                                     "before reporting (killed or crashed in native code)")
+                continue
+            if not ok:
+                raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
+            outcome[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outcome[r] for r in range(world_size)]
+
+
+# --- comparing sharded models with a single-process reference ---------------------------
+
+def _sharded_tensors(model) -> list:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return [v for v in nested_values(model.sharded_state_dict()) if isinstance(v, ShardedTensor)]
+
+
+def shard_index(sharded_tensor) -> tuple:
+    """Where a ShardedTensor's local data sits inside its global tensor (prepended axes as ints)."""
+    p = sharded_tensor.prepend_axis_num
+    lead = tuple(sharded_tensor.global_offset[:p])
+    rest = tuple(slice(o, o + s) for o, s in zip(sharded_tensor.global_offset[p:], sharded_tensor.local_shape))
+    return lead + rest
+
+
+def parameter_shards(model) -> list:
+    """``(key, index, parameter)`` for every parameter of a (possibly sharded) megatron model.
+
+    The key and index place the parameter inside the global tensor that a single-process
+    model of the same architecture holds under that key, whatever the TP/PP layout.
+    """
+    import torch
+
+    by_ptr = {p.data_ptr(): p for p in model.parameters()}
+    out = []
+    for sh in _sharded_tensors(model):
+        if not isinstance(sh.data, torch.Tensor) or sh.data.data_ptr() not in by_ptr:
+            continue
+        out.append((sh.key, shard_index(sh), by_ptr[sh.data.data_ptr()]))
+    return out
+
+
+def global_init(key: str, shape: tuple, seed: int = 0):
+    """Deterministic full-size initial weights for ``key``, the same on every rank."""
+    import hashlib
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    values = torch.randn(shape, generator=g, dtype=torch.float64) * 0.05
+    if "layer_norm_weight" in key or key.endswith("layernorm.weight"):
+        values += 1.0
+    return values
+
+
+def assign_global_weights(model, seed: int = 0) -> None:
+    """Give every shard its slice of ``global_init``: identical weights across layouts."""
+    import torch
+
+    with torch.no_grad():
+        for key, index, param in parameter_shards(model):
+            sh_shape = _global_shape(model, key)
+            param.copy_(global_init(key, sh_shape, seed)[index].reshape(param.shape).to(param.dtype))
+
+
+def _global_shape(model, key: str) -> tuple:
+    for sh in _sharded_tensors(model):
+        if sh.key == key:
+            return tuple(sh.global_shape)
+    raise KeyError(key)
+
+
+def local_gradients(model) -> list:
+    """``(key, index, global shape, grad as float64 numpy)`` for every parameter shard
+    (DDP's ``main_grad`` where present)."""
+    out = []
+    for key, index, param in parameter_shards(model):
+        grad = getattr(param, "main_grad", None)
+        if grad is None:
+            grad = param.grad
+        out.append((key, index, _global_shape(model, key), grad.detach().double().cpu().numpy().copy()))
+    return out
+
+
+def assemble_global(shards: list) -> dict:
+    """Put ``local_gradients`` entries (from one or more ranks) back into global arrays."""
+    import numpy as np
+
+    full: dict = {}
+    for key, index, shape, values in shards:
+        target = full.setdefault(key, np.zeros(shape))
+        target[index] = values.reshape(target[index].shape)
+    return full

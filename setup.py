@@ -1,0 +1,38 @@
+"""megatron-prior: PRIOR vision-language pre-training on megatron-core.
+
+Transformer Engine and NVIDIA apex are optional accelerators used when importable; they are
+never pip requirements (PyPI's ``apex`` is an unrelated project, and TE's torch part is a
+CUDA source build).
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-prior",
+    version="0.1.0",
+    description="PRIOR (image-related-token-prioritised) VLM pre-training on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_prior", "megatron_prior.*"]),
+    install_requires=[
+        # 0.17+ needs Python >= 3.12; pip picks the newest this Python allows.
+        "megatron-core>=0.16.1",
+        "torch>=2.6,<2.15",
+        "numpy>=1.24",
+        "sentencepiece>=0.2",
+        # megatron-core does not declare it, and dist_checkpointing.save hangs without it.
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    ext_modules=[
+        Pybind11Extension(
+            "megatron_prior._packer",
+            ["csrc/packer.cpp"],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+        )
+    ],
+    cmdclass={"build_ext": build_ext},
+)
