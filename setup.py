@@ -22,6 +22,11 @@ setup(
         "sentencepiece>=0.2",
         # megatron-core does not declare it, and dist_checkpointing.save hangs without it.
         "psutil>=5.9",
+        "matplotlib>=3.7",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
