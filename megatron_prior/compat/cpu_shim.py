@@ -49,6 +49,10 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.optimizer.clip_grads":
         "grad-norm buffers on device='cuda'; clipping asserts torch.cuda.FloatTensor grads",
     "megatron.core.optimizer.optimizer": "FP32Optimizer / bf16 optimizer buffers on device='cuda'",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "checkpoint writers synchronize cuda before copying tensors",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "save-failure flag broadcast from current_device()",
     "megatron.core.timers": "timers synchronize cuda and gather on current_device()",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq moved to cuda",
     "megatron.core.models.vision.clip_vit_model": "position_ids moved to cuda",

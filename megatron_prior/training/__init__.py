@@ -1,0 +1,1 @@
+"""Megatron-style training: arguments, the loop, checkpoints, logging."""
