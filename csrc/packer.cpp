@@ -1,15 +1,22 @@
 // Fast path of the PRIOR data pipeline: fills a whole batch of token rows and loss-weight
-// rows from the memory-mapped token and log-prob arrays in one call, with the GIL released.
+// rows from the memory-mapped token and log-prob arrays in one call, with the GIL released
+// and the rows split over threads.
 //
 // The semantics are those of megatron_prior/data/packing.py (the numpy reference):
 //   w_i = (1 - exp(logprob_i)) ** alpha
 //   m_i = scale[doc] * w_i, where scale[doc] = n_doc / sum_{j in doc} w_j over the loss
 //   tokens of the whole document (so a caption cut across samples keeps its normaliser);
-//   a document whose weights sum to zero gets m_i = 1; a masked token (EOD when eod is
-//   masked, pad) gets m_i = 0 and does not count in n_doc.
+//   a document whose weights sum to zero gets m_i = 1.
+//   A token is not a loss token (m_i = 0, not counted in n_doc) when it is the pad id, or,
+//   with mask_eod, when the token before it is EOD, as megatron-core's eod_mask_loss
+//   masks it; every document counts as preceded by EOD (its first token, with mask_eod,
+//   is never a loss token).
 // Sample boundaries follow megatron-core's GPTDataset: sample s spans from
 // sample_index[s] = (doc position, offset) to sample_index[s + 1] inclusive of one extra
 // token, walking documents in document_index order; short samples are padded.
+//
+// Arrays are taken as they are (no silent dtype conversion, which would copy a whole
+// memory-mapped corpus per call): a wrong dtype or a non-contiguous array is an error.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -27,173 +34,292 @@ namespace py = pybind11;
 namespace {
 
 template <typename T>
-inline bool is_masked(T token, int64_t eod_id, bool mask_eod, int64_t pad_id) {
-  const int64_t t = static_cast<int64_t>(token);
-  return (mask_eod && t == eod_id) || t == pad_id;
-}
+struct Tag {
+  using type = T;
+};
 
-inline double token_weight(float logprob, double alpha) {
-  const double p = std::exp(static_cast<double>(logprob));
-  const double one_minus_p = std::max(0.0, 1.0 - p);
-  return alpha == 1.0 ? one_minus_p : std::pow(one_minus_p, alpha);
+template <typename T>
+bool has_dtype(const py::array& a) {
+  return py::isinstance<py::array_t<T>>(a);
 }
 
 template <typename T>
-py::array_t<double> document_scales_impl(py::array_t<T, py::array::c_style> tokens,
-                                         py::array_t<float, py::array::c_style> logprobs,
-                                         py::array_t<int64_t, py::array::c_style> doc_offsets,
-                                         double alpha, int64_t eod_id, bool mask_eod,
-                                         int64_t pad_id) {
-  if (tokens.ndim() != 1 || logprobs.ndim() != 1 || doc_offsets.ndim() != 1)
-    throw std::invalid_argument("document_scales: tokens, logprobs and doc_offsets must be 1-D");
-  if (tokens.shape(0) != logprobs.shape(0))
-    throw std::invalid_argument("document_scales: tokens and logprobs differ in length (" +
-                                std::to_string(tokens.shape(0)) + " vs " +
-                                std::to_string(logprobs.shape(0)) + ")");
-  const int64_t n_docs = doc_offsets.shape(0) - 1;
-  if (n_docs < 0) throw std::invalid_argument("document_scales: doc_offsets is empty");
-  const T* tok = tokens.data();
-  const float* lp = logprobs.data();
-  const int64_t* off = doc_offsets.data();
-  const int64_t n_tokens = tokens.shape(0);
+const T* data_of(const py::array& a, const char* name, int ndim = 1) {
+  if (!has_dtype<T>(a))
+    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         ", got " + std::string(py::str(a.dtype())));
+  if (a.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(ndim) + "-D array");
+  if (!(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + ": array must be C-contiguous");
+  return static_cast<const T*>(a.data());
+}
+
+// Calls f(Tag<T>{}) for the integer dtype of `a` among those token files use.
+template <typename F>
+auto dispatch_tokens(const py::array& a, const char* name, F&& f) {
+  if (has_dtype<uint16_t>(a)) return f(Tag<uint16_t>{});
+  if (has_dtype<int32_t>(a)) return f(Tag<int32_t>{});
+  if (has_dtype<int64_t>(a)) return f(Tag<int64_t>{});
+  if (has_dtype<uint8_t>(a)) return f(Tag<uint8_t>{});
+  throw py::type_error(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) +
+                       " is not one of uint8, uint16, int32, int64");
+}
+
+template <typename F>
+auto dispatch_index(const py::array& a, const char* name, F&& f) {
+  if (has_dtype<int32_t>(a)) return f(Tag<int32_t>{});
+  if (has_dtype<int64_t>(a)) return f(Tag<int64_t>{});
+  throw py::type_error(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) +
+                       " is not int32 or int64");
+}
+
+// Runs body(begin, end) over [0, n) split into at most num_threads contiguous ranges.
+template <typename Body>
+void parallel_for(int64_t n, int num_threads, Body body) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n));
+  if (threads == 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (n + threads - 1) / threads;
+  for (int64_t b = 0; b < n; b += per) pool.emplace_back(body, b, std::min(n, b + per));
+  for (auto& th : pool) th.join();
+}
+
+struct MaskRule {
+  int64_t eod_id;
+  bool mask_eod;
+  int64_t pad_id;
+
+  // Token i of a document starting at doc_start: is it a loss token?
+  template <typename T>
+  bool is_loss(const T* tok, int64_t i, int64_t doc_start) const {
+    if (static_cast<int64_t>(tok[i]) == pad_id) return false;
+    if (!mask_eod) return true;
+    return i > doc_start && static_cast<int64_t>(tok[i - 1]) != eod_id;
+  }
+};
+
+inline double token_weight(float logprob, double alpha) {
+  const double one_minus_p = std::max(0.0, 1.0 - std::exp(static_cast<double>(logprob)));
+  return alpha == 1.0 ? one_minus_p : std::pow(one_minus_p, alpha);
+}
+
+int64_t check_offsets(const int64_t* off, int64_t n_docs, int64_t n_tokens) {
+  if (n_docs < 0) throw std::invalid_argument("doc_offsets is empty");
   for (int64_t d = 0; d < n_docs; ++d)
     if (off[d] < 0 || off[d] > off[d + 1] || off[d + 1] > n_tokens)
-      throw std::invalid_argument("document_scales: doc_offsets not monotone within the corpus at document " +
+      throw std::invalid_argument("doc_offsets are not monotone within the corpus at document " +
                                   std::to_string(d));
+  return n_docs;
+}
+
+py::array_t<double> document_scales(const py::array& tokens, const py::array& logprobs,
+                                    const py::array& doc_offsets, double alpha, int64_t eod_id,
+                                    bool mask_eod, int64_t pad_id, int num_threads) {
+  const float* lp = data_of<float>(logprobs, "logprobs");
+  const int64_t* off = data_of<int64_t>(doc_offsets, "doc_offsets");
+  if (tokens.shape(0) != logprobs.shape(0))
+    throw std::invalid_argument("tokens and logprobs differ in length (" + std::to_string(tokens.shape(0)) +
+                                " vs " + std::to_string(logprobs.shape(0)) + ")");
+  const int64_t n_docs = check_offsets(off, doc_offsets.shape(0) - 1, tokens.shape(0));
+  const MaskRule rule{eod_id, mask_eod, pad_id};
   py::array_t<double> scales(n_docs);
   double* out = scales.mutable_data();
-  {
+  dispatch_tokens(tokens, "tokens", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* tok = data_of<T>(tokens, "tokens");
     py::gil_scoped_release release;
-    for (int64_t d = 0; d < n_docs; ++d) {
-      double sum = 0.0;
-      int64_t count = 0;
-      for (int64_t i = off[d]; i < off[d + 1]; ++i) {
-        if (is_masked(tok[i], eod_id, mask_eod, pad_id)) continue;
-        sum += token_weight(lp[i], alpha);
-        ++count;
+    parallel_for(n_docs, num_threads, [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) {
+        double sum = 0.0;
+        int64_t count = 0;
+        for (int64_t i = off[d]; i < off[d + 1]; ++i) {
+          if (!rule.is_loss(tok, i, off[d])) continue;
+          sum += token_weight(lp[i], alpha);
+          ++count;
+        }
+        // A negative scale marks the fallback m_i = 1 (all weights zero).
+        out[d] = sum > 0.0 ? static_cast<double>(count) / sum : -1.0;
       }
-      // A negative scale marks the fallback m_i = 1 (all weights zero).
-      out[d] = sum > 0.0 ? static_cast<double>(count) / sum : -1.0;
-    }
-  }
+    });
+  });
   return scales;
 }
 
-template <typename T, typename I>
-void pack_rows(const T* tok, const float* lp, const int64_t* doc_offsets, const double* scales,
-               const I* document_index, const I* sample_index, const int64_t* samples,
-               int64_t row_begin, int64_t row_end, int64_t seq_len, double alpha, int64_t eod_id,
-               bool mask_eod, int64_t pad_id, int64_t* out_tokens, float* out_weights) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
+// The validated geometry of a batch: which sample each row is, and where samples start.
+template <typename D, typename S>
+struct Walk {
+  const int64_t* off;
+  const D* document_index;
+  const S* sample_index;
+  const int64_t* samples;
+  int64_t seq_len;
+
+  // Calls visit(doc, start, stop) for each piece of the row's sample, in order.
+  template <typename Visit>
+  void row(int64_t r, Visit&& visit) const {
     const int64_t s = samples[r];
     const int64_t beg_doc = sample_index[2 * s], beg_off = sample_index[2 * s + 1];
     const int64_t end_doc = sample_index[2 * s + 2], end_off = sample_index[2 * s + 3];
-    int64_t* row_tok = out_tokens + r * (seq_len + 1);
-    float* row_w = out_weights + r * seq_len;
-    int64_t filled = 0;
-    for (int64_t k = beg_doc; k <= end_doc && filled <= seq_len; ++k) {
+    for (int64_t k = beg_doc; k <= end_doc; ++k) {
       const int64_t doc = document_index[k];
-      const int64_t start = doc_offsets[doc] + (k == beg_doc ? beg_off : 0);
-      const int64_t stop = k == end_doc ? doc_offsets[doc] + end_off + 1 : doc_offsets[doc + 1];
-      const double scale = scales[doc];
-      for (int64_t i = start; i < stop && filled <= seq_len; ++i, ++filled) {
-        row_tok[filled] = static_cast<int64_t>(tok[i]);
-        // Position 0 is input only; weight j belongs to label j = token j + 1.
-        if (filled == 0) continue;
-        float m;
-        if (is_masked(tok[i], eod_id, mask_eod, pad_id))
-          m = 0.0f;
-        else if (scale < 0.0)
-          m = 1.0f;
-        else
-          m = static_cast<float>(scale * token_weight(lp[i], alpha));
-        row_w[filled - 1] = m;
-      }
-    }
-    for (; filled <= seq_len; ++filled) {
-      row_tok[filled] = pad_id;
-      if (filled > 0) row_w[filled - 1] = 0.0f;
+      const int64_t start = off[doc] + (k == beg_doc ? beg_off : 0);
+      const int64_t stop = k == end_doc ? off[doc] + end_off + 1 : off[doc + 1];
+      if (!visit(doc, start, stop)) return;
     }
   }
+};
+
+template <typename D, typename S>
+Walk<D, S> make_walk(const py::array& doc_offsets, const py::array& document_index, const py::array& sample_index,
+                     const py::array& samples, int64_t seq_len, int64_t n_tokens) {
+  const int64_t* off = data_of<int64_t>(doc_offsets, "doc_offsets");
+  const D* di = data_of<D>(document_index, "document_index");
+  const S* si = data_of<S>(sample_index, "sample_index", 2);
+  const int64_t* sp = data_of<int64_t>(samples, "samples");
+  if (sample_index.shape(1) != 2) throw std::invalid_argument("sample_index must have shape [n + 1, 2]");
+  if (seq_len < 1) throw std::invalid_argument("seq_len must be positive");
+  const int64_t n_docs = check_offsets(off, doc_offsets.shape(0) - 1, n_tokens);
+  const int64_t n_samples = sample_index.shape(0) - 1, n_positions = document_index.shape(0);
+  // Every index a row will follow is checked here, with the GIL held, so the threads
+  // below cannot read outside the arrays.
+  for (int64_t r = 0; r < samples.shape(0); ++r) {
+    const int64_t s = sp[r];
+    if (s < 0 || s >= n_samples)
+      throw std::out_of_range("sample " + std::to_string(s) + " outside [0, " + std::to_string(n_samples) + ")");
+    const int64_t beg = si[2 * s], end = si[2 * s + 2];
+    if (beg < 0 || beg > end || end >= n_positions)
+      throw std::out_of_range("sample " + std::to_string(s) + " spans document positions outside document_index");
+    for (int64_t k = beg; k <= end; ++k)
+      if (di[k] < 0 || di[k] >= n_docs)
+        throw std::out_of_range("document_index[" + std::to_string(k) + "] = " + std::to_string(di[k]) +
+                                " outside [0, " + std::to_string(n_docs) + ")");
+    const int64_t beg_len = off[di[beg] + 1] - off[di[beg]], end_len = off[di[end] + 1] - off[di[end]];
+    if (si[2 * s + 1] < 0 || si[2 * s + 1] > beg_len || si[2 * s + 3] < 0 || si[2 * s + 3] >= end_len ||
+        (beg == end && si[2 * s + 1] > si[2 * s + 3]))
+      throw std::out_of_range("sample " + std::to_string(s) + " has an offset outside its document");
+  }
+  return Walk<D, S>{off, di, si, sp, seq_len};
 }
 
-template <typename T, typename I>
-py::tuple pack_batch_impl(py::array_t<T, py::array::c_style> tokens,
-                          py::array_t<float, py::array::c_style> logprobs,
-                          py::array_t<int64_t, py::array::c_style> doc_offsets,
-                          py::array_t<double, py::array::c_style> scales,
-                          py::array_t<I, py::array::c_style> document_index,
-                          py::array_t<I, py::array::c_style> sample_index,
-                          py::array_t<int64_t, py::array::c_style> samples, int64_t seq_len,
-                          double alpha, int64_t eod_id, bool mask_eod, int64_t pad_id,
-                          int num_threads) {
-  if (sample_index.ndim() != 2 || sample_index.shape(1) != 2)
-    throw std::invalid_argument("pack_batch: sample_index must have shape [n + 1, 2]");
+template <typename F>
+auto dispatch_walk(const py::array& document_index, const py::array& sample_index, F&& f) {
+  return dispatch_index(document_index, "document_index", [&](auto dtag) {
+    return dispatch_index(sample_index, "sample_index", [&](auto stag) { return f(dtag, stag); });
+  });
+}
+
+py::tuple pack_batch(const py::array& tokens, const py::array& logprobs, const py::array& doc_offsets,
+                     const py::array& scales, const py::array& document_index, const py::array& sample_index,
+                     const py::array& samples, int64_t seq_len, double alpha, int64_t eod_id, bool mask_eod,
+                     int64_t pad_id, int num_threads) {
+  const float* lp = data_of<float>(logprobs, "logprobs");
+  const double* sc = data_of<double>(scales, "scales");
+  if (tokens.shape(0) != logprobs.shape(0)) throw std::invalid_argument("tokens and logprobs differ in length");
   if (scales.shape(0) != doc_offsets.shape(0) - 1)
-    throw std::invalid_argument("pack_batch: scales must have one entry per document");
-  if (tokens.shape(0) != logprobs.shape(0))
-    throw std::invalid_argument("pack_batch: tokens and logprobs differ in length");
+    throw std::invalid_argument("scales must have one entry per document");
   const int64_t n_rows = samples.shape(0);
-  const int64_t n_samples = sample_index.shape(0) - 1;
-  const int64_t* sp = samples.data();
-  for (int64_t r = 0; r < n_rows; ++r)
-    if (sp[r] < 0 || sp[r] >= n_samples)
-      throw std::out_of_range("pack_batch: sample " + std::to_string(sp[r]) + " outside [0, " +
-                              std::to_string(n_samples) + ")");
   py::array_t<int64_t> out_tokens({n_rows, seq_len + 1});
   py::array_t<float> out_weights({n_rows, seq_len});
   int64_t* ot = out_tokens.mutable_data();
   float* ow = out_weights.mutable_data();
-  const T* tok = tokens.data();
-  const float* lp = logprobs.data();
-  const int64_t* off = doc_offsets.data();
-  const double* sc = scales.data();
-  const I* di = document_index.data();
-  const I* si = sample_index.data();
-  {
-    py::gil_scoped_release release;
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n_rows));
-    if (threads == 1) {
-      pack_rows(tok, lp, off, sc, di, si, sp, 0, n_rows, seq_len, alpha, eod_id, mask_eod, pad_id, ot, ow);
-    } else {
-      std::vector<std::thread> pool;
-      const int64_t per = (n_rows + threads - 1) / threads;
-      for (int64_t t = 0; t < threads; ++t) {
-        const int64_t b = t * per, e = std::min(n_rows, b + per);
-        if (b >= e) break;
-        pool.emplace_back(pack_rows<T, I>, tok, lp, off, sc, di, si, sp, b, e, seq_len, alpha, eod_id,
-                          mask_eod, pad_id, ot, ow);
-      }
-      for (auto& th : pool) th.join();
-    }
-  }
+  const MaskRule rule{eod_id, mask_eod, pad_id};
+  dispatch_tokens(tokens, "tokens", [&](auto ttag) {
+    using T = typename decltype(ttag)::type;
+    const T* tok = data_of<T>(tokens, "tokens");
+    dispatch_walk(document_index, sample_index, [&](auto dtag, auto stag) {
+      using D = typename decltype(dtag)::type;
+      using S = typename decltype(stag)::type;
+      const auto walk = make_walk<D, S>(doc_offsets, document_index, sample_index, samples, seq_len, tokens.shape(0));
+      py::gil_scoped_release release;
+      parallel_for(n_rows, num_threads, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          int64_t* row_tok = ot + r * (seq_len + 1);
+          float* row_w = ow + r * seq_len;
+          int64_t filled = 0;
+          walk.row(r, [&](int64_t doc, int64_t start, int64_t stop) {
+            const double scale = sc[doc];
+            const int64_t doc_start = walk.off[doc];
+            for (int64_t i = start; i < stop && filled <= seq_len; ++i, ++filled) {
+              row_tok[filled] = static_cast<int64_t>(tok[i]);
+              // Position 0 is input only; weight j belongs to label j = token j + 1.
+              if (filled == 0) continue;
+              float m = 0.0f;
+              if (rule.is_loss(tok, i, doc_start))
+                m = scale < 0.0 ? 1.0f : static_cast<float>(scale * token_weight(lp[i], alpha));
+              row_w[filled - 1] = m;
+            }
+            return filled <= seq_len;
+          });
+          for (; filled <= seq_len; ++filled) {
+            row_tok[filled] = pad_id;
+            if (filled > 0) row_w[filled - 1] = 0.0f;
+          }
+        }
+      });
+    });
+  });
   return py::make_tuple(out_tokens, out_weights);
 }
 
-template <typename T>
-py::tuple pack_batch_dispatch_index(py::array_t<T, py::array::c_style> tokens, py::array logprobs,
-                                    py::array doc_offsets, py::array scales, py::array document_index,
-                                    py::array sample_index, py::array samples, int64_t seq_len,
-                                    double alpha, int64_t eod_id, bool mask_eod, int64_t pad_id,
-                                    int num_threads) {
-  if (py::isinstance<py::array_t<int32_t>>(sample_index) && py::isinstance<py::array_t<int32_t>>(document_index))
-    return pack_batch_impl<T, int32_t>(tokens, logprobs, doc_offsets, scales, document_index, sample_index,
-                                       samples, seq_len, alpha, eod_id, mask_eod, pad_id, num_threads);
-  return pack_batch_impl<T, int64_t>(tokens, logprobs, doc_offsets, scales, document_index, sample_index,
-                                     samples, seq_len, alpha, eod_id, mask_eod, pad_id, num_threads);
+template <typename V>
+py::array pack_values_typed(const py::array& values, const py::array& doc_offsets, const py::array& document_index,
+                            const py::array& sample_index, const py::array& samples, int64_t seq_len,
+                            double pad_value, int num_threads) {
+  const V* val = data_of<V>(values, "values");
+  const int64_t n_rows = samples.shape(0);
+  py::array_t<V> out({n_rows, seq_len + 1});
+  V* o = out.mutable_data();
+  const V pad = static_cast<V>(pad_value);
+  dispatch_walk(document_index, sample_index, [&](auto dtag, auto stag) {
+    using D = typename decltype(dtag)::type;
+    using S = typename decltype(stag)::type;
+    const auto walk = make_walk<D, S>(doc_offsets, document_index, sample_index, samples, seq_len, values.shape(0));
+    py::gil_scoped_release release;
+    parallel_for(n_rows, num_threads, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        V* row = o + r * (seq_len + 1);
+        int64_t filled = 0;
+        walk.row(r, [&](int64_t, int64_t start, int64_t stop) {
+          const int64_t n = std::min(stop - start, seq_len + 1 - filled);
+          std::copy(val + start, val + start + n, row + filled);
+          filled += n;
+          return filled <= seq_len;
+        });
+        std::fill(row + filled, row + seq_len + 1, pad);
+      }
+    });
+  });
+  return out;
+}
+
+py::array pack_values(const py::array& values, const py::array& doc_offsets, const py::array& document_index,
+                      const py::array& sample_index, const py::array& samples, int64_t seq_len, double pad_value,
+                      int num_threads) {
+  if (has_dtype<float>(values))
+    return pack_values_typed<float>(values, doc_offsets, document_index, sample_index, samples, seq_len,
+                                    pad_value, num_threads);
+  return dispatch_tokens(values, "values", [&](auto tag) {
+    using V = typename decltype(tag)::type;
+    return pack_values_typed<V>(values, doc_offsets, document_index, sample_index, samples, seq_len, pad_value,
+                                num_threads);
+  });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_packer, m) {
   m.doc() = "C++ packer for PRIOR loss weights (see megatron_prior/data/packing.py).";
-  m.def("document_scales", &document_scales_impl<uint16_t>, py::arg("tokens"), py::arg("logprobs"),
-        py::arg("doc_offsets"), py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"));
-  m.def("document_scales", &document_scales_impl<int32_t>, py::arg("tokens"), py::arg("logprobs"),
-        py::arg("doc_offsets"), py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"));
-  m.def("document_scales", &document_scales_impl<int64_t>, py::arg("tokens"), py::arg("logprobs"),
-        py::arg("doc_offsets"), py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"));
-  m.def("pack_batch", &pack_batch_dispatch_index<uint16_t>);
-  m.def("pack_batch", &pack_batch_dispatch_index<int32_t>);
-  m.def("pack_batch", &pack_batch_dispatch_index<int64_t>);
+  m.def("document_scales", &document_scales, py::arg("tokens"), py::arg("logprobs"), py::arg("doc_offsets"),
+        py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"), py::arg("num_threads") = 1);
+  m.def("pack_batch", &pack_batch, py::arg("tokens"), py::arg("logprobs"), py::arg("doc_offsets"),
+        py::arg("scales"), py::arg("document_index"), py::arg("sample_index"), py::arg("samples"),
+        py::arg("seq_len"), py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"),
+        py::arg("num_threads") = 1);
+  m.def("pack_values", &pack_values, py::arg("values"), py::arg("doc_offsets"), py::arg("document_index"),
+        py::arg("sample_index"), py::arg("samples"), py::arg("seq_len"), py::arg("pad_value"),
+        py::arg("num_threads") = 1);
 }

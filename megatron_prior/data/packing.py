@@ -1,16 +1,21 @@
 """Packing token rows and PRIOR loss-weight rows for a batch: the numpy reference.
 
 The C++ extension ``megatron_prior._packer`` (``csrc/packer.cpp``) does the same work in one
-call with the GIL released; this module holds the reference semantics it is tested
-against, and serves as the fallback when the extension is not built (said once, on import).
+call with the GIL released and rows split over threads; this module holds the reference
+semantics it is tested against, and serves as the fallback when the extension is not built
+(said once, on import).
 
-Semantics (DESIGN.md section 1 and 5):
+Semantics (DESIGN.md sections 1 and 5):
 
 - ``w_i = (1 - exp(logprob_i)) ** alpha``
 - ``m_i = n_doc * w_i / sum_{j in doc} w_j`` over the loss tokens of the *whole* document,
   so a caption cut across two samples keeps its normaliser; a document whose weights sum
-  to zero gets ``m_i = 1``; masked tokens (EOD when ``mask_eod``, pad) get 0 and do not
-  count in ``n_doc``.
+  to zero gets ``m_i = 1``.
+- Loss tokens: every token but pad and, with ``mask_eod``, the token after an EOD (what
+  megatron-core's ``eod_mask_loss`` masks: predicting a new document from the previous
+  one). Every document counts as preceded by EOD, so with ``mask_eod`` its first token is
+  never a loss token; on corpora whose documents end in EOD (``--append-eod``) this is
+  exactly megatron-core's loss mask. Non-loss tokens get ``m_i = 0``.
 - Samples are cut as megatron-core's GPTDataset cuts them: sample ``s`` runs from
   ``sample_index[s]`` to ``sample_index[s + 1]`` plus one extra token; short samples are
   padded with ``pad_id``. Weight ``j`` belongs to label ``j``, i.e. token ``j + 1``.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -34,32 +40,59 @@ except ImportError as _err:  # pragma: no cover - exercised only where the build
 HAVE_EXTENSION = _ext is not None
 
 
+def default_threads() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
 def token_weights(logprobs: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - p) ** alpha`` in float64 from reference log-probs."""
-    return np.maximum(0.0, 1.0 - np.exp(logprobs.astype(np.float64))) ** alpha
+    return np.maximum(0.0, 1.0 - np.exp(np.asarray(logprobs, dtype=np.float64))) ** alpha
 
 
-def _masked(tokens: np.ndarray, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
-    masked = tokens.astype(np.int64) == pad_id
+def loss_token_mask(tokens: np.ndarray, previous: np.ndarray, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
+    """Which tokens are loss tokens, given each token's predecessor (EOD at document starts)."""
+    keep = np.asarray(tokens, dtype=np.int64) != pad_id
     if mask_eod:
-        masked |= tokens.astype(np.int64) == eod_id
-    return masked
+        keep &= np.asarray(previous, dtype=np.int64) != eod_id
+    return keep
+
+
+def _previous_tokens(tokens: np.ndarray, doc_start: int, lo: int, hi: int, eod_id: int) -> np.ndarray:
+    prev = np.empty(hi - lo, dtype=np.int64)
+    if hi > lo:
+        prev[0] = eod_id if lo == doc_start else tokens[lo - 1]
+        prev[1:] = tokens[lo:hi - 1]
+    return prev
 
 
 def document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id) -> np.ndarray:
     """``n_doc / sum w`` per document, or -1 where the weights sum to zero (fallback m = 1)."""
     doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
     n_docs = len(doc_offsets) - 1
-    keep = ~_masked(np.asarray(tokens), eod_id, mask_eod, pad_id)
-    w = np.where(keep, token_weights(np.asarray(logprobs), alpha), 0.0)
+    lo, hi = int(doc_offsets[0]), int(doc_offsets[-1])
+    tokens = np.asarray(tokens[lo:hi], dtype=np.int64)
+    previous = np.concatenate([[eod_id], tokens[:-1]]) if len(tokens) else tokens
+    starts = (doc_offsets[:-1] - lo)[np.diff(doc_offsets) > 0]
+    previous[starts] = eod_id
+    keep = loss_token_mask(tokens, previous, eod_id, mask_eod, pad_id)
+    w = np.where(keep, token_weights(logprobs[lo:hi], alpha), 0.0)
     doc_of_token = np.repeat(np.arange(n_docs), np.diff(doc_offsets))
-    start = doc_offsets[0]
-    sums = np.bincount(doc_of_token, weights=w[start:doc_offsets[-1]], minlength=n_docs)
-    counts = np.bincount(doc_of_token, weights=keep[start:doc_offsets[-1]], minlength=n_docs)
+    sums = np.bincount(doc_of_token, weights=w, minlength=n_docs)
+    counts = np.bincount(doc_of_token, weights=keep, minlength=n_docs)
     scales = np.full(n_docs, -1.0)
     positive = sums > 0
     scales[positive] = counts[positive] / sums[positive]
     return scales
+
+
+def _sample_pieces(doc_offsets, document_index, sample_index, s):
+    """(doc, lo, hi) of each piece of sample ``s``, in order."""
+    (beg_doc, beg_off), (end_doc, end_off) = sample_index[s], sample_index[s + 1]
+    for k in range(int(beg_doc), int(end_doc) + 1):
+        doc = int(document_index[k])
+        lo = int(doc_offsets[doc]) + (int(beg_off) if k == beg_doc else 0)
+        hi = int(doc_offsets[doc]) + int(end_off) + 1 if k == end_doc else int(doc_offsets[doc + 1])
+        yield doc, lo, hi
 
 
 def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples,
@@ -68,18 +101,15 @@ def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, samp
     out_tokens = np.full((len(samples), seq_len + 1), pad_id, dtype=np.int64)
     out_weights = np.zeros((len(samples), seq_len), dtype=np.float32)
     for row, s in enumerate(samples):
-        (beg_doc, beg_off), (end_doc, end_off) = sample_index[s], sample_index[s + 1]
         parts_tok, parts_m = [], []
-        for k in range(beg_doc, end_doc + 1):
-            doc = document_index[k]
-            lo = doc_offsets[doc] + (beg_off if k == beg_doc else 0)
-            hi = doc_offsets[doc] + end_off + 1 if k == end_doc else doc_offsets[doc + 1]
+        for doc, lo, hi in _sample_pieces(doc_offsets, document_index, sample_index, s):
             t = np.asarray(tokens[lo:hi], dtype=np.int64)
             if scales[doc] < 0:
                 m = np.ones(len(t))
             else:
-                m = scales[doc] * token_weights(np.asarray(logprobs[lo:hi]), alpha)
-            m[_masked(t, eod_id, mask_eod, pad_id)] = 0.0
+                m = scales[doc] * token_weights(logprobs[lo:hi], alpha)
+            previous = _previous_tokens(tokens, int(doc_offsets[doc]), lo, hi, eod_id)
+            m[~loss_token_mask(t, previous, eod_id, mask_eod, pad_id)] = 0.0
             parts_tok.append(t)
             parts_m.append(m)
         t = np.concatenate(parts_tok)[: seq_len + 1]
@@ -89,22 +119,50 @@ def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, samp
     return out_tokens, out_weights
 
 
-def document_scales(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id) -> np.ndarray:
-    """Per-document normaliser (C++ when built)."""
+def pack_values_numpy(values, doc_offsets, document_index, sample_index, samples, seq_len, pad_value):
+    """Rows ``[b, seq_len + 1]`` of any per-token array, cut like the token rows."""
+    out = np.full((len(samples), seq_len + 1), pad_value, dtype=values.dtype)
+    for row, s in enumerate(samples):
+        v = np.concatenate([values[lo:hi] for _, lo, hi in _sample_pieces(doc_offsets, document_index,
+                                                                          sample_index, s)])[: seq_len + 1]
+        out[row, : len(v)] = v
+    return out
+
+
+def document_scales(tokens, logprobs, doc_offsets, alpha: float, eod_id: int, mask_eod: bool, pad_id: int,
+                    num_threads: Optional[int] = None) -> np.ndarray:
+    """Per-document normaliser (C++ when built, threaded over documents)."""
     if _ext is None:
         return document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id)
-    return _ext.document_scales(tokens, np.ascontiguousarray(logprobs, dtype=np.float32),
-                                np.ascontiguousarray(doc_offsets, dtype=np.int64),
-                                float(alpha), int(eod_id), bool(mask_eod), int(pad_id))
+    return _ext.document_scales(tokens, logprobs, np.ascontiguousarray(doc_offsets, dtype=np.int64),
+                                float(alpha), int(eod_id), bool(mask_eod), int(pad_id),
+                                num_threads or default_threads())
 
 
-def pack_batch(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples, seq_len,
-               alpha, eod_id, mask_eod, pad_id, num_threads: int | None = None):
-    """Fill a batch (C++ when built, threaded over rows)."""
+def pack_batch(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples, seq_len: int,
+               alpha: float, eod_id: int, mask_eod: bool, pad_id: int,
+               num_threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fill a batch (C++ when built, threaded over rows).
+
+    ``tokens`` (uint8/uint16/int32/int64) and ``logprobs`` (float32) are the flat corpus
+    (memory maps, never copied); ``document_index`` and ``sample_index`` are megatron-core's
+    (int32 or int64); ``samples`` are rows of ``sample_index`` (already shuffled).
+    """
     samples = np.ascontiguousarray(samples, dtype=np.int64)
+    scales = np.ascontiguousarray(scales, dtype=np.float64)
     if _ext is None:
         return pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, sample_index,
                                 samples, seq_len, alpha, eod_id, mask_eod, pad_id)
-    threads = num_threads if num_threads is not None else min(8, os.cpu_count() or 1)
     return _ext.pack_batch(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples,
-                           int(seq_len), float(alpha), int(eod_id), bool(mask_eod), int(pad_id), int(threads))
+                           int(seq_len), float(alpha), int(eod_id), bool(mask_eod), int(pad_id),
+                           num_threads or default_threads())
+
+
+def pack_values(values, doc_offsets, document_index, sample_index, samples, seq_len: int, pad_value: float,
+                num_threads: Optional[int] = None) -> np.ndarray:
+    """Rows of a per-token array (token kinds, raw log-probs) aligned with ``pack_batch``'s tokens."""
+    samples = np.ascontiguousarray(samples, dtype=np.int64)
+    if _ext is None:
+        return pack_values_numpy(values, doc_offsets, document_index, sample_index, samples, seq_len, pad_value)
+    return _ext.pack_values(values, doc_offsets, document_index, sample_index, samples, int(seq_len),
+                            float(pad_value), num_threads or default_threads())
