@@ -1,0 +1,56 @@
+"""Writers that never leave a half-written file under the final name.
+
+Each writes to a temporary file in the destination's own directory (so the rename stays on
+one file system and is atomic) and renames it into place; a crash leaves at most a stray
+``.tmp`` file, never a truncated result that a later step would read as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, BinaryIO
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Pretty, key-sorted JSON (stable bytes for the same object) with a final newline."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
+    """One compact JSON object per line, keys in insertion order (the records' own order)."""
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+    return atomic_write_text(path, text)
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """``fig.savefig`` as PNG through a temp name (the temp name has no .png suffix, so the
+    format is passed explicitly)."""
+    savefig_kwargs.setdefault("format", "png")
+    return atomic_write_with(path, lambda f: fig.savefig(f, **savefig_kwargs))

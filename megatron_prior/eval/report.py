@@ -1,0 +1,387 @@
+"""The demo's report folder: ``results.json``, ``results.md``, loss curves and a picture of
+held-out captions shaded by their PRIOR weights.
+
+``results.json`` holds at least (issue 6)::
+
+    {"reference_auc": float,
+     "runs": [{"arch": "ulvlm"|"hlvlm", "loss": "ntp"|"prior", "seed": int,
+               "metrics": {"heldout_loss_grounded": float, "heldout_loss_template": float,
+                           "heldout_loss_unrelated": float, "probe_accuracy": float, ...}}]}
+
+plus ``prior_alpha`` per run (null for NTP), ``summary`` (mean, sd and n over seeds per
+arch, loss and alpha), ``paired`` (PRIOR minus NTP on the same seed) and whatever the caller
+passes as ``extra``. Every file is written under a temporary name and renamed. Figures are
+drawn on matplotlib's Agg canvas directly (no pyplot), so importing this module changes no
+global backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.patches import Patch
+from PIL import Image
+
+from megatron_prior.eval.files import atomic_savefig, atomic_write_json, atomic_write_text
+from megatron_prior.eval.stats import paired_differences, spread
+
+ARCHS: dict[str, str] = {"ulvlm": "U-LVLM", "hlvlm": "H-LVLM"}
+LOSSES: tuple[str, ...] = ("ntp", "prior")
+REQUIRED_METRICS: tuple[str, ...] = ("heldout_loss_grounded", "heldout_loss_template",
+                                     "heldout_loss_unrelated", "probe_accuracy")
+# Column titles, and whether larger is better (for the arrows in the table header).
+METRIC_LABELS: dict[str, tuple[str, bool]] = {
+    "heldout_loss_grounded": ("CE grounded", False),
+    "heldout_loss_template": ("CE template", False),
+    "heldout_loss_unrelated": ("CE unrelated", False),
+    "probe_accuracy": ("probe accuracy", True),
+    "probe_accuracy_random": ("probe random", True),
+    "probe_accuracy_popular": ("probe popular", True),
+    "probe_accuracy_adversarial": ("probe adversarial", True),
+}
+# Training curves drawn from metrics.jsonl, when the runs logged them. "ntp_loss" (not
+# "lm_loss") because PRIOR's lm_loss is the weighted loss and is not comparable with NTP's.
+CURVES: dict[str, str] = {"ntp_loss": "training CE, all tokens (unweighted)",
+                          "loss_grounded": "training CE, grounded tokens",
+                          "loss_template": "training CE, template tokens"}
+KIND_EDGE_COLORS: dict[str, str] = {"grounded": "#1b7837", "template": "#8c8c8c", "unrelated": "#762a83"}
+
+
+@dataclass
+class RunResult:
+    """One trained model's evaluation. ``metrics`` holds at least REQUIRED_METRICS (more,
+    such as per-split probe accuracies, are kept); ``metrics_jsonl`` is the run's training log
+    for the loss curves."""
+
+    arch: str
+    loss: str
+    seed: int
+    metrics: dict[str, float]
+    prior_alpha: float | None = None
+    metrics_jsonl: str | os.PathLike | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return "NTP" if self.loss == "ntp" else f"PRIOR α={self.prior_alpha:g}"
+
+    def validate(self) -> None:
+        name = f"run {self.arch}/{self.loss}/seed {self.seed}"
+        if self.arch not in ARCHS:
+            raise ValueError(f"{name}: arch must be one of {', '.join(ARCHS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"{name}: loss must be one of {', '.join(LOSSES)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"{name}: seed must be an int, got {self.seed!r}")
+        if (self.loss == "prior") != (self.prior_alpha is not None):
+            raise ValueError(f"{name}: prior_alpha is required for PRIOR runs and must be None for NTP")
+        missing = [m for m in REQUIRED_METRICS if m not in self.metrics]
+        if missing:
+            raise ValueError(f"{name}: metrics lack {', '.join(missing)}")
+        bad = {k: v for k, v in self.metrics.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"{name}: metrics must be finite numbers, got {bad}")
+
+    def to_json(self) -> dict:
+        out = {"arch": self.arch, "loss": self.loss, "seed": self.seed, "prior_alpha": self.prior_alpha,
+               "metrics": {k: float(v) for k, v in self.metrics.items()}}
+        if self.metrics_jsonl is not None:
+            out["metrics_jsonl"] = str(self.metrics_jsonl)
+        return {**out, **self.extra}
+
+
+@dataclass
+class CaptionWeights:
+    """A caption as the model saw it: token strings (SentencePiece's "▁" marks a word start),
+    one weight per token, optionally each token's kind and the image."""
+
+    tokens: list[str]
+    weights: list[float]
+    kinds: list[str] | None = None
+    image: str | os.PathLike | None = None
+
+    def validate(self, index: int) -> None:
+        if not self.tokens:
+            raise ValueError(f"caption {index}: no tokens")
+        if len(self.weights) != len(self.tokens) or (self.kinds is not None and len(self.kinds) != len(self.tokens)):
+            raise ValueError(f"caption {index}: {len(self.tokens)} tokens but {len(self.weights)} weights"
+                             + ("" if self.kinds is None else f" and {len(self.kinds)} kinds"))
+        if not all(math.isfinite(w) and w >= 0 for w in self.weights):
+            raise ValueError(f"caption {index}: weights must be finite and >= 0")
+
+
+def _group_key(run: RunResult) -> tuple:
+    return (list(ARCHS).index(run.arch), LOSSES.index(run.loss), run.prior_alpha or 0.0)
+
+
+def _metric_names(runs: Sequence[RunResult]) -> list[str]:
+    """Required metrics first, then the optional ones every run has, in METRIC_LABELS order."""
+    extra = [m for m in METRIC_LABELS if m not in REQUIRED_METRICS and all(m in r.metrics for r in runs)]
+    return list(REQUIRED_METRICS) + extra
+
+
+def summarize(runs: Sequence[RunResult]) -> tuple[list[dict], list[dict]]:
+    """(summary over seeds per arch/loss/alpha, paired PRIOR - NTP differences per arch/alpha)."""
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (_group_key(r), r.seed)):
+        groups[(r.arch, r.loss, r.prior_alpha)].append(r)
+    names = _metric_names(runs)
+    summary = [{"arch": a, "loss": l, "prior_alpha": al, "seeds": [r.seed for r in rs],
+                "metrics": {m: spread([r.metrics[m] for r in rs]).to_json() for m in names}}
+               for (a, l, al), rs in groups.items()]
+    paired = []
+    for (a, l, al), rs in groups.items():
+        ntp = groups.get((a, "ntp", None))
+        if l != "prior" or not ntp:
+            continue
+        entry = {"arch": a, "prior_alpha": al, "seeds": [], "prior_minus_ntp": {}}
+        for m in names:
+            seeds, diffs = paired_differences({r.seed: r.metrics[m] for r in rs}, {r.seed: r.metrics[m] for r in ntp})
+            if seeds:
+                entry["seeds"] = seeds
+                entry["prior_minus_ntp"][m] = spread(diffs).to_json()
+        if entry["seeds"]:
+            paired.append(entry)
+    return summary, paired
+
+
+def _fmt(entry: dict, digits: int = 3) -> str:
+    if entry["sd"] is None:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
+
+
+def _header(names: list[str]) -> list[str]:
+    return [f"{METRIC_LABELS[m][0]} {'↑' if METRIC_LABELS[m][1] else '↓'}" for m in names]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _variant(loss: str, alpha: float | None) -> str:
+    return "NTP" if loss == "ntp" else f"PRIOR α={alpha:g}"
+
+
+def render_markdown(reference_auc: float, runs: Sequence[RunResult], summary: list[dict], paired: list[dict],
+                    title: str, notes: Sequence[str], figures: dict[str, str]) -> str:
+    names = _metric_names(runs)
+    parts = [f"# {title}", "",
+             f"Reference-LM weights separate grounded from template tokens with ROC AUC "
+             f"**{reference_auc:.3f}** (1 = every grounded token outweighs every template token, 0.5 = chance).",
+             "", "CE: held-out cross-entropy in nats per token of each kind; probe: POPE-style accuracy "
+             "(1 = always prefers the true caption, 0.5 = cannot tell).",
+             "", "## Mean ± sd over seeds", "",
+             _table(["arch", "loss", "seeds"] + _header(names),
+                    [[ARCHS[s["arch"]], _variant(s["loss"], s["prior_alpha"]), ", ".join(map(str, s["seeds"]))]
+                     + [_fmt(s["metrics"][m]) for m in names] for s in summary])]
+    if paired:
+        parts += ["", "## PRIOR − NTP, paired by seed (same initialisation and data order)", "",
+                  "Negative loss differences and positive probe differences favour PRIOR.", "",
+                  _table(["arch", "loss", "seeds"] + [f"Δ {METRIC_LABELS[m][0]}" for m in names],
+                         [[ARCHS[p["arch"]], _variant("prior", p["prior_alpha"]), ", ".join(map(str, p["seeds"]))]
+                          + [_fmt(p["prior_minus_ntp"][m]) for m in names] for p in paired])]
+    parts += ["", "## Every run", "",
+              _table(["arch", "loss", "seed"] + _header(names),
+                     [[ARCHS[r.arch], r.variant, str(r.seed)] + [f"{r.metrics[m]:.3f}" for m in names]
+                      for r in sorted(runs, key=lambda r: (_group_key(r), r.seed))])]
+    if notes:
+        parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    captions = {"loss_curves": "Training curves", "token_weights": "Held-out captions shaded by PRIOR weight"}
+    for key, name in figures.items():
+        parts += ["", f"## {captions[key]}", "", f"![{captions[key]}]({name})"]
+    return "\n".join(parts) + "\n"
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The training log of one run (one JSON object per logged iteration)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON: {e}") from None
+            if not isinstance(row, dict) or "iteration" not in row:
+                raise ValueError(f"{path}:{lineno}: a metrics row must be an object with 'iteration'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no logged iterations")
+    return rows
+
+
+def plot_loss_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """One column per architecture, one row per logged curve; NTP and each PRIOR alpha in
+    their own colour, thin lines per seed and a thick line for the mean over seeds."""
+    logs = {id(r): read_metrics_jsonl(r.metrics_jsonl) for r in runs}
+    archs = [a for a in ARCHS if any(r.arch == a for r in runs)]
+    curves = [c for c in CURVES if any(c in row for r in runs for row in logs[id(r)])]
+    if not curves:
+        raise ValueError(f"no run's metrics.jsonl logs any of {', '.join(CURVES)}")
+    variants = sorted({(r.loss, r.prior_alpha) for r in runs}, key=lambda v: (LOSSES.index(v[0]), -(v[1] or 0)))
+    colors = dict(zip(variants, colormaps["tab10"].colors))
+    fig = Figure(figsize=(5.2 * len(archs), 3.0 * len(curves)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(curves), len(archs), squeeze=False, sharex="col")
+    for col, arch in enumerate(archs):
+        for row, curve in enumerate(curves):
+            ax = axes[row][col]
+            for variant in variants:
+                series = []
+                for r in runs:
+                    if r.arch != arch or (r.loss, r.prior_alpha) != variant:
+                        continue
+                    pts = [(x["iteration"], x[curve]) for x in logs[id(r)] if curve in x]
+                    if pts:
+                        it, val = map(np.asarray, zip(*pts))
+                        ax.plot(it, val, color=colors[variant], alpha=0.3, linewidth=0.8)
+                        series.append((it, val))
+                if not series:
+                    continue
+                label = _variant(*variant)
+                common = series[0][0]
+                if len(series) > 1 and all(np.array_equal(s[0], common) for s in series):
+                    ax.plot(common, np.mean([s[1] for s in series], axis=0), color=colors[variant],
+                            linewidth=2.0, label=f"{label} (mean of {len(series)})")
+                else:
+                    ax.plot([], [], color=colors[variant], label=label)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.25)
+            if row == 0:
+                ax.set_title(ARCHS[arch])
+            if row == len(curves) - 1:
+                ax.set_xlabel("iteration")
+            if col == 0:
+                ax.set_ylabel(CURVES[curve], fontsize=9)
+            if row == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle("Training curves: NTP vs PRIOR (thin: one seed)", fontsize=11)
+    fig.tight_layout()
+    return atomic_savefig(fig, path, dpi=120)
+
+
+def _display_token(token: str) -> tuple[str, bool]:
+    """(text to draw, whether a word starts here)."""
+    starts_word = token.startswith(("▁", " "))
+    text = token.lstrip("▁ ")
+    return (text or "␣"), starts_word
+
+
+def plot_token_weights(captions: Sequence[CaptionWeights], path: str | os.PathLike,
+                       weight_label: str = "PRIOR multiplier m", title: str | None = None,
+                       width_in: float = 11.0, dpi: int = 130) -> Path:
+    """Each caption's tokens as boxes shaded by weight (one colour scale for all captions),
+    framed by kind when kinds are given, with the image at the left when given."""
+    for i, c in enumerate(captions):
+        c.validate(i)
+    if not captions:
+        raise ValueError("no captions to draw")
+    font = FontProperties(family="DejaVu Sans", size=10)
+    renderer = FigureCanvasAgg(Figure(figsize=(width_in, 1), dpi=dpi)).get_renderer()
+    measure = lambda s: renderer.get_text_width_height_descent(s, font, ismath=False)[0]  # noqa: E731
+
+    px_w = width_in * dpi
+    thumb = 64 if any(c.image is not None for c in captions) else 0
+    left, right, gap, word_gap = 12 + thumb + (12 if thumb else 0), 12, 3, 9
+    line_h = 22
+    layouts, y = [], 40 + (24 if title else 0)
+    for c in captions:
+        x, lines, placed = left, 0, []
+        for k, (tok, w) in enumerate(zip(c.tokens, c.weights)):
+            text, starts_word = _display_token(tok)
+            width = measure(text)
+            x += word_gap if (starts_word and k) else gap
+            if x + width > px_w - right:
+                x, lines = left + gap, lines + 1
+            placed.append((x, y + lines * line_h, text, w, None if c.kinds is None else c.kinds[k]))
+            x += width
+        layouts.append((y, placed, c.image))
+        y += max((lines + 1) * line_h, thumb) + 16
+    px_h = y + 70
+
+    vmax = max(max(c.weights) for c in captions) or 1.0
+    norm = Normalize(vmin=0.0, vmax=vmax)
+    cmap = colormaps["YlOrRd"]
+    fig = Figure(figsize=(width_in, px_h / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    to_fig = lambda x, y: (x / px_w, 1.0 - y / px_h)  # noqa: E731
+    if title:
+        fig.text(0.5, 1.0 - 22 / px_h, title, ha="center", va="center", fontsize=12)
+    for top, placed, image in layouts:
+        if image is not None:
+            x0, y0 = to_fig(12, top - 10 + thumb)
+            ax = fig.add_axes([x0, y0, thumb / px_w, thumb / px_h])
+            ax.imshow(np.asarray(Image.open(image).convert("RGB")), interpolation="nearest")
+            ax.set_axis_off()
+        for x, yy, text, w, kind in placed:
+            rgba = cmap(norm(w))
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            edge = KIND_EDGE_COLORS.get(kind, "none") if kind else "none"
+            fig.text(*to_fig(x, yy), text, fontproperties=font, va="center", ha="left",
+                     color="white" if dark else "black",
+                     bbox=dict(boxstyle="square,pad=0.18", facecolor=rgba, edgecolor=edge, linewidth=1.4))
+    cax = fig.add_axes([0.08, 28 / px_h, 0.45, 12 / px_h])
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
+    cax.set_xlabel(weight_label, fontsize=9)
+    if any(c.kinds for c in captions):
+        handles = [Patch(facecolor="white", edgecolor=col, linewidth=1.4, label=k)
+                   for k, col in KIND_EDGE_COLORS.items()]
+        fig.legend(handles=handles, loc="lower right", bbox_to_anchor=(0.98, 8 / px_h), ncol=3, fontsize=9,
+                   title="frame: token kind", title_fontsize=9, frameon=False)
+    return atomic_savefig(fig, path, dpi=dpi)
+
+
+def write_report(output_dir: str | os.PathLike, runs: Sequence[RunResult], reference_auc: float, *,
+                 captions: Sequence[CaptionWeights] | None = None, weight_label: str = "PRIOR multiplier m",
+                 title: str = "PRIOR vs NTP on the synthetic grounded image-caption benchmark",
+                 notes: Sequence[str] = (), extra: dict | None = None) -> dict[str, Path]:
+    """Write the report files into ``output_dir``; returns {kind: path} of what was written.
+    Loss curves need every run's ``metrics_jsonl``; the token picture needs ``captions``."""
+    if not runs:
+        raise ValueError("no runs to report")
+    for r in runs:
+        r.validate()
+    keys = [(r.arch, r.loss, r.prior_alpha, r.seed) for r in runs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+    if dupes:
+        raise ValueError(f"runs repeat (arch, loss, prior_alpha, seed): {dupes}")
+    if not (isinstance(reference_auc, (int, float)) and 0.0 <= reference_auc <= 1.0):
+        raise ValueError(f"reference_auc must be a number in [0, 1], got {reference_auc!r}")
+    clash = set(extra or {}) & {"reference_auc", "runs", "summary", "paired", "figures"}
+    if clash:
+        raise ValueError(f"extra must not override {', '.join(sorted(clash))}")
+
+    out = Path(output_dir)
+    summary, paired = summarize(runs)
+    written = {}
+    with_logs = [r for r in runs if r.metrics_jsonl is not None]
+    if with_logs:
+        if len(with_logs) != len(runs):
+            raise ValueError("either every run or none gives metrics_jsonl (a curve plot missing some runs "
+                             "would compare unlike things)")
+        written["loss_curves"] = plot_loss_curves(runs, out / "loss_curves.png")
+    if captions:
+        written["token_weights"] = plot_token_weights(captions, out / "token_weights.png", weight_label)
+    figures = {k: p.name for k, p in written.items()}
+    doc = {"reference_auc": float(reference_auc), "runs": [r.to_json() for r in runs],
+           "summary": summary, "paired": paired, "figures": figures, **(extra or {})}
+    written["results_json"] = atomic_write_json(out / "results.json", doc)
+    written["results_md"] = atomic_write_text(
+        out / "results.md", render_markdown(reference_auc, runs, summary, paired, title, notes, figures))
+    return written

@@ -1,0 +1,133 @@
+"""The report writer: results.json with issue 6's schema, results.md, the PNGs, all parse;
+bad run results are refused; a failed write leaves the previous file intact."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_prior.eval.files import atomic_write_text, atomic_write_with
+from megatron_prior.eval.report import CaptionWeights, RunResult, write_report
+
+METRICS = ("heldout_loss_grounded", "heldout_loss_template", "heldout_loss_unrelated", "probe_accuracy")
+
+
+def _metrics_jsonl(path: Path, loss: str, seed: int) -> Path:
+    rows = []
+    for it in range(10, 210, 10):
+        g = 3 * math.exp(-it / (100 if loss == "ntp" else 70)) + 0.3 + 0.01 * seed
+        t = 2 * math.exp(-it / 50) + 0.1
+        rows.append({"iteration": it, "lm_loss": g, "ntp_loss": (g + t) / 2, "loss_grounded": g, "loss_template": t,
+                     "tokens_per_s": 1e4, "lr": 1e-3, "grad_norm": 1.0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _runs(tmp_path: Path, seeds=(1, 2, 3), logs=True) -> list[RunResult]:
+    runs = []
+    for arch in ("ulvlm", "hlvlm"):
+        for loss, alpha in (("ntp", None), ("prior", 1.0)):
+            for seed in seeds:
+                base = 0.6 if loss == "ntp" else 0.5
+                metrics = {"heldout_loss_grounded": base + 0.01 * seed, "heldout_loss_template": 0.1,
+                           "heldout_loss_unrelated": 3.0, "probe_accuracy": 1.0 - base + 0.001 * seed,
+                           "probe_accuracy_popular": 0.4}
+                log = _metrics_jsonl(tmp_path / f"{arch}-{loss}-{seed}.jsonl", loss, seed) if logs else None
+                runs.append(RunResult(arch, loss, seed, metrics, prior_alpha=alpha, metrics_jsonl=log))
+    return runs
+
+
+def _captions(tmp_path: Path) -> list[CaptionWeights]:
+    img = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(img)
+    tokens = ["▁a", "▁photo", "▁of", "▁two", "▁shapes", ":", "▁a", "▁red", "▁cir", "cle", "."]
+    kinds = ["template"] * 3 + ["grounded", "template", "template", "template", "grounded", "grounded",
+                                "grounded", "template"]
+    weights = [0.1, 0.2, 0.05, 2.0, 0.3, 0.0, 0.1, 2.5, 3.0, 1.0, 0.1]
+    return [CaptionWeights(tokens, weights, kinds, img), CaptionWeights(tokens[:5], weights[:5])]
+
+
+def test_report_files_exist_and_parse(tmp_path):
+    out = tmp_path / "report"
+    written = write_report(out, _runs(tmp_path), 0.9875, captions=_captions(tmp_path),
+                           notes=["a note"], extra={"config": {"train_iters": 200}})
+    assert set(written) == {"results_json", "results_md", "loss_curves", "token_weights"}
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["reference_auc"] == 0.9875 and doc["config"] == {"train_iters": 200}
+    assert len(doc["runs"]) == 12
+    for run in doc["runs"]:  # issue 6's schema, exactly typed
+        assert run["arch"] in ("ulvlm", "hlvlm") and run["loss"] in ("ntp", "prior")
+        assert isinstance(run["seed"], int)
+        assert all(isinstance(run["metrics"][m], float) for m in METRICS)
+    ntp = next(s for s in doc["summary"] if (s["arch"], s["loss"]) == ("ulvlm", "ntp"))
+    assert ntp["seeds"] == [1, 2, 3]
+    assert ntp["metrics"]["heldout_loss_grounded"]["mean"] == pytest.approx(0.62)
+    assert ntp["metrics"]["heldout_loss_grounded"]["sd"] == pytest.approx(0.01)
+    (paired,) = [p for p in doc["paired"] if p["arch"] == "hlvlm"]
+    assert paired["prior_minus_ntp"]["heldout_loss_grounded"] == pytest.approx({"mean": -0.1, "sd": 0.0, "n": 3})
+    assert paired["prior_minus_ntp"]["probe_accuracy"]["mean"] == pytest.approx(0.1)
+
+    md = (out / "results.md").read_text()
+    assert "0.988" in md and "| U-LVLM | NTP | 1, 2, 3 | 0.620 ± 0.010 |" in md
+    assert "| H-LVLM | PRIOR α=1 | 1, 2, 3 | -0.100 ± 0.000 |" in md
+    assert "- a note" in md and "![Training curves](loss_curves.png)" in md
+    for name, min_size in (("loss_curves.png", (800, 600)), ("token_weights.png", (800, 150))):
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
+            assert np.asarray(im.convert("L")).std() > 5  # not blank
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_single_seed_without_logs_or_captions(tmp_path):
+    written = write_report(tmp_path, _runs(tmp_path, seeds=(5,), logs=False), 0.5)
+    assert set(written) == {"results_json", "results_md"}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["summary"][0]["metrics"]["probe_accuracy"]["sd"] is None
+    assert "| U-LVLM | NTP | 5 | 0.650 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: setattr(r[0], "arch", "vit"), "arch must be one of"),
+    (lambda r: setattr(r[0], "loss", "rho1"), "loss must be one of"),
+    (lambda r: r[0].metrics.pop("probe_accuracy"), "lack probe_accuracy"),
+    (lambda r: r[0].metrics.update(probe_accuracy=float("nan")), "finite"),
+    (lambda r: setattr(r[0], "prior_alpha", 1.0), "prior_alpha"),
+    (lambda r: r.append(r[0]), "repeat"),
+    (lambda r: setattr(r[0], "metrics_jsonl", None), "every run or none"),
+])
+def test_bad_runs_are_refused(tmp_path, change, message):
+    runs = _runs(tmp_path, seeds=(1,))
+    change(runs)
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path / "out", runs, 0.9)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_bad_metrics_log_and_captions_are_refused(tmp_path):
+    runs = _runs(tmp_path, seeds=(1,))
+    runs[0].metrics_jsonl.write_text('{"iteration": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"ulvlm-ntp-1.jsonl:2: not JSON"):
+        write_report(tmp_path / "out", runs, 0.9)
+    with pytest.raises(ValueError, match="caption 0: 2 tokens but 1 weights"):
+        write_report(tmp_path / "out", _runs(tmp_path, seeds=(1,)), 0.9,
+                     captions=[CaptionWeights(["▁a", "▁b"], [1.0])])
+    with pytest.raises(ValueError, match="reference_auc"):
+        write_report(tmp_path / "out", _runs(tmp_path, seeds=(1,)), 1.5)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "results.md"
+    atomic_write_text(target, "old")
+
+    def half_then_fail(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_with(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
