@@ -1,1 +1,13 @@
 """Weighted indexed datasets, GPT/caption datasets and the packer that feeds PRIOR's weights."""
+
+from megatron_prior.data.formats import FormatError, ScoreMetadata, WeightedDatasetWriter
+from megatron_prior.data.kinds import KIND_NAMES
+from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
+
+__all__ = [
+    "FormatError",
+    "KIND_NAMES",
+    "ScoreMetadata",
+    "WeightedDatasetWriter",
+    "WeightedIndexedDataset",
+]

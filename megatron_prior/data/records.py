@@ -1,0 +1,76 @@
+"""Reading JSONL records line by line, with every bad line reported as ``file:line: reason``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+
+class BadRecord(ValueError):
+    """A JSONL line that cannot be used; ``str()`` is ``file:line: reason``."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason = path, line, reason
+
+
+@dataclass
+class Record:
+    path: str
+    line: int  # 1-based, as editors and compilers count
+    data: dict
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) for each non-blank line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield number, raw
+
+
+def parse_line(path: str, line: int, raw: bytes) -> Record:
+    """Decode one JSONL line into a Record (an object), or raise BadRecord."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRecord(path, line, f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadRecord(path, line, f"invalid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise BadRecord(path, line, f"a record must be a JSON object, not {type(data).__name__}")
+    return Record(path, line, data)
+
+
+def text_field(record: Record, key: str) -> str:
+    """The non-empty string under ``key``, or BadRecord."""
+    if key not in record.data:
+        raise BadRecord(record.path, record.line, f"missing key {key!r}")
+    value = record.data[key]
+    if not isinstance(value, str):
+        raise BadRecord(record.path, record.line, f"{key!r} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise BadRecord(record.path, record.line, f"empty {key!r}")
+    return value
+
+
+def iter_texts(paths: Sequence[str], keys: Sequence[str], errors: Optional[list] = None) -> Iterator[str]:
+    """Every text under ``keys`` in the JSONL ``paths``.
+
+    A bad line raises BadRecord, unless ``errors`` is a list: then it is appended there
+    and skipped.
+    """
+    for path in paths:
+        for line, raw in iter_lines(path):
+            try:
+                record = parse_line(path, line, raw)
+                texts = [text_field(record, key) for key in keys]
+            except BadRecord as bad:
+                if errors is None:
+                    raise
+                errors.append(bad)
+                continue
+            yield from texts
