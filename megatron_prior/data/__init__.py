@@ -1,13 +1,18 @@
 """Weighted indexed datasets, GPT/caption datasets and the packer that feeds PRIOR's weights."""
 
 from megatron_prior.data.formats import FormatError, ScoreMetadata, WeightedDatasetWriter
+from megatron_prior.data.gpt_dataset import WeightedGPTDataset, WeightedGPTDatasetConfig
+from megatron_prior.data.images import ImageStore
 from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 
 __all__ = [
     "FormatError",
+    "ImageStore",
     "KIND_NAMES",
     "ScoreMetadata",
     "WeightedDatasetWriter",
+    "WeightedGPTDataset",
+    "WeightedGPTDatasetConfig",
     "WeightedIndexedDataset",
 ]
