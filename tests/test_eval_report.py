@@ -131,3 +131,12 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         atomic_write_with(target, half_then_fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_caption_weights_from_offsets():
+    caption = "a photo of 3 small."
+    starts = [0, 2, 4, 8, 11, 11, 13, 18]  # "photo" split in two; a lone "▁" piece before "3"
+    cw = CaptionWeights.from_offsets(caption, starts, [1.0] * 8)
+    assert cw.tokens == ["▁a", "▁ph", "oto", "▁of", "▁", "▁3", "▁small", "."]
+    with pytest.raises(ValueError, match="ascending"):
+        CaptionWeights.from_offsets(caption, [0, 5, 3], [1.0] * 3)

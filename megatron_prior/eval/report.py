@@ -113,6 +113,19 @@ class CaptionWeights:
     kinds: list[str] | None = None
     image: str | os.PathLike | None = None
 
+    @classmethod
+    def from_offsets(cls, caption: str, starts: Sequence[int], weights: Sequence[float],
+                     kinds: Sequence[str] | None = None, image: str | os.PathLike | None = None) -> "CaptionWeights":
+        """From a caption and each token's first character (``tokenize_with_offsets``), for
+        tokenizers whose ``detokenize`` of one id drops the word-start marker. A token whose
+        start repeats the next one's (a lone "▁" piece) is drawn as "␣"."""
+        ends = list(starts[1:]) + [len(caption)]
+        if any(not 0 <= s <= e <= len(caption) for s, e in zip(starts, ends)):
+            raise ValueError(f"token starts {list(starts)} are not ascending offsets into a caption of "
+                             f"{len(caption)} characters")
+        tokens = [("▁" if s == 0 or caption[s - 1] == " " else "") + caption[s:e].strip() for s, e in zip(starts, ends)]
+        return cls(tokens, list(weights), None if kinds is None else list(kinds), image)
+
     def validate(self, index: int) -> None:
         if not self.tokens:
             raise ValueError(f"caption {index}: no tokens")
