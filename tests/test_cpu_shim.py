@@ -197,8 +197,8 @@ def test_clip_vit_builds_and_runs(single_rank):
     out.sum().backward()
 
 
-# Patched modules whose exercise needs a pipeline or data-parallel run: the parity tests
-# in test_parallel_parity.py fail without these patches.
+# Patched modules exercised by other test files (which fail without these patches): the
+# parity tests (pipeline / data parallel) and the checkpoint tests (dist_checkpointing save).
 COVERED_BY_PARITY = {
     "megatron.core.pipeline_parallel.schedules": "test_gpt_parallel_equals_single_process[*-PP2]",
     "megatron.core.pipeline_parallel.p2p_communication": "test_gpt_parallel_equals_single_process[*-PP2]",
@@ -206,6 +206,8 @@ COVERED_BY_PARITY = {
         "test_gpt_parallel_equals_single_process[learned-tied-PP2]",
     "megatron.core.distributed.param_and_grad_buffer": "every parity test (DDP)",
     "megatron.core.distributed.distributed_data_parallel": "test_gpt_parallel_equals_single_process[*-DP2]",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "test_checkpointing.py (every save)",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "test_checkpointing.py (every save)",
 }
 COVERED_HERE = {
     "megatron.core.utils": test_utils_buffers_and_l2_norm,

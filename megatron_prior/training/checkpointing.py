@@ -285,11 +285,13 @@ def _compare_configs(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> No
 
 
 def _load(ckpt: Path, sharded: dict) -> dict:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         return dist_checkpointing.load(sharded, str(ckpt))
     except CheckpointError:
         raise
-    except Exception as err:
+    except (Exception, CheckpointException) as err:
         raise CheckpointError(f"{ckpt}: cannot load ({type(err).__name__}: {err})") from err
 
 

@@ -1,0 +1,112 @@
+"""U-LVLM: an encoder-free vision-language model (SOLO-style) on megatron-core's GPTModel.
+
+Raw image patches go through one linear layer straight into the language model's input
+stream, framed by special tokens: ``<img_start>``, then each row of patches followed by
+``<img_row>``, the last row's break being ``<img_end>``. The stream replaces the ``<image>``
+placeholder at position 0 of the text, so the model sees ``image_sequence_length - 1 +
+text_length`` positions, the same layout rule as the H-LVLM. The patch projection is
+replicated across tensor-parallel ranks (its input gradient is identical on every TP rank,
+so its weights stay in sync) and lives on the first pipeline stage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_prior.models.config import ModelConfig
+from megatron_prior.models.gpt import build_gpt
+from megatron_prior.models.layout import expand_to_combined
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[b, c, H, W]`` -> ``[b, rows, cols, c * patch * patch]`` (row-major patches)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, h // patch, w // patch, c * patch * patch)
+
+
+class ULVLM(MegatronModule):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        config: TransformerConfig,
+        use_te: bool = False,
+        vp_stage: Optional[int] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ) -> None:
+        super().__init__(config=config)
+        self.cfg = cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.language_model: GPTModel = build_gpt(
+            config,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            position_embedding_type=cfg.position_embedding_type,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            use_te=use_te,
+            vp_stage=vp_stage,
+            pre_process=pre_process,
+            post_process=post_process,
+        )
+        if cfg.position_embedding_type != "rope":
+            raise ValueError("U-LVLM needs position_embedding_type 'rope' (positions come from the stream)")
+        if pre_process:
+            patch_dim = 3 * cfg.patch_size * cfg.patch_size
+            self.patch_embed = torch.nn.Linear(patch_dim, config.hidden_size, dtype=config.params_dtype)
+            with torch.no_grad():
+                config.init_method(self.patch_embed.weight)
+                self.patch_embed.bias.zero_()
+
+    # megatron-core's schedules and finalize_model_grads talk to these.
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def _image_stream(self, images: torch.Tensor) -> torch.Tensor:
+        """``[b, image_sequence_length, h]``: marker embeddings with patch projections in place."""
+        cfg = self.cfg
+        n = cfg.patches_per_side
+        b = images.shape[0]
+        patches = self.patch_embed(patchify(images.to(self.patch_embed.weight.dtype), cfg.patch_size))
+        markers = torch.tensor([cfg.image_start_id, cfg.image_row_id, cfg.image_end_id], device=images.device)
+        marker_emb = self.language_model.embedding.word_embeddings(markers.unsqueeze(0)).squeeze(0)
+        start, row_break, end = marker_emb[0], marker_emb[1], marker_emb[2]
+        breaks = row_break.expand(b, n, 1, -1).clone()
+        breaks[:, -1, 0] = end
+        rows = torch.cat([patches, breaks], dim=2).reshape(b, n * (n + 1), -1)
+        return torch.cat([start.expand(b, 1, -1), rows], dim=1)
+
+    def forward(
+        self,
+        images: Optional[torch.Tensor],
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Per-token loss ``[b, s_combined]`` when labels are given, else logits.
+
+        ``input_ids``/``labels`` are at text length with ``<image>`` at position 0; labels are
+        expanded with an ignored prefix over the image positions (see ``expand_to_combined``).
+        """
+        decoder_input = None
+        if self.pre_process:
+            text = self.language_model.embedding.word_embeddings(input_ids[:, 1:])  # [b, s-1, h]
+            stream = torch.cat([self._image_stream(images), text], dim=1)  # [b, S, h]
+            decoder_input = self.language_model.embedding.embedding_dropout(stream.transpose(0, 1).contiguous())
+        if labels is not None:
+            labels = expand_to_combined(labels, self.cfg.image_sequence_length, fill=0)
+        return self.language_model(
+            input_ids=None, position_ids=None, attention_mask=attention_mask,
+            decoder_input=decoder_input, labels=labels,
+        )
+

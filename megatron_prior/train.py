@@ -1,0 +1,36 @@
+"""``python -m megatron_prior.train``: train a reference LM, an H-LVLM or a U-LVLM.
+
+Flags follow Megatron-LM (``--help`` lists them). Launch one process per device with
+torchrun or srun; with neither, a single process runs (CPU with gloo when there is no GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from megatron_prior.training.arguments import parse_args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    # megatron-core is chatty about optional accelerators it falls back from.
+    logging.getLogger("megatron.core").setLevel(logging.ERROR)
+    from megatron_prior.training.loop import run
+
+    summary = run(args)
+    if summary:
+        logging.getLogger("megatron_prior.train").info("summary: %s", json.dumps(
+            {k: v for k, v in summary.items() if k != "model_config"}))
+    return summary
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    main(sys.argv[1:])
+    sys.exit(0)

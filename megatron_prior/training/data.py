@@ -1,0 +1,81 @@
+"""Training and validation batches for this rank, from the position the run has reached.
+
+Samples come from megatron-prior's datasets (megatron-core GPTDataset extended with PRIOR
+weights for the text model; one caption per sample with its image for the LVLMs); their
+order is fixed by the dataset's own shuffle index and seed. An iteration consumes the
+global batch ``[consumed, consumed + global_batch)``; micro-batch ``k`` of data-parallel
+rank ``r`` takes rows ``[k * mbs * dp + r * mbs, ... + mbs)`` of it, as Megatron-LM's
+pretraining sampler does. The position is a single number (``consumed_samples``), saved
+with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megatron_prior import parallel
+
+_INT_KEYS = {"tokens", "labels", "position_ids", "token_kinds"}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack numpy/tensor samples into batch-first tensors on this rank's device."""
+    device = parallel.device()
+    batch = {}
+    for key in samples[0]:
+        if key == "attention_mask":
+            continue  # causal masks are built inside the model
+        values = [torch.as_tensor(np.asarray(s[key])) for s in samples]
+        stacked = torch.stack(values)
+        if key in _INT_KEYS:
+            stacked = stacked.long()
+        elif stacked.is_floating_point():
+            stacked = stacked.float()
+        batch[key] = stacked.to(device, non_blocking=True)
+    return batch
+
+
+@dataclass
+class TrainingData:
+    tokenizer: Any
+    train: Any
+    valid: Optional[Any]
+    image_size: Optional[int]
+    micro_batch_size: int
+    num_microbatches: int
+    global_batch_size: int
+
+    def _batches(self, dataset, start: int) -> Iterator[dict]:
+        dp = parallel_state.get_data_parallel_world_size()
+        rank = parallel_state.get_data_parallel_rank()
+        mbs = self.micro_batch_size
+        n = len(dataset)
+        for k in range(self.num_microbatches):
+            first = start + k * mbs * dp + rank * mbs
+            yield collate([dataset[(first + j) % n] for j in range(mbs)])
+
+    def train_batches(self, consumed_samples: int) -> Iterator[dict]:
+        return self._batches(self.train, consumed_samples)
+
+    def valid_batches(self, offset: int) -> Iterator[dict]:
+        if self.valid is None:
+            raise ValueError("no validation split: set --split with a non-zero validation share or --eval-iters 0")
+        return self._batches(self.valid, offset)
+
+
+def build_training_data(args: argparse.Namespace) -> TrainingData:
+    from megatron_prior.data.training import build_datasets
+    from megatron_prior.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer_model)
+    train_samples = args.train_iters * args.global_batch_size
+    valid_samples = max(1, args.eval_iters) * args.global_batch_size
+    train, valid, image_size = build_datasets(args, tokenizer, train_samples, valid_samples)
+    return TrainingData(tokenizer, train, valid, image_size, args.micro_batch_size, args.num_microbatches,
+                        args.global_batch_size)

@@ -1,0 +1,276 @@
+"""The training loop, top to bottom: set up, (resume), iterate, evaluate, log, save, summarise.
+
+Built on megatron-core's pieces: parallel_state (via megatron_prior.parallel), DDP, the
+Megatron optimizer and its LR/WD scheduler, the pipeline schedules, finalize_model_grads and
+dist_checkpointing (via megatron_prior.training.checkpointing). The loss is per token
+(``calculate_per_token_loss``): gradients are divided by the global number of loss tokens,
+so results do not depend on micro-batching or the data-parallel size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from megatron_prior import parallel
+from megatron_prior.loss import make_loss_func
+from megatron_prior.models.builder import build_model
+from megatron_prior.models.config import ModelConfig
+from megatron_prior.training import checkpointing
+from megatron_prior.training.data import TrainingData, build_training_data
+from megatron_prior.training.metrics import MetricsLogger, flops_per_iteration, reduce_logs
+from megatron_prior.training.steps import combined_seq_length, make_forward_step
+
+log = logging.getLogger("megatron_prior.train")
+
+
+def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Optional[int]) -> ModelConfig:
+    image = args.model != "gpt"
+    seq = args.seq_length
+    cfg = ModelConfig(
+        arch=args.model,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        vocab_size=padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size),
+        max_position_embeddings=0,
+        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        normalization=args.normalization,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        image_size=image_size if image else 32,
+        patch_size=args.patch_size,
+        image_token_id=tokenizer.image_token_id if image else None,
+        vit_num_layers=args.vit_num_layers,
+        vit_hidden_size=args.vit_hidden_size,
+        vit_num_attention_heads=args.vit_num_attention_heads,
+        image_start_id=tokenizer.image_start_id if image else None,
+        image_row_id=tokenizer.image_row_id if image else None,
+        image_end_id=tokenizer.image_end_id if image else None,
+    )
+    cfg.max_position_embeddings = args.max_position_embeddings or combined_seq_length(cfg, seq)
+    return cfg
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of 128 x TP so every shard is even."""
+    step = multiple * tensor_parallel
+    return ((vocab_size + step - 1) // step) * step
+
+
+def count_parameters(model_chunks) -> int:
+    """Parameters of the whole model (every stage, TP shards once, tied copies once)."""
+    local = sum(
+        p.numel() for m in model_chunks for p in m.parameters()
+        if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)
+    )
+    total = torch.tensor([local], dtype=torch.int64, device=parallel.device())
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return int(total.item())
+
+
+@dataclass
+class Trainer:
+    args: argparse.Namespace
+    model_config: ModelConfig
+    model: list
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    data: TrainingData
+    iteration: int = 0
+    consumed_samples: int = 0
+
+    # --- set-up ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> "Trainer":
+        data = build_training_data(args)
+        model_config = model_config_from_args(args, data.tokenizer, data.image_size)
+        use_te = args.fp8_format is not None
+        overrides = dict(
+            init_method_std=args.init_method_std,
+            hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
+        )
+        if use_te:
+            overrides.update(fp8=args.fp8_format, fp8_param=False)
+        vpp = args.virtual_pipeline_model_parallel_size
+        chunks = [
+            build_model(model_config, bf16=args.bf16, use_te=use_te, vp_stage=(i if vpp else None),
+                        config_overrides=overrides)
+            for i in range(vpp or 1)
+        ]
+        for chunk in chunks:
+            chunk.to(parallel.device())
+        if args.model == "hlvlm" and (args.freeze_vit or args.freeze_lm):
+            for chunk in chunks:
+                chunk.freeze(freeze_language_model=args.freeze_lm, freeze_vision_model=args.freeze_vit,
+                             freeze_vision_projection=False)
+        if args.vit_load:
+            from megatron_prior.models.vision_encoder import load_vision_encoder
+
+            for chunk in chunks:
+                load_vision_encoder(chunk, args.vit_load)
+        config = chunks[0].config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        model = [
+            DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+                bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                use_distributed_optimizer=False,
+            ),
+            model,
+        )
+        gbs = args.global_batch_size
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
+            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+            wsd_decay_steps=(args.lr_decay_iters * gbs) // 10 if args.lr_decay_style == "WSD" else None,
+            lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
+        )
+        trainer = cls(args, model_config, model, optimizer, scheduler, data)
+        if args.load:
+            state = checkpointing.load_checkpoint(args.load, model, model_config, optimizer, scheduler)
+            if state is not None:
+                trainer.iteration = int(state["iteration"])
+                trainer.consumed_samples = int(state["consumed_samples"])
+                log.info("resumed from %s at iteration %d (%d samples consumed; RNG %s)", state["checkpoint"],
+                         trainer.iteration, trainer.consumed_samples,
+                         "restored" if state["rng_restored"] else "not restored: parallel layout changed")
+            else:
+                log.info("--load %s holds no checkpoint yet: starting from scratch", args.load)
+        return trainer
+
+    # --- one pass through the pipeline schedule ---------------------------------------
+    def _run_schedule(self, batches: Iterator[dict], forward_only: bool) -> dict:
+        args = self.args
+        loss_func = make_loss_func(args.loss)
+        forward_step = make_forward_step(self.model_config, loss_func)
+        vpp = args.virtual_pipeline_model_parallel_size
+        iterator = [batches] * vpp if vpp else batches
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterator,
+            model=self.model if vpp else self.model[0],
+            num_microbatches=args.num_microbatches,
+            seq_length=combined_seq_length(self.model_config, args.seq_length),
+            micro_batch_size=args.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return reduce_logs(outputs)
+
+    def train_step(self) -> tuple[dict, float]:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = self.data.train_batches(self.consumed_samples)
+        logs = self._run_schedule(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"optimizer step failed at iteration {self.iteration + 1}")
+        self.scheduler.step(increment=self.args.global_batch_size)
+        self.iteration += 1
+        self.consumed_samples += self.args.global_batch_size
+        return logs, float(grad_norm) if grad_norm is not None else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        for m in self.model:
+            m.eval()
+        totals: dict = {}
+        for i in range(self.args.eval_iters):
+            logs = self._run_schedule(self.data.valid_batches(i * self.args.global_batch_size), forward_only=True)
+            for key, (s, c) in logs.items():
+                a, b = totals.get(key, (0.0, 0.0))
+                totals[key] = (a + s, b + c)
+        for m in self.model:
+            m.train()
+        return totals
+
+    def save(self) -> None:
+        checkpointing.save_checkpoint(
+            self.args.save, self.iteration, self.model, self.model_config, self.optimizer, self.scheduler,
+            extra=dict(consumed_samples=self.consumed_samples, args=vars(self.args)),
+        )
+
+    # --- the loop ---------------------------------------------------------------------
+    def train(self) -> dict:
+        args = self.args
+        metrics = MetricsLogger(args, self.model_config)
+        params = count_parameters([m.module for m in self.model])
+        flops_iter = flops_per_iteration(self.model_config, params, args)
+        metrics.info(f"model {args.model}: {params:,} parameters; {args.num_microbatches} micro-batches of "
+                     f"{args.micro_batch_size} per rank per iteration; loss {args.loss}")
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        start_iteration = self.iteration
+        wall_start = time.perf_counter()
+        window_start, window_iters, window = time.perf_counter(), 0, {}
+        last_train, last_eval = None, None
+        for m in self.model:
+            m.train()
+        while self.iteration < args.train_iters:
+            logs, grad_norm = self.train_step()
+            window_iters += 1
+            for key, (s, c) in logs.items():
+                a, b = window.get(key, (0.0, 0.0))
+                window[key] = (a + s, b + c)
+            if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
+                elapsed = time.perf_counter() - window_start
+                last_train = metrics.log_train(
+                    self.iteration, window, grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                    tokens_per_s=window_iters * tokens_per_iter / elapsed,
+                    flops_per_s=window_iters * flops_iter / elapsed)
+                window_start, window_iters, window = time.perf_counter(), 0, {}
+            if args.eval_iters > 0 and args.eval_interval and self.iteration % args.eval_interval == 0:
+                last_eval = metrics.log_eval(self.iteration, self.evaluate())
+            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+                self.save()
+            if args.exit_interval and self.iteration % args.exit_interval == 0:
+                metrics.info(f"exit interval reached at iteration {self.iteration}")
+                break
+        if args.eval_iters > 0 and (last_eval is None or last_eval["iteration"] != self.iteration):
+            last_eval = metrics.log_eval(self.iteration, self.evaluate())
+        if args.save and not (args.save_interval and self.iteration % args.save_interval == 0):
+            self.save()
+        wall = time.perf_counter() - wall_start
+        return metrics.write_summary(
+            iterations=self.iteration, tokens_seen=self.consumed_samples * args.seq_length,
+            last_train=last_train, last_eval=last_eval, flops=flops_iter * self.iteration,
+            parameters=params, wall_time_s=wall, iterations_this_run=self.iteration - start_iteration,
+        )
+
+
+def run(args: argparse.Namespace) -> dict:
+    parallel.initialize(
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        virtual_pipeline_parallel=args.virtual_pipeline_model_parallel_size,
+        seed=args.seed,
+    )
+    try:
+        return Trainer.build(args).train()
+    finally:
+        parallel.destroy()

@@ -1,0 +1,165 @@
+"""What a run reports: stdout lines, ``metrics.jsonl``, TensorBoard, and ``summary.json``.
+
+Loss logs travel as ``[sum, count]`` pairs (see megatron_prior.loss): summed over
+micro-batches, all-reduced over data-parallel ranks, divided only when reported, so a mean is
+exact whatever the batch split. The last rank (on the last pipeline stage, where losses live)
+writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_prior import parallel
+from megatron_prior.models.config import ModelConfig
+
+log = logging.getLogger("megatron_prior.train")
+
+# Peak dense bf16 TFLOP/s by device name, for MFU (None where unknown: MFU is then omitted).
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "GH200": 989.0, "B200": 2250.0}
+
+
+def reduce_logs(outputs: list) -> dict:
+    """Sum the per-micro-batch ``[sum, count]`` pairs and all-reduce them over data parallel."""
+    if not outputs:
+        return {}
+    keys = sorted(outputs[0])
+    stacked = torch.stack([torch.stack([o[k].float() for k in keys]) for o in outputs]).sum(0)
+    stacked = stacked.to(parallel.device(), torch.float64)
+    dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
+    return {k: (float(stacked[i, 0]), float(stacked[i, 1])) for i, k in enumerate(keys)}
+
+
+def _means(pairs: dict) -> dict:
+    return {k: (s / c if c else None) for k, (s, c) in pairs.items()}
+
+
+def flops_per_iteration(cfg: ModelConfig, parameters: int, args: argparse.Namespace) -> float:
+    """Training FLOPs of one iteration: 6 x parameters x tokens for the matrix multiplies
+    (forward 2, backward 4), plus attention scores and values, 12 x layers x hidden x seq per
+    token; the combined (image + text) sequence counts for the vision-language models."""
+    seq = cfg.max_position_embeddings
+    tokens = args.global_batch_size * seq
+    attention = 12 * cfg.num_layers * cfg.hidden_size * seq
+    return float(tokens * (6 * parameters + attention))
+
+
+def peak_flops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+class MetricsLogger:
+    def __init__(self, args: argparse.Namespace, model_config: ModelConfig) -> None:
+        self.args = args
+        self.model_config = model_config
+        self.writer_rank = dist.get_rank() == dist.get_world_size() - 1
+        self.log_dir = args.log_dir
+        self.tensorboard = None
+        if self.writer_rank and self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            # A resumed run appends; a fresh run starts a new file.
+            mode = "a" if args.load else "w"
+            self.jsonl = open(os.path.join(self.log_dir, "metrics.jsonl"), mode)
+        else:
+            self.jsonl = None
+        if self.writer_rank and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(args.tensorboard_dir)
+        self.peak = peak_flops()
+        self.started = time.time()
+
+    def info(self, message: str) -> None:
+        if self.writer_rank:
+            log.info(message)
+
+    def _emit(self, record: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and value is not None:
+                    self.tensorboard.add_scalar(key, value, record["iteration"])
+
+    @staticmethod
+    def _flatten(prefix: str, means: dict) -> dict:
+        out = {}
+        for key, value in means.items():
+            name = key.replace(" ", "_").replace("/", "_")
+            out[f"{prefix}{name}"] = value
+        return out
+
+    def log_train(self, iteration: int, window: dict, grad_norm: float, lr: float, tokens_per_s: float,
+                  flops_per_s: float) -> dict:
+        means = _means(window)
+        record = {"iteration": iteration, **self._flatten("", means), "grad_norm": grad_norm, "lr": lr,
+                  "tokens_per_s": tokens_per_s, "tflops_per_s": flops_per_s / 1e12}
+        if self.peak:
+            record["mfu"] = flops_per_s / (self.peak * dist.get_world_size())
+        if self.writer_rank:
+            kinds = " ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(means.items())
+                             if k.startswith("loss/") and v is not None)
+            mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            log.info(f"iteration {iteration:6d}/{self.args.train_iters} | lm loss {means.get('lm loss', 0):.4f} | "
+                     f"ntp loss {means.get('ntp loss', 0):.4f} | {kinds + ' | ' if kinds else ''}grad norm "
+                     f"{grad_norm:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tokens/s{mfu}")
+            self._emit(record)
+        return record
+
+    def log_eval(self, iteration: int, totals: dict) -> dict:
+        means = _means(totals)
+        record = {"iteration": iteration, **self._flatten("eval_", means)}
+        if self.writer_rank:
+            log.info(f"validation at iteration {iteration}: ntp loss {means.get('ntp loss', float('nan')):.4f}, "
+                     f"lm loss {means.get('lm loss', float('nan')):.4f}")
+            self._emit(record)
+        return {"iteration": iteration, "means": means}
+
+    def write_summary(self, iterations: int, tokens_seen: int, last_train: Optional[dict],
+                      last_eval: Optional[dict], flops: float, parameters: int, wall_time_s: float,
+                      iterations_this_run: int) -> dict:
+        eval_means = (last_eval or {}).get("means", {})
+        summary = {
+            "iterations": iterations,
+            "tokens_seen": tokens_seen,
+            "train_loss": (last_train or {}).get("ntp_loss"),
+            "train_lm_loss": (last_train or {}).get("lm_loss"),
+            "eval_loss": eval_means.get("ntp loss"),
+            "eval_lm_loss": eval_means.get("lm loss"),
+            "eval_losses_by_kind": {k[5:]: v for k, v in eval_means.items() if k.startswith("loss/") and v is not None},
+            "flops": flops,
+            "parameters": parameters,
+            "wall_time_s": wall_time_s,
+            "iterations_this_run": iterations_this_run,
+            "model": self.args.model,
+            "loss": self.args.loss,
+            "prior_alpha": self.args.prior_alpha,
+            "seed": self.args.seed,
+            "model_config": self.model_config.to_dict(),
+        }
+        if self.writer_rank and self.log_dir:
+            path = os.path.join(self.log_dir, "summary.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(path + ".tmp", path)
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return summary

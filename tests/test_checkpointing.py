@@ -1,0 +1,118 @@
+"""Checkpoints: round trip, atomic layout, and refusal of unsafe or mismatched ones."""
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from megatron_prior.testing import run_on_ranks
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/megatron_prior_pwned",))
+
+
+def _save_and_check(tmp: str):
+    from megatron_prior import parallel
+    from megatron_prior.models.builder import build_model
+    from megatron_prior.models.config import ModelConfig
+    from megatron_prior.training import checkpointing as ck
+
+    parallel.initialize(seed=5)
+    cfg = ModelConfig(arch="gpt", num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128,
+                      max_position_embeddings=16, tokenizer_fingerprint="tok-a")
+    model = build_model(cfg)
+    assert ck.load_checkpoint(tmp, [model], cfg) is None, "an empty directory holds no checkpoint"
+    ck.save_checkpoint(tmp, 3, [model], cfg, extra={"consumed_samples": 24})
+    ck.save_checkpoint(tmp, 7, [model], cfg, extra={"consumed_samples": 56})
+    loaded, loaded_cfg = ck.load_inference_model(tmp)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values())
+               if isinstance(a, torch.Tensor))
+    state = ck.load_checkpoint(tmp, [build_model(cfg)], cfg)
+    errors = {}
+    other = ModelConfig(**{**cfg.to_dict(), "hidden_size": 64})
+    try:
+        ck.load_checkpoint(tmp, [build_model(other)], other)
+    except ck.CheckpointError as err:
+        errors["mismatch"] = str(err)
+    other_tok = ModelConfig(**{**cfg.to_dict(), "tokenizer_fingerprint": "tok-b"})
+    try:
+        ck.load_checkpoint(tmp, [build_model(other_tok)], other_tok)
+    except ck.CheckpointError as err:
+        errors["tokenizer"] = str(err)
+    return same, loaded_cfg == cfg, state["iteration"], state["consumed_samples"], state["rng_restored"], errors
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("ckpt"))
+    (result,) = run_on_ranks(_save_and_check, 1, tmp)
+    return tmp, result
+
+
+def test_round_trip_and_layout(saved):
+    tmp, (same, same_cfg, iteration, consumed, rng_restored, _) = saved
+    assert same and same_cfg
+    assert (iteration, consumed, rng_restored) == (7, 56, True)
+    assert open(os.path.join(tmp, "latest_checkpointed_iteration.txt")).read() == "7"
+    assert sorted(p for p in os.listdir(tmp)) == ["iter_0000003", "iter_0000007", "latest_checkpointed_iteration.txt"]
+    assert not any(p.endswith(".tmp") for p in os.listdir(tmp))
+
+
+def test_mismatched_model_and_tokenizer_refused(saved):
+    errors = saved[1][5]
+    assert "hidden_size: checkpoint 32 vs run 64" in errors["mismatch"]
+    assert "another tokenizer" in errors["tokenizer"]
+
+
+def _load_only(tmp: str):
+    from megatron_prior import parallel
+    from megatron_prior.training import checkpointing as ck
+
+    parallel.initialize()
+    try:
+        ck.load_inference_model(tmp)
+    except ck.CheckpointError as err:
+        return str(err)
+    return None
+
+
+def _copy(saved, tmp_path) -> str:
+    dst = str(tmp_path / "copy")
+    shutil.copytree(saved[0], dst)
+    return dst
+
+
+def test_malicious_metadata_pickle_refused(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    with open(os.path.join(ckpt, "iter_0000007", ".metadata"), "wb") as f:
+        pickle.dump(_Evil(), f)
+    (message,) = run_on_ranks(_load_only, 1, ckpt)
+    assert message is not None and "refusing to unpickle posix.system" in message
+    assert not os.path.exists("/tmp/megatron_prior_pwned")
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("tracker", "expected an iteration number"),
+    ("truncate", "cannot load"),
+    ("config", "missing model_config.json"),
+    ("missing_iter", "has no directory iter_0000009"),
+])
+def test_damaged_checkpoints_refused(saved, tmp_path, damage, expected):
+    ckpt = _copy(saved, tmp_path)
+    it = os.path.join(ckpt, "iter_0000007")
+    if damage == "tracker":
+        open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w").write("seven")
+    elif damage == "truncate":
+        shard = next(os.path.join(it, f) for f in sorted(os.listdir(it)) if f.endswith(".distcp"))
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+    elif damage == "config":
+        os.remove(os.path.join(it, "model_config.json"))
+    elif damage == "missing_iter":
+        open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w").write("9")
+    (message,) = run_on_ranks(_load_only, 1, ckpt)
+    assert message is not None and expected in message, message
