@@ -69,13 +69,71 @@ class TrainingData:
         return self._batches(self.valid, offset)
 
 
+def _dataset_config(args: argparse.Namespace, tokenizer):
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    common = dict(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=get_blend_from_list(args.data_path),
+        split=args.split,
+        tokenizer=tokenizer,
+        path_to_cache=args.data_cache_path,
+    )
+    if args.model != "gpt":
+        from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+
+        return CaptionDataset, CaptionDatasetConfig(prior_alpha=args.prior_alpha, **common)
+    gpt = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.mask_eod,
+               create_attention_mask=False)
+    if args.loss == "ntp" and not _has_scores(args.data_path):
+        # Plain NTP on tokens without reference scores (e.g. the reference LM itself).
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        return GPTDataset, GPTDatasetConfig(**common, **gpt)
+    from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
+
+    return WeightedGPTDataset, WeightedGPTDatasetConfig(prior_alpha=args.prior_alpha, **common, **gpt)
+
+
+def _has_scores(data_path: list[str]) -> bool:
+    import os
+
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    prefixes, _ = get_blend_from_list(data_path)
+    return all(os.path.exists(p + ".logprobs.idx") for p in prefixes)
+
+
+def _image_size(dataset) -> int:
+    """The (square) image side shared by every caption dataset of a blend."""
+    parts = getattr(dataset, "datasets", [dataset])
+    shapes = {tuple(part.images.shape[1:3]) for part in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"--data-path: the blended image stores have different image sizes {sorted(shapes)}")
+    (h, w), = shapes
+    if h != w:
+        raise ValueError(f"--data-path: images are {h}x{w}; the models take square images")
+    return h
+
+
 def build_training_data(args: argparse.Namespace) -> TrainingData:
-    from megatron_prior.data.training import build_datasets
+    """Tokenizer and the train/validation datasets of ``--data-path`` (a Megatron blend)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
     from megatron_prior.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer_model)
     train_samples = args.train_iters * args.global_batch_size
-    valid_samples = max(1, args.eval_iters) * args.global_batch_size
-    train, valid, image_size = build_datasets(args, tokenizer, train_samples, valid_samples)
+    valid_samples = max(1, args.eval_iters) * args.global_batch_size if args.eval_iters > 0 else 0
+    cls, config = _dataset_config(args, tokenizer)
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        cls, [train_samples, valid_samples, 0], lambda: True, config).build()
+    if train is None:
+        raise ValueError(f"--split {args.split} leaves no training data")
+    if args.eval_iters > 0 and valid is None:
+        raise ValueError(f"--split {args.split} leaves no validation data: give it a validation share "
+                         "or pass --eval-iters 0")
+    image_size = _image_size(train) if args.model != "gpt" else None
     return TrainingData(tokenizer, train, valid, image_size, args.micro_batch_size, args.num_microbatches,
                         args.global_batch_size)

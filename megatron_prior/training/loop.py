@@ -110,7 +110,7 @@ class Trainer:
         vpp = args.virtual_pipeline_model_parallel_size
         chunks = [
             build_model(model_config, bf16=args.bf16, use_te=use_te, vp_stage=(i if vpp else None),
-                        config_overrides=overrides)
+                        config_overrides=overrides, fused_linear_ce=args.fused_linear_ce)
             for i in range(vpp or 1)
         ]
         for chunk in chunks:
