@@ -1,0 +1,85 @@
+"""Where a sweep keeps its files, and the record that ties a run directory to its flags.
+
+    {output_dir}/runs/{run}/run.json          the flags the run was (or is being) trained with
+    {output_dir}/runs/{run}/train.log         trainer stdout + stderr
+    {output_dir}/runs/{run}/summary.json      written by the trainer at the end: the run is done
+    {output_dir}/runs/{run}/metrics.jsonl     written by the trainer
+    {output_dir}/runs/{run}/checkpoints/      --save (and --load when resuming)
+    {output_dir}/runs/{run}/eval.json         written by the evaluation command, if any
+    {output_dir}/slurm/{name}.sbatch          the job-array script; slurm/logs/ its outputs
+    {output_dir}/results.json, results.md, fit.json, scaling.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .spec import Run, SweepError, SweepSpec
+
+SUMMARY = "summary.json"
+EVAL = "eval.json"
+RUN_RECORD = "run.json"
+TRAIN_LOG = "train.log"
+EVAL_LOG = "eval.log"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def run_dir(output_dir: Path, run: Run) -> Path:
+    return Path(output_dir) / "runs" / run.name
+
+
+def output_flags(rdir: Path | str) -> list[str]:
+    return ["--save", f"{rdir}/{CHECKPOINTS}", "--log-dir", str(rdir)]
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary name beside ``path`` and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def run_record(spec: SweepSpec, run: Run) -> dict:
+    return {"sweep": spec.name, "run": run.name, "size": run.size.name, "loss": run.loss,
+            "seed": run.seed, "tokens": run.tokens, "train_iters": run.train_iters,
+            "flags": spec.run_flags(run)}
+
+
+def check_run_record(spec: SweepSpec, run: Run, rdir: Path) -> bool:
+    """True when ``rdir`` holds a record of this run; refuse one trained with other flags.
+
+    Without this, editing a fixed flag (say the learning rate) and rerunning would silently
+    mix old and new runs in one fit.
+    """
+    path = rdir / RUN_RECORD
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SweepError(f"{path}: unreadable run record: {err}") from err
+    new = run_record(spec, run)
+    if old.get("flags") != new["flags"]:
+        old_flags, new_flags = old.get("flags") or [], new["flags"]
+        changed = [f for f in new_flags if f not in old_flags] + [f for f in old_flags if f not in new_flags]
+        raise SweepError(
+            f"{rdir}: this run directory was made with other training flags than "
+            f"{spec.path} now gives (differing: {' '.join(changed) or 'order'}); use another "
+            "--output-dir, or delete the run directory to retrain it")
+    return True

@@ -1,0 +1,139 @@
+"""Fit a collected sweep and write its report: ``fit.json``, ``results.md``, ``scaling.png``.
+
+``fit.json`` schema (version 1)::
+
+    {
+      "schema_version": 1, "sweep": name, "law": "L(D) = E + B * D**-beta",
+      "x": "tokens_seen", "y": "eval_loss",
+      "reference_size": "s",                       # the largest size (by parameters)
+      "ntp":   {<fit of the reference size>, "size": "s", "parameters": N},
+      "prior": {...},
+      "per_size": {"xs": {"ntp": {<fit>, "parameters": N}, "prior": {...}}, "s": {...}},
+      "chinchilla": {"ntp": {E, A, alpha, alpha_ci, B, beta, beta_ci, r2, ...}, "prior": ...},
+      "comparison": {"xs": {"beta_ntp", "beta_prior", "beta_ratio", "ci_overlap"}, ...}
+    }
+
+A fit entry is fit_power_law's dict (E, B, beta, beta_ci, r2, extrapolation_error, ...).
+Where a curve admits no power law the entry is ``{"error": "<why>"}`` instead, so one bad
+curve does not hide the others; the report prints every such error. ``chinchilla`` is present
+only with >= 2 sizes (its entries may be errors too); ``comparison`` only with both losses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .collect import RunResult, collect, results_markdown
+from .fit import FitError, fit_chinchilla, fit_power_law
+from .layout import SUMMARY, write_atomic, write_json
+from .spec import SweepSpec
+
+SCHEMA_VERSION = 1
+
+
+def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *,
+              n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Per-size L(D) fits for each loss, the Chinchilla L(N, D) fit, and NTP-vs-PRIOR exponents."""
+    sizes = sorted({r.size for r in results},
+                   key=lambda s: next(r.parameters for r in results if r.size == s))
+    if not sizes:
+        raise FitError("no finished runs to fit")
+    params = {s: next(r.parameters for r in results if r.size == s) for s in sizes}
+    per_size: dict[str, dict] = {}
+    for size in sizes:
+        per_size[size] = {}
+        for loss in losses:
+            pts = [r for r in results if r.size == size and r.loss == loss]
+            try:
+                fit = fit_power_law([r.tokens for r in pts], [r.eval_loss for r in pts],
+                                    n_bootstrap=n_bootstrap, seed=seed)
+            except FitError as err:
+                fit = {"error": str(err)}
+            per_size[size][loss] = {**fit, "parameters": params[size]}
+    reference = sizes[-1]
+    out: dict = {"schema_version": SCHEMA_VERSION, "sweep": name, "law": "L(D) = E + B * D**-beta",
+                 "x": "tokens_seen", "y": "eval_loss", "reference_size": reference}
+    for loss in losses:
+        out[loss] = {**per_size[reference][loss], "size": reference}
+    out["per_size"] = per_size
+    if len(sizes) >= 2:
+        out["chinchilla"] = {}
+        for loss in losses:
+            pts = [r for r in results if r.loss == loss]
+            try:
+                out["chinchilla"][loss] = fit_chinchilla(
+                    [r.parameters for r in pts], [r.tokens for r in pts],
+                    [r.eval_loss for r in pts], n_bootstrap=min(n_bootstrap, 300), seed=seed)
+            except FitError as err:
+                out["chinchilla"][loss] = {"error": str(err)}
+    if {"ntp", "prior"} <= set(losses):
+        out["comparison"] = {size: _compare(per_size[size]["ntp"], per_size[size]["prior"])
+                             for size in sizes}
+    return out
+
+
+def _compare(ntp: dict, prior: dict) -> dict:
+    if "error" in ntp or "error" in prior:
+        return {"error": "a fit is missing: " + "; ".join(
+            f"{k}: {v['error']}" for k, v in (("ntp", ntp), ("prior", prior)) if "error" in v)}
+    out = {"beta_ntp": ntp["beta"], "beta_prior": prior["beta"],
+           "beta_ratio": prior["beta"] / ntp["beta"], "ci_overlap": None}
+    if ntp["beta_ci"] and prior["beta_ci"]:
+        out["ci_overlap"] = not (prior["beta_ci"][0] > ntp["beta_ci"][1]
+                                 or ntp["beta_ci"][0] > prior["beta_ci"][1])
+    return out
+
+
+def fit_errors(fit: dict) -> list[str]:
+    """Every curve that could not be fitted, as 'where: why' lines."""
+    errors = [f"{size} {loss}: {entry['error']}" for size, by_loss in fit["per_size"].items()
+              for loss, entry in by_loss.items() if "error" in entry]
+    errors += [f"chinchilla {loss}: {entry['error']}"
+               for loss, entry in fit.get("chinchilla", {}).items() if "error" in entry]
+    return errors
+
+
+def _ci(ci: Optional[list]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+
+
+def fit_markdown(fit: dict) -> str:
+    """Per-size exponents, fit quality and predictability, NTP and PRIOR on adjacent rows."""
+    lines = ["| size | params | loss | beta | 95% CI | E | R^2 | extrapolation error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for size, by_loss in fit["per_size"].items():
+        for loss, f in by_loss.items():
+            if "error" in f:
+                lines.append(f"| {size} | {f['parameters']} | {loss} | fit failed: {f['error']} "
+                             "| | | | |")
+                continue
+            extra = f"{100 * f['extrapolation_error']:.2f} %" if f["extrapolation_error"] is not None else "-"
+            lines.append(f"| {size} | {f['parameters']} | {loss} | {f['beta']:.3f} | {_ci(f['beta_ci'])} "
+                         f"| {f['E']:.3f} | {f['r2']:.4f} | {extra} |")
+    for loss, f in fit.get("chinchilla", {}).items():
+        if "error" not in f:
+            lines.append(f"\nChinchilla {loss}: L(N, D) = {f['E']:.3f} + {f['A']:.4g} N^-{f['alpha']:.3f} "
+                         f"+ {f['B']:.4g} D^-{f['beta']:.3f}  (alpha CI {_ci(f['alpha_ci'])}, "
+                         f"beta CI {_ci(f['beta_ci'])}, R^2 {f['r2']:.4f})")
+    return "\n".join(lines) + "\n"
+
+
+def analyze(spec: SweepSpec, output_dir: Path, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Collect, fit and plot a finished sweep; returns what was written (paths and fit)."""
+    from .plots import plot_scaling  # matplotlib only when a report is made
+
+    output_dir = Path(output_dir)
+    results, missing = collect(spec, output_dir)
+    if missing:
+        raise FitError(f"{len(missing)} of {len(results) + len(missing)} runs have no "
+                       f"{SUMMARY} yet (first: {missing[0].name}); finish the sweep first")
+    write_json(output_dir / "results.json", [r.as_dict() for r in results])
+    fit = fit_sweep(results, spec.name, spec.losses, n_bootstrap=n_bootstrap, seed=seed)
+    write_json(output_dir / "fit.json", fit)
+    write_atomic(output_dir / "results.md",
+                 f"# Sweep {spec.name}\n\n## Fits\n\n{fit_markdown(fit)}\n## Runs\n\n"
+                 f"{results_markdown(results)}")
+    plot_scaling(results, fit, output_dir / "scaling.png", title=f"sweep {spec.name}")
+    return {"fit": fit, "results": results, "errors": fit_errors(fit),
+            "paths": [output_dir / n for n in ("results.json", "fit.json", "results.md", "scaling.png")]}

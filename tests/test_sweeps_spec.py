@@ -1,0 +1,162 @@
+"""Sweep files: a good one expands into the expected grid and flags; bad ones are refused with
+a message naming the file and the key."""
+
+import copy
+import json
+import shlex
+
+import pytest
+import yaml
+
+from megatron_prior.sweeps import SweepError, load_sweep
+
+BASE = {
+    "name": "t",
+    "model": "ulvlm",
+    "sizes": [{"name": "xs", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4},
+              {"name": "tiny", "preset": "tiny"}],
+    "token_budgets": [1024, "2e3", 4096.0],
+    "losses": ["ntp", "prior"],
+    "seeds": [1, 2],
+    "seq_length": 16,
+    "global_batch_size": 8,
+    "data": {"data-path": "d/train_text_document", "tokenizer-model": "d/tok model.model",
+             "split": "95,5,0"},
+    "train_args": {"lr": 1e-3, "bf16": True, "fused-linear-ce": False, "micro-batch-size": 4},
+    "eval": {"command": "{python} ev.py --load {load} --tok {data[tokenizer-model]} --out {eval_json}"},
+}
+
+
+def _write(tmp_path, raw, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(json.dumps(raw) if name.endswith(".json") else yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_grid_order_names_and_iterations(tmp_path):
+    spec = load_sweep(_write(tmp_path, BASE))
+    runs = spec.runs()
+    assert len(runs) == 2 * 3 * 2 * 2
+    # 128 tokens per iteration: 1024 -> 8 iterations, 2e3 -> 15 (1920 tokens), 4096 -> 32.
+    assert [r.train_iters for r in runs[:6]] == [8, 8, 15, 15, 32, 32]
+    assert [r.tokens for r in runs[:6]] == [1024, 1024, 1920, 1920, 4096, 4096]
+    assert [r.loss for r in runs[:4]] == ["ntp", "prior", "ntp", "prior"]
+    assert runs[0].name == "xs_ntp_D1024_seed1"
+    assert runs[6].name == "tiny_ntp_D1024_seed1" and runs[12].seed == 2
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_flags_switches_lists_and_eval_quoting(tmp_path):
+    raw = copy.deepcopy(BASE)
+    raw["data"]["data-path"] = [0.7, "a/x", 0.3, "b/y"]
+    spec = load_sweep(_write(tmp_path, raw))
+    run = spec.runs()[7]  # tiny, prior, 1024 tokens, seed 1
+    assert spec.run_flags(run) == [
+        "--model-size", "tiny", "--train-iters", "8", "--loss", "prior", "--seed", "1",
+        "--model", "ulvlm", "--seq-length", "16", "--global-batch-size", "8",
+        "--data-path", "0.7", "a/x", "0.3", "b/y", "--tokenizer-model", "d/tok model.model",
+        "--split", "95,5,0", "--lr", "0.001", "--bf16", "--micro-batch-size", "4"]
+    cmd = spec.eval_command_for(run, "/o/run dir", "/o/run dir/checkpoints", "py")
+    assert shlex.split(cmd) == ["py", "ev.py", "--load", "/o/run dir/checkpoints", "--tok",
+                                "d/tok model.model", "--out", "/o/run dir/eval.json"]
+
+
+def test_json_and_yaml_agree(tmp_path):
+    a = load_sweep(_write(tmp_path, BASE, "s.yaml"))
+    b = load_sweep(_write(tmp_path, BASE, "s.json"))
+    assert [a.run_flags(r) for r in a.runs()] == [b.run_flags(r) for r in b.runs()]
+
+
+def _mutate(path, value):
+    def apply(raw):
+        *head, last = path
+        node = raw
+        for k in head:
+            node = node[k]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return apply
+
+
+_DELETE = object()
+BAD = [
+    (_mutate(["token_budget"], [1]), "token_budget: unknown key (did you mean 'token_budgets'?)"),
+    (_mutate(["token_budgets", 1], -2048), "token_budgets[1]: a token budget must be positive"),
+    (_mutate(["token_budgets", 0], 100), "token_budgets[0]: 100 tokens is less than one global batch"),
+    (_mutate(["token_budgets", 1], 1100), "gives the same --train-iters (8) as token_budgets[0]"),
+    (_mutate(["token_budgets"], [1024, 2048]), "token_budgets: has 2 budget(s)"),
+    (_mutate(["token_budgets"], []), "token_budgets: is empty"),
+    (_mutate(["sizes"], []), "sizes: is empty"),
+    (_mutate(["losses"], []), "losses: is empty"),
+    (_mutate(["losses", 1], "rho1"), "losses[1]: unknown loss 'rho1'"),
+    (_mutate(["losses", 1], "ntp"), "losses[1]: duplicate loss 'ntp'"),
+    (_mutate(["seeds", 1], 1), "seeds[1]: duplicate seed 1"),
+    (_mutate(["seq_length"], 0), "seq_length: must be >= 1"),
+    (_mutate(["model"], "vit"), "model: unknown model 'vit'"),
+    (_mutate(["sizes", 1], {"name": "xs", "preset": "mini"}), "sizes[1].name: duplicate size name 'xs'"),
+    (_mutate(["sizes", 0, "hidden_size"], 64), "sizes[1]: duplicate size: 'tiny' is the same model as 'xs'"),
+    (_mutate(["sizes", 0], {"name": "a", "num_layers": 2, "hidden_size": 30,
+                            "num_attention_heads": 4}), "sizes[0].num_attention_heads: 4 heads do not divide"),
+    (_mutate(["sizes", 0, "preset"], "tiny"), "give either a preset or an explicit shape"),
+    (_mutate(["sizes", 1, "preset"], "huge"), "sizes[1].preset: unknown preset 'huge'"),
+    (_mutate(["sizes", 0, "name"], "x_s"), "use '-' or '.' instead of '_'"),
+    (_mutate(["sizes", 0, "layers"], 2), "sizes[0].layers: unknown key"),
+    (_mutate(["train_args", "train-iters"], 5), "train_args.train-iters: is set per run by the sweep grid"),
+    (_mutate(["train_args", "micro_batch_size"], 4), "write 'micro-batch-size'"),
+    (_mutate(["train_args", "learning-rate"], 0.1), "has no flag --learning-rate"),
+    (_mutate(["train_args", "bf16"], 1), "--bf16 is a switch: write true or false"),
+    (_mutate(["train_args", "lr"], True), "--lr takes a value"),
+    (_mutate(["train_args", "lr-decay-style"], "cosinus"), "'cosinus' is not one of"),
+    (_mutate(["train_args", "eval-iters"], 0), "train_args.eval-iters: 0 turns evaluation off"),
+    (_mutate(["train_args", "split"], "1,1,0"), "train_args.split: is also set under data"),
+    (_mutate(["train_args", "lr"], None), "train_args.lr: must be a string, number"),
+    (_mutate(["data", "data-path"], _DELETE), "data.data-path: missing"),
+    (_mutate(["eval", "command"], "x --load {checkpoint}"), "unknown placeholder {checkpoint}"),
+    (_mutate(["eval", "command"], "x {data[vocab]}"), "placeholder {data[vocab]} names no flag"),
+    (_mutate(["eval", "command"], "x {run_dir"), "eval.command: bad template"),
+    (_mutate(["slurm"], {"nodes": 1, "gpus_per_node": 8, "time": "2 hours"}), "slurm.time: '2 hours'"),
+    (_mutate(["slurm"], {"gpus_per_node": 8, "time": "1:00:00"}), "slurm.nodes: missing (required)"),
+    (_mutate(["slurm"], {"nodes": 1, "gpus_per_node": 0, "time": "10"}), "slurm.gpus_per_node: must be >= 1"),
+    (_mutate(["trainer"], []), "trainer: must be a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", BAD, ids=[m for _, m in BAD])
+def test_bad_sweeps_are_refused_naming_file_and_key(tmp_path, mutate, message):
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    path = _write(tmp_path, raw)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_repeated_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE, sort_keys=False) + "seeds: [3]\n")
+    with pytest.raises(SweepError, match=r"s\.yaml: repeated key 'seeds' \(line \d+\)"):
+        load_sweep(path)
+
+
+def test_unreadable_and_non_mapping_files(tmp_path):
+    with pytest.raises(SweepError, match="cannot read the sweep file"):
+        load_sweep(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SweepError, match="must hold a mapping at top level"):
+        load_sweep(tmp_path / "list.yaml")
+    (tmp_path / "s.toml").write_text("")
+    with pytest.raises(SweepError, match="unknown extension"):
+        load_sweep(tmp_path / "s.toml")
+
+
+def test_shipped_example_sweeps_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
+    cpu = load_sweep(root / "cpu_default.yaml")
+    assert len(cpu.runs()) == 16
+    assert sum(r.train_iters for r in cpu.runs()) == 6000
+    assert load_sweep(root / "cluster_example.yaml").slurm.gpus_per_node == 8
