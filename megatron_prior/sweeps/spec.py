@@ -32,7 +32,7 @@ import math
 import re
 import shlex
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -136,7 +136,6 @@ class SweepSpec:
     eval_command: Optional[str] = None
     slurm: Optional[SlurmConfig] = None
     output_dir: Optional[str] = None
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -435,7 +434,7 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
                      losses=tuple(losses), seeds=tuple(seeds), seq_length=seq_length,
                      global_batch_size=gbs, data=data, train_args=train_args, trainer=trainer,
                      local_nproc_per_node=nproc, eval_command=eval_command, slurm=slurm,
-                     output_dir=output_dir, raw=raw)
+                     output_dir=output_dir)
 
 
 def _parse_size(c: _Checker, item: Any, key: str) -> ModelSize:
