@@ -105,7 +105,6 @@ class SlurmConfig:
 class Run:
     """One training run of the grid."""
 
-    index: int
     size: ModelSize
     loss: str
     seed: int
@@ -149,7 +148,7 @@ class SweepSpec:
                 for budget in self.token_budgets:
                     iters = budget // self.tokens_per_iteration
                     for loss in self.losses:
-                        runs.append(Run(len(runs), size, loss, seed, budget, iters,
+                        runs.append(Run(size, loss, seed, budget, iters,
                                         iters * self.tokens_per_iteration))
         return runs
 
@@ -172,7 +171,7 @@ class SweepSpec:
         """The evaluation shell command of one run (placeholders filled, values shell-quoted)."""
         if self.eval_command is None:
             return None
-        return _format_eval(self.eval_command, _eval_values(self, run, run_dir, load, python))
+        return self.eval_command.format_map(_eval_values(self, run, run_dir, load, python))
 
 
 def flags_from_mapping(mapping: dict[str, Any]) -> list[str]:
@@ -564,10 +563,6 @@ def _eval_values(spec: SweepSpec, run: Run, run_dir: str, load: str, python: str
     quoted["python"] = python  # may legitimately be a command with arguments ("srun python")
     quoted["data"] = _QuotedData({k: _quote(v) for k, v in spec.data.items()})
     return quoted
-
-
-def _format_eval(template: str, values: dict) -> str:
-    return template.format_map(values)
 
 
 def _check_eval_template(c: _Checker, template: str, data: dict) -> None:
