@@ -49,6 +49,9 @@ class FormatError(ValueError):
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = path, problem
 
+    def __reduce__(self):
+        return FormatError, (self.path, self.problem)
+
 
 def scores_prefix(prefix: str) -> str:
     return prefix + ".logprobs"

@@ -14,6 +14,10 @@ class BadRecord(ValueError):
         super().__init__(f"{path}:{line}: {reason}")
         self.path, self.line, self.reason = path, line, reason
 
+    def __reduce__(self):
+        # Worker processes send these back to the main one.
+        return BadRecord, (self.path, self.line, self.reason)
+
 
 @dataclass
 class Record:
