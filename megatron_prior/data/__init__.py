@@ -1,5 +1,6 @@
 """Weighted indexed datasets, GPT/caption datasets and the packer that feeds PRIOR's weights."""
 
+from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
 from megatron_prior.data.formats import FormatError, ScoreMetadata, WeightedDatasetWriter
 from megatron_prior.data.gpt_dataset import WeightedGPTDataset, WeightedGPTDatasetConfig
 from megatron_prior.data.images import ImageStore
@@ -7,6 +8,8 @@ from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 
 __all__ = [
+    "CaptionDataset",
+    "CaptionDatasetConfig",
     "FormatError",
     "ImageStore",
     "KIND_NAMES",
