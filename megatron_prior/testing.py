@@ -90,77 +90,24 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
 
 # --- comparing sharded models with a single-process reference ---------------------------
 
-def _sharded_tensors(model) -> list:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    return [v for v in nested_values(model.sharded_state_dict()) if isinstance(v, ShardedTensor)]
-
-
-def shard_index(sharded_tensor) -> tuple:
-    """Where a ShardedTensor's local data sits inside its global tensor (prepended axes as ints)."""
-    p = sharded_tensor.prepend_axis_num
-    lead = tuple(sharded_tensor.global_offset[:p])
-    rest = tuple(slice(o, o + s) for o, s in zip(sharded_tensor.global_offset[p:], sharded_tensor.local_shape))
-    return lead + rest
-
-
-def parameter_shards(model) -> list:
-    """``(key, index, parameter)`` for every parameter of a (possibly sharded) megatron model.
-
-    The key and index place the parameter inside the global tensor that a single-process
-    model of the same architecture holds under that key, whatever the TP/PP layout.
-    """
-    import torch
-
-    by_ptr = {p.data_ptr(): p for p in model.parameters()}
-    out = []
-    for sh in _sharded_tensors(model):
-        if not isinstance(sh.data, torch.Tensor) or sh.data.data_ptr() not in by_ptr:
-            continue
-        out.append((sh.key, shard_index(sh), by_ptr[sh.data.data_ptr()]))
-    return out
-
-
-def global_init(key: str, shape: tuple, seed: int = 0):
-    """Deterministic full-size initial weights for ``key``, the same on every rank."""
-    import hashlib
-
-    import torch
-
-    g = torch.Generator().manual_seed(seed + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
-    values = torch.randn(shape, generator=g, dtype=torch.float64) * 0.05
-    if "layer_norm_weight" in key or key.endswith("layernorm.weight"):
-        values += 1.0
-    return values
-
-
 def assign_global_weights(model, seed: int = 0) -> None:
-    """Give every shard its slice of ``global_init``: identical weights across layouts."""
-    import torch
+    """Layout-independent weights (megatron_prior.models.init), so TP/PP layouts compare."""
+    from megatron_prior.models.init import initialize_weights
 
-    with torch.no_grad():
-        for key, index, param in parameter_shards(model):
-            sh_shape = _global_shape(model, key)
-            param.copy_(global_init(key, sh_shape, seed)[index].reshape(param.shape).to(param.dtype))
-
-
-def _global_shape(model, key: str) -> tuple:
-    for sh in _sharded_tensors(model):
-        if sh.key == key:
-            return tuple(sh.global_shape)
-    raise KeyError(key)
+    initialize_weights(model, seed, std=0.05, num_layers=1)
 
 
 def local_gradients(model) -> list:
     """``(key, index, global shape, grad as float64 numpy)`` for every parameter shard
     (DDP's ``main_grad`` where present)."""
+    from megatron_prior.models.init import parameter_shards
+
     out = []
-    for key, index, param in parameter_shards(model):
+    for key, index, shape, param in parameter_shards(model):
         grad = getattr(param, "main_grad", None)
         if grad is None:
             grad = param.grad
-        out.append((key, index, _global_shape(model, key), grad.detach().double().cpu().numpy().copy()))
+        out.append((key, index, shape, grad.detach().double().cpu().numpy().copy()))
     return out
 
 

@@ -29,6 +29,7 @@ from megatron_prior import parallel
 from megatron_prior.loss import make_loss_func
 from megatron_prior.models.builder import build_model
 from megatron_prior.models.config import ModelConfig
+from megatron_prior.models.init import initialize_weights
 from megatron_prior.training import checkpointing
 from megatron_prior.training.data import TrainingData, build_training_data
 from megatron_prior.training.metrics import MetricsLogger, flops_per_iteration, reduce_logs
@@ -114,6 +115,7 @@ class Trainer:
             for i in range(vpp or 1)
         ]
         for chunk in chunks:
+            initialize_weights(chunk, args.seed, std=args.init_method_std, num_layers=args.num_layers)
             chunk.to(parallel.device())
         if args.model == "hlvlm" and (args.freeze_vit or args.freeze_lm):
             for chunk in chunks:

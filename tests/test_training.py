@@ -1,0 +1,125 @@
+"""Training with `python -m megatron_prior.train`: parallel layouts reproduce the single-process
+losses, PRIOR with unit weights is NTP, resume is exact, checkpoints reshard, bad flags stop early."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from megatron_prior.testing import run_on_ranks
+
+pytestmark = pytest.mark.slow
+
+MODEL_FLAGS = {
+    "gpt": ["--model", "gpt", "--seq-length", "32"],
+    "hlvlm": ["--model", "hlvlm", "--seq-length", "24", "--patch-size", "4", "--vit-hidden-size", "32",
+              "--vit-num-attention-heads", "4", "--vit-num-layers", "1"],
+    "ulvlm": ["--model", "ulvlm", "--seq-length", "24", "--patch-size", "4"],
+}
+
+
+def _argv(corpus: dict, arch: str, out: str, *extra: str, iters: int = 6) -> list:
+    return [*MODEL_FLAGS[arch], "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters), "--lr", "3e-3",
+            "--lr-warmup-iters", "1", "--data-path", corpus["data"], "--tokenizer-model", corpus["tokenizer"],
+            "--split", "90,10,0", "--eval-iters", "0", "--log-interval", "1", "--log-dir", out,
+            "--data-cache-path", os.path.join(out, "cache"), *extra]
+
+
+def _train(argv: list) -> dict:
+    from megatron_prior.train import main
+
+    return main(argv)
+
+
+def _losses(out: str, key: str = "lm_loss") -> list:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)[key] for line in f]
+
+
+def _assert_same_losses(got: list, ref: list) -> None:
+    assert len(got) == len(ref), (got, ref)
+    rel = np.abs(np.array(got) - np.array(ref)) / np.abs(np.array(ref))
+    assert rel[0] <= 1e-5, f"first iteration differs by {rel[0]:.2e}: {got} vs {ref}"
+    assert np.all(rel[1:] <= 1e-4), f"losses differ by up to {rel.max():.2e}: {got} vs {ref}"
+
+
+@pytest.fixture(scope="module", params=["gpt", "hlvlm", "ulvlm"])
+def reference_run(request, tiny_corpus, tmp_path_factory):
+    arch = request.param
+    out = str(tmp_path_factory.mktemp(f"ref-{arch}"))
+    run_on_ranks(_train, 1, _argv(tiny_corpus, arch, out, "--loss", "prior"))
+    return arch, _losses(out)
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], []],
+                         ids=["TP2", "PP2", "DP2"])
+def test_parallel_layout_matches_single_process(reference_run, tiny_corpus, tmp_path, layout):
+    arch, ref = reference_run
+    out = str(tmp_path / "run")
+    run_on_ranks(_train, 2, _argv(tiny_corpus, arch, out, "--loss", "prior", *layout))
+    _assert_same_losses(_losses(out), ref)
+
+
+def _unit_weights_corpus(corpus: dict, dst: str) -> str:
+    """A copy of the corpus whose reference log-probs are all -inf... i.e. p = 0, weight 1."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = os.path.join(dst, "unit")
+    for ext in (".bin", ".idx", ".images", ".kinds.bin", ".kinds.idx", ".logprobs.idx", ".logprobs.json"):
+        shutil.copy(corpus["data"] + ext, prefix + ext)
+    scores = IndexedDataset(corpus["data"] + ".logprobs")
+    n = sum(len(scores[i]) for i in range(len(scores)))
+    # log p = -30: weight (1 - e^-30) ** alpha == 1 in float32, and every caption normalises to 1.
+    np.full(n, -30.0, dtype=np.float32).tofile(prefix + ".logprobs.bin")
+    return prefix
+
+
+def test_prior_with_unit_weights_equals_ntp(tiny_corpus, tmp_path):
+    data = _unit_weights_corpus(tiny_corpus, str(tmp_path))
+    corpus = {**tiny_corpus, "data": data}
+    prior, ntp = str(tmp_path / "prior"), str(tmp_path / "ntp")
+    run_on_ranks(_train, 1, _argv(corpus, "ulvlm", prior, "--loss", "prior"))
+    run_on_ranks(_train, 1, _argv(corpus, "ulvlm", ntp, "--loss", "ntp"))
+    _assert_same_losses(_losses(prior), _losses(ntp))
+
+
+def test_resume_is_exact_and_reshards(tiny_corpus, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", full, "--loss", "prior", "--tensor-model-parallel-size", "2"))
+    # Stop after 3 iterations (a checkpoint is written), then resume at TP=2 and at TP=1.
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, "--loss", "prior", "--tensor-model-parallel-size", "2",
+                                  "--save", part, "--save-interval", "3", "--exit-interval", "3"))
+    resumed_tp1 = str(tmp_path / "tp1")
+    shutil.copytree(part, resumed_tp1)
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, "--loss", "prior", "--tensor-model-parallel-size", "2",
+                                  "--save", part, "--load", part))
+    _assert_same_losses(_losses(part), _losses(full))
+    run_on_ranks(_train, 1, _argv(tiny_corpus, "gpt", resumed_tp1, "--loss", "prior", "--load", resumed_tp1))
+    # TP=2 -> TP=1: same weights and optimizer state, so the same losses up to reduction order.
+    _assert_same_losses(_losses(resumed_tp1), _losses(full))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-attention-heads", "6", "--hidden-size", "36", "--tensor-model-parallel-size", "4"],
+     "--num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"],
+     "--global-batch-size 6 is not divisible by --micro-batch-size 4"),
+    (["--data-path", "/nonexistent/prefix"], "--data-path /nonexistent/prefix: missing /nonexistent/prefix.bin"),
+    (["--loss", "prior", "--data-path", "@NOSCORES"], "--loss prior needs reference scores"),
+])
+def test_bad_flags_stop_before_any_work(tiny_corpus, tmp_path, flags, message):
+    from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args
+
+    if "@NOSCORES" in flags:
+        prefix = str(tmp_path / "noscores")
+        for ext in (".bin", ".idx"):
+            shutil.copy(tiny_corpus["data"] + ext, prefix + ext)
+        flags = [prefix if f == "@NOSCORES" else f for f in flags]
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--train-iters", "2",
+            "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"], *flags]
+    with pytest.raises(ArgumentError) as err:
+        validate_args(build_parser().parse_args(argv), world_size=4)
+    assert message in str(err.value)
