@@ -116,6 +116,16 @@ class ImageStoreWriter:
         self._file.write(np.ascontiguousarray(image).tobytes())
         self.count += 1
 
+    def add_store(self, store: ImageStore, block: int = 1024) -> None:
+        """Append every image of ``store`` (same size), ``block`` images per write."""
+        if store.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"{store.path}: images of {store.shape[1]}x{store.shape[2]}, expected "
+                             f"{self.height}x{self.width}")
+        for start in range(0, len(store), block):
+            chunk = np.ascontiguousarray(store._array[start:start + block])
+            self._file.write(chunk.tobytes())
+            self.count += len(chunk)
+
     def close(self) -> None:
         """Write the final count into the header (the store is renamed by its AtomicFiles)."""
         self._file.seek(0)
