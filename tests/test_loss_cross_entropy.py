@@ -65,6 +65,16 @@ def ours_with_grads(logits, target, weight, grad_out, label_smoothing=0.0, **kwa
 
 # --- single process ------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tensors here are tiny: a second intra-op thread only adds OpenMP wake-up stalls
+    # (milliseconds per op on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
@@ -151,9 +161,12 @@ def test_an_op_that_saved_the_logits_is_refused_not_corrupted():
         vocab_parallel_weighted_cross_entropy(x, target).sum().backward()
 
 
-def test_fused_linear_equals_linear_plus_loss():
+@pytest.mark.parametrize("tokens", [21, 160], ids=["backward-over-vocab", "backward-over-tokens"])
+def test_fused_linear_equals_linear_plus_loss(tokens):
+    # Fewer tokens than vocabulary entries (96) chunk backward over the vocabulary, more over tokens.
     for seed in SEEDS:
-        _, target, weight, grad_out, hidden, out_weight = make_case(seed)
+        _, target, weight, grad_out, hidden, out_weight = make_case(seed, s=tokens // 3 if tokens == 21 else 40,
+                                                                    b=3 if tokens == 21 else 4)
         for dtype in (torch.float32, torch.bfloat16):
             h = hidden.to(dtype).requires_grad_()
             w_out = out_weight.to(dtype).requires_grad_()
@@ -256,15 +269,20 @@ def test_unweighted_equals_megatron_core(megatron_tp1, dtype, smoothing):
 # --- tensor parallel -------------------------------------------------------------------------
 
 def _tp_checks(seeds, smoothings):
-    """Runs on every rank: our losses and this rank's gradient shards, for each case."""
+    """Runs on every rank of a spawned TP group."""
+    from megatron_prior import parallel
+
+    parallel.initialize(tensor_parallel=int(os.environ["WORLD_SIZE"]))
+    return _tp_cases(seeds, smoothings)
+
+
+def _tp_cases(seeds, smoothings):
+    """Our losses and this rank's gradient shards, for each case."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_prior import parallel
-
-    tp = int(os.environ["WORLD_SIZE"])
-    parallel.initialize(tensor_parallel=tp)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     calls = []
     real_all_reduce = dist.all_reduce
@@ -315,8 +333,10 @@ TP_SEEDS = range(4)
 
 
 @pytest.fixture(scope="module")
-def tp_results():
-    return {tp: run_on_ranks(_tp_checks, tp, TP_SEEDS, SMOOTHINGS) for tp in (1, 2, 4)}
+def tp_results(megatron_tp1):
+    # TP=1 runs in this process (megatron_tp1 initialised it); TP=2 and 4 spawn gloo ranks.
+    return {1: [_tp_cases(TP_SEEDS, SMOOTHINGS)],
+            **{tp: run_on_ranks(_tp_checks, tp, TP_SEEDS, SMOOTHINGS) for tp in (2, 4)}}
 
 
 def _cases(results, rank=0):

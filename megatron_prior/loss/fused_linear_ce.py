@@ -1,11 +1,12 @@
-"""The output projection and the weighted cross-entropy in one pass, chunk by chunk over tokens.
+"""The output projection and the weighted cross-entropy in one pass, chunk by chunk.
 
 ``loss = w * CE(hidden @ weight.T, target)`` with ``weight`` the vocab-parallel output layer
-``[V/tp, h]``, without ever holding the logits ``[s*b, V/tp]``: forward computes each chunk's
-logits, keeps only its log-sum-exp statistics (two all-reduces over the tensor-parallel group
-for the whole call) and frees them; backward recomputes each chunk's logits, turns them into
-the scaled softmax gradient in place, and from it the chunk's hidden-state gradient and its
-share of the weight gradient. The price is one extra matmul (the recompute): the gradient of a
+``[V/tp, h]``, without ever holding the logits ``[s*b, V/tp]``: forward computes the logits of
+a chunk of tokens, keeps only their log-sum-exp statistics (two all-reduces over the
+tensor-parallel group for the whole call) and frees them; backward recomputes the logits chunk
+by chunk (over tokens, or over the vocabulary when that keeps the accumulated gradient
+smaller), turns them into the scaled softmax gradient in place, and from it the hidden-state
+and weight gradients. The price is one extra matmul (the recompute): the gradient of a
 per-token loss depends on each token's incoming gradient, which forward does not know.
 
 Tensor parallelism follows megatron-core's ColumnParallelLinear without sequence parallelism:
@@ -22,7 +23,6 @@ import torch
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 from megatron_prior.loss.cross_entropy import (
-    GPU_CHUNK_ELEMENTS,
     check_inputs,
     chunk_statistics,
     local_target,
@@ -33,10 +33,11 @@ from megatron_prior.loss.cross_entropy import (
     vocab_partition,
 )
 
-# Tokens per chunk default to a logits chunk of this many elements. Smaller than the plain
-# loss's CPU chunk would be slower (matmuls want rows); this keeps a chunk's fp32 logits at
-# 32 MiB, a few percent of what the full bf16 logits of a 4k x 32k micro-batch need.
-FUSED_CHUNK_ELEMENTS = min(GPU_CHUNK_ELEMENTS, 1 << 23)
+# Default chunks: 1/32 of the logits, so that a chunk's fp32 copy and its low-precision
+# product stay well under the full logits that the unfused path holds, but at least this
+# many elements, so that the chunk matmuls stay large enough to run at full speed.
+FUSED_CHUNK_FRACTION = 32
+FUSED_MIN_CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -77,28 +78,64 @@ class _FusedLinearWeightedCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
             return None, None, None, grad_loss_weight, None, None, None
-        scale = g if w is None else g * w
         h = hidden.reshape(-1, hidden.shape[-1])
-        grad_h = torch.empty_like(h) if need_h else None
-        # Low-precision weights accumulate their gradient over chunks in fp32, rounding once.
-        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None)
-        for lo in range(0, h.shape[0], ctx.chunk_size):
-            hi = min(h.shape[0], lo + ctx.chunk_size)
-            x = _chunk_logits(h[lo:hi], weight)
-            softmax_gradient_(x, lse[lo:hi], t_local[lo:hi], held[lo:hi], scale[lo:hi],
-                              ctx.smoothing, ctx.vocab_size)
-            d = x.to(weight.dtype)
-            del x
-            if need_h:
-                torch.mm(d, weight, out=grad_h[lo:hi])
-            if need_w and weight.dtype == torch.float32:
-                grad_w.addmm_(d.t(), h[lo:hi])
-            elif need_w:
-                # CPU matmuls cannot write a bf16/fp16 product into fp32: add the chunk's product.
-                grad_w += d.t() @ h[lo:hi]
-        if grad_w is not None and grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
+        grad_h, grad_w = _input_gradients(h, weight, t_local, held, lse, g if w is None else g * w,
+                                          ctx.smoothing, ctx.vocab_size, ctx.chunk_size * weight.shape[0],
+                                          need_h, need_w)
         return (grad_h.view(hidden.shape) if need_h else None), grad_w, None, grad_loss_weight, None, None, None
+
+
+def _gradient_chunk(h, weight, lse, t_local, held, scale, smoothing, vocab_size) -> torch.Tensor:
+    """``scale * d loss / d logits`` for ``h @ weight.T``, in the weight's dtype."""
+    x = _chunk_logits(h, weight)
+    softmax_gradient_(x, lse, t_local, held, scale, smoothing, vocab_size)
+    return x.to(weight.dtype)
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:  # matmuls cannot write a bf16/fp16 product into fp32 (on CPU): add the product
+        acc += a @ b
+
+
+def _input_gradients(h, weight, t_local, held, lse, scale, smoothing, vocab_size, chunk_elements, need_h, need_w):
+    """Gradients of hidden ``[n, h]`` and weight ``[V/tp, h]``, recomputing the logits chunk by chunk.
+
+    One of the two sums over chunks: chunks of tokens complete the hidden-state gradient rows
+    one chunk at a time and accumulate the weight gradient; chunks of the vocabulary do the
+    reverse. The accumulated one is kept in fp32 for low-precision weights (rounded once at the
+    end), so the smaller of the two is chosen: for usual micro-batches (tokens < V/tp) that is
+    the hidden-state gradient, and no weight-sized fp32 buffer is ever allocated.
+    """
+    n, vp = h.shape[0], weight.shape[0]
+    over_vocab = vp >= n
+    need_acc, need_exact = (need_h, need_w) if over_vocab else (need_w, need_h)
+    acc = torch.zeros(h.shape if over_vocab else weight.shape, dtype=torch.float32, device=h.device) if need_acc else None
+    exact = torch.empty(weight.shape if over_vocab else h.shape, dtype=weight.dtype, device=h.device) if need_exact else None
+    args = (smoothing, vocab_size)
+    if over_vocab:
+        step = max(1, chunk_elements // n)
+        for v0 in range(0, vp, step):
+            v1 = min(vp, v0 + step)
+            in_chunk = held & (t_local >= v0) & (t_local < v1)
+            d = _gradient_chunk(h, weight[v0:v1], lse, torch.where(in_chunk, t_local - v0, 0), in_chunk, scale, *args)
+            if need_w:
+                torch.mm(d.t(), h, out=exact[v0:v1])
+            if need_h:
+                _accumulate_mm(acc, d, weight[v0:v1])
+        grad_h, grad_w = acc, exact
+    else:
+        step = max(1, chunk_elements // vp)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            d = _gradient_chunk(h[lo:hi], weight, lse[lo:hi], t_local[lo:hi], held[lo:hi], scale[lo:hi], *args)
+            if need_h:
+                torch.mm(d, weight, out=exact[lo:hi])
+            if need_w:
+                _accumulate_mm(acc, d.t(), h[lo:hi])
+        grad_h, grad_w = exact, acc
+    return (grad_h.to(h.dtype) if need_h else None), (grad_w.to(weight.dtype) if need_w else None)
 
 
 def fused_linear_weighted_cross_entropy(
@@ -122,7 +159,9 @@ def fused_linear_weighted_cross_entropy(
             shared embedding weight when embeddings are tied), same dtype as ``hidden``.
         target: token ids ``[s, b]`` in ``[0, V)``.
         loss_weight: per-token multipliers ``[s, b]`` or None.
-        chunk_size: tokens per chunk (default: a logits chunk of ``FUSED_CHUNK_ELEMENTS``).
+        chunk_size: tokens per forward chunk; backward chunks hold as many logits, over
+            tokens or over the vocabulary (default: ``1 / FUSED_CHUNK_FRACTION`` of the tokens,
+            and at least ``FUSED_MIN_CHUNK_ELEMENTS`` logits).
         label_smoothing, return_logprobs, validate: as in ``vocab_parallel_weighted_cross_entropy``.
 
     Returns:
@@ -143,7 +182,8 @@ def fused_linear_weighted_cross_entropy(
     partition = vocab_partition(weight.shape[0])
     check_inputs(hidden, target, loss_weight, label_smoothing, partition.vocab_size, validate, what="hidden")
     if chunk_size is None:
-        chunk_size = max(1, FUSED_CHUNK_ELEMENTS // weight.shape[0])
+        n = target.numel()
+        chunk_size = min(n, max(-(-n // FUSED_CHUNK_FRACTION), -(-FUSED_MIN_CHUNK_ELEMENTS // weight.shape[0])))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if partition.group is not None:
