@@ -3,7 +3,7 @@
 // and the rows split over threads.
 //
 // The semantics are those of megatron_prior/data/packing.py (the numpy reference):
-//   w_i = (1 - exp(logprob_i)) ** alpha
+//   w_i = (1 - exp(logprob_i)) ** alpha   (computed as -expm1(logprob_i))
 //   m_i = scale[doc] * w_i, where scale[doc] = n_doc / sum_{j in doc} w_j over the loss
 //   tokens of the whole document (so a caption cut across samples keeps its normaliser);
 //   a document whose weights sum to zero gets m_i = 1.
@@ -103,7 +103,8 @@ struct MaskRule {
 };
 
 inline double token_weight(float logprob, double alpha) {
-  const double one_minus_p = std::max(0.0, 1.0 - std::exp(static_cast<double>(logprob)));
+  // -expm1(lp) = 1 - p without cancellation when p is close to 1 (predictable tokens).
+  const double one_minus_p = std::max(0.0, -std::expm1(static_cast<double>(logprob)));
   return alpha == 1.0 ? one_minus_p : std::pow(one_minus_p, alpha);
 }
 

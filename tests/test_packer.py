@@ -169,3 +169,17 @@ def test_bad_inputs_are_refused():
         packing.pack_batch(tokens, logprobs, offsets, scales, bad_docs, sample_index, [0], 8, 1.0, EOD, True, PAD)
     with pytest.raises(ValueError, match="not monotone"):
         packing.document_scales(tokens, logprobs, offsets[::-1].copy(), 1.0, EOD, True, PAD)
+
+
+def test_weights_of_near_certain_tokens_are_exact():
+    """1 - p for p close to 1 (template tokens) keeps its relative precision."""
+    lp = np.array([-1e-9, -1e-6, -3e-4], dtype=np.float32)
+    exact = -np.expm1(lp.astype(np.float64))
+    np.testing.assert_allclose(packing.token_weights(lp, 1.0), exact, rtol=1e-15)
+    tokens = np.array([5, 6, 7, EOD], dtype=np.uint16)
+    logprobs = np.append(lp, np.float32(-2.0))
+    scales = packing.document_scales(tokens, logprobs, np.array([0, 4]), 1.0, EOD, False, PAD)
+    _, w = packing.pack_batch(tokens, logprobs, np.array([0, 4]), scales, np.array([0], dtype=np.int32),
+                              np.array([[0, 0], [0, 3]], dtype=np.int32), [0], 3, 1.0, EOD, False, PAD)
+    w_all = -np.expm1(logprobs.astype(np.float64))
+    np.testing.assert_allclose(w[0], (4 * w_all / w_all.sum())[1:], rtol=1e-6)

@@ -299,3 +299,28 @@ def test_interrupted_run_leaves_nothing_that_looks_finished(corpus, tmp_path, si
         assert left == []  # cleaned up on the way out
     with pytest.raises(FormatError, match="missing file"):
         WeightedIndexedDataset(f"{out}_caption_document")
+
+
+def _score_on_rank(tp: int):
+    from megatron_prior import parallel
+    from megatron_prior.models.gpt import build_gpt, transformer_config
+    from megatron_prior.scoring import GPTScorer
+    from megatron_prior.testing import assign_global_weights
+
+    parallel.initialize(tensor_parallel=tp)
+    model = build_gpt(transformer_config(num_layers=2, hidden_size=32, num_attention_heads=4), 64, 8)
+    assign_global_weights(model)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 64, n) for n in (4, 9, 17)]
+    return GPTScorer(model, eod=2, window=8, max_batch_tokens=16).score(docs)
+
+
+@pytest.mark.slow
+def test_gpt_scorer_tensor_parallel_equals_single_process():
+    """Scoring reads minus megatron-core's vocab-parallel cross-entropy: any TP size agrees."""
+    from megatron_prior.testing import run_on_ranks
+
+    single = run_on_ranks(_score_on_rank, 1, 1)[0]
+    for rank_scores in run_on_ranks(_score_on_rank, 2, 2):
+        for a, b in zip(rank_scores, single):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

@@ -45,8 +45,8 @@ def default_threads() -> int:
 
 
 def token_weights(logprobs: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - p) ** alpha`` in float64 from reference log-probs."""
-    return np.maximum(0.0, 1.0 - np.exp(np.asarray(logprobs, dtype=np.float64))) ** alpha
+    """``(1 - p) ** alpha`` in float64 from reference log-probs (``-expm1``: exact near p = 1)."""
+    return np.maximum(0.0, -np.expm1(np.asarray(logprobs, dtype=np.float64))) ** alpha
 
 
 def loss_token_mask(tokens: np.ndarray, previous: np.ndarray, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
