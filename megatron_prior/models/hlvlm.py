@@ -41,7 +41,8 @@ def projector_config(cfg: ModelConfig, bf16: bool = False) -> TransformerConfig:
         num_layers=1,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.hidden_size,
-        num_attention_heads=1,
+        # An MLP has no heads; the language model's count satisfies the TP divisibility check.
+        num_attention_heads=cfg.num_attention_heads,
         bf16=bf16,
         pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None,

@@ -44,6 +44,8 @@ class ULVLM(MegatronModule):
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
+        # finalize_model_grads reads it to all-reduce tied embeddings across pipeline stages.
+        self.share_embeddings_and_output_weights = cfg.share_embeddings_and_output_weights
         self.language_model: GPTModel = build_gpt(
             config,
             cfg.vocab_size,
