@@ -157,6 +157,11 @@ def test_blend_and_kinds(tmp_path, world_of_one):
 def test_dataloader_workers(tmp_path):
     prefix = write_corpus(tmp_path / "A", seed=5)
     ds = _build(WeightedGPTDataset, _config(WeightedGPTDatasetConfig, tmp_path, ([prefix], None)))[0]
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
+    for key, value in ds[7].items():
+        torch.testing.assert_close(clone[7][key], value, rtol=0, atol=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     batch = next(iter(loader))
     assert batch["loss_weights"].shape == (4, 24)
