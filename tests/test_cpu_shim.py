@@ -146,15 +146,18 @@ def test_grad_norm_and_clip(single_rank):
     assert abs(clipped - 0.5 * expected) < 1e-4 * expected
 
 
-def test_fp32_optimizer_step(single_rank):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_optimizer_step(single_rank, bf16):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_prior.models.gpt import build_gpt, transformer_config
 
-    config = transformer_config(num_layers=1, hidden_size=16, num_attention_heads=2)
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), build_gpt(config, 64, 8))
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0), [model])
+    config = transformer_config(num_layers=1, hidden_size=16, num_attention_heads=2, bf16=bf16)
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=bf16),
+                                    build_gpt(config, 64, 8))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0, bf16=bf16,
+                                                 params_dtype=torch.bfloat16 if bf16 else torch.float32), [model])
     before = [p.detach().clone() for p in model.parameters()]
     ids = torch.randint(0, 64, (2, 8))
     model(ids, torch.arange(8).expand(2, 8), None, labels=ids).sum().backward()
@@ -217,7 +220,7 @@ COVERED_HERE = {
     "megatron.core.tensor_parallel.mappings": test_mappings_and_tp_utils_on_two_ranks,
     "megatron.core.tensor_parallel.utils": test_mappings_and_tp_utils_on_two_ranks,
     "megatron.core.optimizer.clip_grads": test_grad_norm_and_clip,
-    "megatron.core.optimizer.optimizer": test_fp32_optimizer_step,
+    "megatron.core.optimizer.optimizer": test_optimizer_step,
     "megatron.core.timers": test_timers,
     "megatron.core.models.common.embeddings.rotary_pos_embedding": test_rotary_embedding_on_cpu,
     "megatron.core.models.vision.clip_vit_model": test_clip_vit_builds_and_runs,

@@ -7,10 +7,11 @@ which the CUDA device *is* the CPU: tensor factories map ``"cuda"`` to ``"cpu"``
 ``torch.cuda`` answers with the CPU generator and device. The modules are listed by name in
 ``PATCHED_MODULES`` so the reach of the shim is explicit; nothing outside them changes.
 
-Three kinds of site cannot be reached that way and get a targeted patch: the model-parallel
+Four kinds of site cannot be reached that way and get a targeted patch: the model-parallel
 RNG tracker (forks the CPU generator instead of a CUDA one), gradient clipping (asserts
-``torch.cuda.FloatTensor`` gradients; replaced by the same code checking fp32), and the two
-methods that call
+``torch.cuda.FloatTensor`` gradients; replaced by the same code checking fp32), the bf16
+optimizer's constructor (sorts parameters by ``torch.cuda.*`` type names; runs with CPU
+tensors reporting those names), and the two methods that call
 ``Tensor.cuda()`` (``CLIPViTModel.__init__`` on a buffer,
 ``LanguageModule.setup_embeddings_and_output_layer`` on tied embeddings), which run with
 ``Tensor.cuda`` as the identity.
@@ -48,7 +49,8 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.distributed.distributed_data_parallel": "buffer (re)allocation syncs cuda",
     "megatron.core.optimizer.clip_grads":
         "grad-norm buffers on device='cuda'; clipping asserts torch.cuda.FloatTensor grads",
-    "megatron.core.optimizer.optimizer": "FP32Optimizer / bf16 optimizer buffers on device='cuda'",
+    "megatron.core.optimizer.optimizer":
+        "optimizer buffers on device='cuda'; the bf16 optimizer accepts only torch.cuda.* type names",
     "megatron.core.dist_checkpointing.strategies.filesystem_async":
         "checkpoint writers synchronize cuda before copying tensors",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver":
@@ -156,15 +158,32 @@ def _tensor_cuda_is_identity() -> Iterator[None]:
         torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
-def _keep_tensors_on_cpu(cls: type, method: str) -> None:
-    """Run ``cls.method`` with ``Tensor.cuda()`` returning the tensor itself."""
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda() -> Iterator[None]:
+    """``Tensor.type()`` answers ``torch.cuda.X`` for a CPU ``torch.X`` (type checks only)."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def _run_inside(cls: type, method: str, context) -> None:
+    """Run ``cls.method`` inside ``context()``."""
     original = getattr(cls, method)
     if getattr(original, "_megatron_prior_cpu", False):
         return
 
     @functools.wraps(original)
     def on_cpu(self, *args, **kwargs):
-        with _tensor_cuda_is_identity():
+        with context():
             return original(self, *args, **kwargs)
 
     on_cpu._megatron_prior_cpu = True  # type: ignore[attr-defined]
@@ -235,12 +254,16 @@ def _patch_module(name: str) -> None:
         module.CudaRNGStatesTracker = _make_cpu_tracker_class(module)
         # A tracker created before the patch would still be a CUDA one.
         module.initialize_rng_tracker(force_reset=True)
-    elif name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+    elif name == "megatron.core.optimizer.clip_grads":
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    elif name == "megatron.core.optimizer.optimizer":
+        module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+        # bf16 training: the mixed-precision optimizer sorts parameters by CUDA type names.
+        _run_inside(module.Float16OptimizerWithFloat16Params, "__init__", _cpu_tensors_named_as_cuda)
     elif name == "megatron.core.models.vision.clip_vit_model":
-        _keep_tensors_on_cpu(module.CLIPViTModel, "__init__")
+        _run_inside(module.CLIPViTModel, "__init__", _tensor_cuda_is_identity)
     elif name == "megatron.core.models.common.language_module.language_module":
-        _keep_tensors_on_cpu(module.LanguageModule, "setup_embeddings_and_output_layer")
+        _run_inside(module.LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
 
 
 _applied = False
