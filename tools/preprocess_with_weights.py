@@ -64,10 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens of context per scoring window (default: the model's max_position_embeddings)")
     group.add_argument("--score-batch-tokens", type=int, default=16384,
                        help="padded tokens per scoring batch (default: 16384)")
-    group.add_argument("--score-chunk-tokens", type=int, default=1 << 20,
+    group.add_argument("--score-chunk-tokens", type=int, default=1 << 18,
                        help="tokens gathered before a scoring pass; sorting by length happens within it "
-                            "(default: 1048576)")
-    group.add_argument("--seed", type=int, default=1234, help="seed of the reference model's initialisation")
+                            "(default: 262144)")
 
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="path prefix of the output files")

@@ -124,7 +124,7 @@ def _reference(args: argparse.Namespace, tokenizer: Tokenizer):
     from megatron_prior import parallel
     from megatron_prior.training.checkpointing import checkpoint_dir, checkpoint_hash, load_inference_model
 
-    parallel.initialize(seed=args.seed)
+    parallel.initialize()
     model, cfg = load_inference_model(args.reference_load)
     where = str(checkpoint_dir(args.reference_load))
     if cfg.arch != "gpt":
