@@ -154,8 +154,11 @@ def test_optimizer_step(single_rank, bf16):
     from megatron_prior.models.gpt import build_gpt, transformer_config
 
     config = transformer_config(num_layers=1, hidden_size=16, num_attention_heads=2, bf16=bf16)
+    from megatron.core.transformer.module import Float16Module
+
+    gpt = build_gpt(config, 64, 8)
     model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=bf16),
-                                    build_gpt(config, 64, 8))
+                                    Float16Module(config, gpt) if bf16 else gpt)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0, bf16=bf16,
                                                  params_dtype=torch.bfloat16 if bf16 else torch.float32), [model])
     before = [p.detach().clone() for p in model.parameters()]

@@ -24,6 +24,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import Float16Module
 
 from megatron_prior import parallel
 from megatron_prior.loss import make_loss_func
@@ -126,6 +127,10 @@ class Trainer:
 
             for chunk in chunks:
                 load_vision_encoder(chunk, args.vit_load)
+        if args.bf16:
+            # Megatron's mixed precision: the whole chunk in bf16, inputs cast on the first
+            # stage and outputs back to fp32 on the last (main grads and optimizer stay fp32).
+            chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
         config = chunks[0].config
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False)
