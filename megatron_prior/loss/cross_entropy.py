@@ -66,6 +66,7 @@ def vocab_partition(partition_vocab_size: int) -> VocabPartition:
 
 
 def default_chunk_rows(partition_vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk when the caller does not say."""
     elements = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
     return max(1, elements // partition_vocab_size)
 

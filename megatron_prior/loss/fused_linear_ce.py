@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron_prior.loss.cross_entropy import (
     check_inputs,
     chunk_statistics,
+    default_chunk_rows,
     local_target,
     reduce_statistics,
     smoothing_factor,
@@ -33,11 +34,20 @@ from megatron_prior.loss.cross_entropy import (
     vocab_partition,
 )
 
-# Default chunks: 1/32 of the logits, so that a chunk's fp32 copy and its low-precision
-# product stay well under the full logits that the unfused path holds, but at least this
-# many elements, so that the chunk matmuls stay large enough to run at full speed.
+# Default chunks on a GPU: 1/32 of the logits, so that a chunk's fp32 copy and its
+# low-precision product stay well under the full logits that the unfused path holds, but at
+# least this many elements, so that the chunk matmuls stay large enough to run at full speed.
+# On CPU the plain loss's cache-sized chunks win: each chunk's logits stay in cache between
+# the matmul and the softmax passes.
 FUSED_CHUNK_FRACTION = 32
 FUSED_MIN_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(tokens: int, partition_vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk when the caller does not say."""
+    if device.type != "cuda":
+        return min(tokens, default_chunk_rows(partition_vocab_size, device))
+    return min(tokens, max(-(-tokens // FUSED_CHUNK_FRACTION), -(-FUSED_MIN_CHUNK_ELEMENTS // partition_vocab_size)))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -160,8 +170,7 @@ def fused_linear_weighted_cross_entropy(
         target: token ids ``[s, b]`` in ``[0, V)``.
         loss_weight: per-token multipliers ``[s, b]`` or None.
         chunk_size: tokens per forward chunk; backward chunks hold as many logits, over
-            tokens or over the vocabulary (default: ``1 / FUSED_CHUNK_FRACTION`` of the tokens,
-            and at least ``FUSED_MIN_CHUNK_ELEMENTS`` logits).
+            tokens or over the vocabulary (default: ``default_chunk_size``).
         label_smoothing, return_logprobs, validate: as in ``vocab_parallel_weighted_cross_entropy``.
 
     Returns:
@@ -182,8 +191,7 @@ def fused_linear_weighted_cross_entropy(
     partition = vocab_partition(weight.shape[0])
     check_inputs(hidden, target, loss_weight, label_smoothing, partition.vocab_size, validate, what="hidden")
     if chunk_size is None:
-        n = target.numel()
-        chunk_size = min(n, max(-(-n // FUSED_CHUNK_FRACTION), -(-FUSED_MIN_CHUNK_ELEMENTS // weight.shape[0])))
+        chunk_size = default_chunk_size(target.numel(), weight.shape[0], hidden.device)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if partition.group is not None:

@@ -110,8 +110,9 @@ def make_loss_func(name: str, *, validate: bool = True, **options) -> LossFunc:
     by the training loop): ``"lm loss"`` (the weighted loss and the count it is divided by),
     ``"ntp loss"`` (unweighted, over all loss tokens) and, when the batch has
     ``token_kinds``, ``"loss/<kind>"`` for every kind of ``KIND_NAMES`` (count 0 where absent,
-    so every micro-batch logs the same keys). ``validate`` checks the mask is 0/1 and the kinds
-    are known (one host read-back per call on a GPU).
+    so every micro-batch logs the same keys). ``validate`` checks that the mask is 0/1, the
+    kinds are known and the mode's inputs are sane (PRIOR weights finite and non-negative,
+    Rho-1 reference log-probs not NaN), in one host read-back per call (a device sync on a GPU).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; registered: {', '.join(loss_names())}")
