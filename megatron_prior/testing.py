@@ -120,3 +120,32 @@ def assemble_global(shards: list) -> dict:
         target = full.setdefault(key, np.zeros(shape))
         target[index] = values.reshape(target[index].shape)
     return full
+
+
+# --- a small real corpus ----------------------------------------------------------------------
+
+def make_caption_corpus(root: str, num_train: int = 400, image_size: int = 16, vocab_size: int = 200,
+                        seed: int = 3) -> dict:
+    """Generator -> tokenizer -> preprocessing (unigram scores, kinds, images), through the real
+    command-line tools. Returns ``{"dir", "tokenizer", "data"}`` (data: the token prefix)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    steps = [
+        ["-m", "megatron_prior.demo.generator", "--output-dir", "gen", "--num-train", str(num_train),
+         "--num-heldout", "40", "--seed", str(seed), "--no-progress"],
+        [str(tools / "train_tokenizer.py"), "--input", "gen/train.jsonl", "--json-keys", "caption",
+         "--vocab-size", str(vocab_size), "--model-type", "bpe", "--output-prefix", "tok"],
+        [str(tools / "preprocess_with_weights.py"), "--input", "gen/train.jsonl", "--json-keys", "caption",
+         "--tokenizer-model", "tok.model", "--append-eod", "--output-prefix", "data/train",
+         "--reference-type", "unigram", "--image-key", "image", "--image-size", str(image_size),
+         "--kinds-key", "kinds", "--workers", "1"],
+    ]
+    for args in steps:
+        result = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return {"dir": str(root), "tokenizer": str(Path(root) / "tok.model"),
+            "data": str(Path(root) / "data/train_caption_document")}

@@ -22,7 +22,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from megatron_prior.training.loop import run
 
     summary = run(args)
-    if summary:
+    from megatron_prior.parallel import launch_info
+
+    info = launch_info()
+    if summary and info.rank == info.world_size - 1:  # the rank that wrote summary.json
         logging.getLogger("megatron_prior.train").info("summary: %s", json.dumps(
             {k: v for k, v in summary.items() if k != "model_config"}))
     return summary
