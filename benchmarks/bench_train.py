@@ -55,7 +55,8 @@ def main() -> None:
 
     from megatron_prior import parallel
     from megatron_prior.testing import make_caption_corpus
-    from megatron_prior.training.loop import Trainer
+    from megatron_prior.training.loop import Trainer, count_parameters
+    from megatron_prior.training.metrics import flops_per_iteration, peak_flops
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,12 +75,20 @@ def main() -> None:
             finally:
                 parallel.destroy()
             ntp, prior = statistics.median(times["ntp"]), statistics.median(times["prior"])
-            rows.append((arch, ntp * 1e3, prior * 1e3, prior / ntp))
+            t = trainers["prior"]
+            tokens = t.args.global_batch_size * t.args.seq_length
+            params = count_parameters([m.module for m in t.model])
+            flops = flops_per_iteration(t.model_config, params, t.args)
+            peak = peak_flops()
+            rows.append((arch, params, ntp * 1e3, prior * 1e3, prior / ntp, tokens / prior,
+                         flops / prior / peak if peak else None))
     print(f"\nstep time, PRIOR vs NTP ({device}; {opts.model_size} models, seq {opts.seq_length}, "
           f"micro-batch {opts.micro_batch_size} x 2; median of {opts.blocks} alternating blocks of {opts.steps} steps)")
-    print(f"{'arch':8s} {'NTP ms/step':>12s} {'PRIOR ms/step':>14s} {'PRIOR/NTP':>10s}")
-    for arch, ntp, prior, ratio in rows:
-        print(f"{arch:8s} {ntp:12.2f} {prior:14.2f} {ratio:10.3f}")
+    print(f"{'arch':8s} {'params':>12s} {'NTP ms/step':>12s} {'PRIOR ms/step':>14s} {'PRIOR/NTP':>10s} "
+          f"{'PRIOR tokens/s':>15s} {'PRIOR MFU':>10s}")
+    for arch, params, ntp, prior, ratio, tps, mfu in rows:
+        mfu_text = f"{mfu:10.1%}" if mfu is not None else f"{'n/a':>10s}"
+        print(f"{arch:8s} {params:12,d} {ntp:12.2f} {prior:14.2f} {ratio:10.3f} {tps:15,.0f} {mfu_text}")
 
 
 if __name__ == "__main__":
