@@ -51,25 +51,26 @@ def _build(cfg: ModelConfig, bf16: bool, use_te: bool, vp_stage: Optional[int],
     config = language_config(cfg, bf16=bf16, **(config_overrides or {}))
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if cfg.arch == "gpt":
-        return build_gpt(
-            config,
-            cfg.vocab_size,
-            cfg.max_position_embeddings,
-            position_embedding_type=cfg.position_embedding_type,
-            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-            use_te=use_te,
-            vp_stage=vp_stage,
-            pre_process=pre,
-            post_process=post,
-        )
     if cfg.arch == "hlvlm":
         from megatron_prior.models.hlvlm import build_hlvlm
 
         return build_hlvlm(cfg, config, bf16=bf16, use_te=use_te, vp_stage=vp_stage, pre_process=pre,
                            post_process=post)
+    gpt = build_gpt(
+        config,
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+        position_embedding_type=cfg.position_embedding_type,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        use_te=use_te,
+        vp_stage=vp_stage,
+        pre_process=pre,
+        post_process=post,
+    )
+    if cfg.arch == "gpt":
+        return gpt
     if cfg.arch == "ulvlm":
         from megatron_prior.models.ulvlm import ULVLM
 
-        return ULVLM(cfg, config, use_te=use_te, vp_stage=vp_stage, pre_process=pre, post_process=post)
+        return ULVLM(cfg, gpt)
     raise ValueError(f"unknown architecture {cfg.arch!r}")

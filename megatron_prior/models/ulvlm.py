@@ -15,11 +15,9 @@ from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_prior.models.config import ModelConfig
-from megatron_prior.models.gpt import build_gpt
 from megatron_prior.models.layout import expand_to_combined
 
 
@@ -31,35 +29,18 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class ULVLM(MegatronModule):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        config: TransformerConfig,
-        use_te: bool = False,
-        vp_stage: Optional[int] = None,
-        pre_process: bool = True,
-        post_process: bool = True,
-    ) -> None:
-        super().__init__(config=config)
+    def __init__(self, cfg: ModelConfig, language_model: GPTModel) -> None:
+        super().__init__(config=language_model.config)
         self.cfg = cfg
-        self.pre_process = pre_process
-        self.post_process = post_process
+        self.pre_process = language_model.pre_process
+        self.post_process = language_model.post_process
         # finalize_model_grads reads it to all-reduce tied embeddings across pipeline stages.
         self.share_embeddings_and_output_weights = cfg.share_embeddings_and_output_weights
-        self.language_model: GPTModel = build_gpt(
-            config,
-            cfg.vocab_size,
-            cfg.max_position_embeddings,
-            position_embedding_type=cfg.position_embedding_type,
-            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-            use_te=use_te,
-            vp_stage=vp_stage,
-            pre_process=pre_process,
-            post_process=post_process,
-        )
+        self.language_model = language_model
         if cfg.position_embedding_type != "rope":
             raise ValueError("U-LVLM needs position_embedding_type 'rope' (positions come from the stream)")
-        if pre_process:
+        if self.pre_process:
+            config = language_model.config
             patch_dim = 3 * cfg.patch_size * cfg.patch_size
             self.patch_embed = torch.nn.Linear(patch_dim, config.hidden_size, dtype=config.params_dtype)
             with torch.no_grad():
