@@ -115,6 +115,13 @@ def _global_batch():
                 token_kinds=torch.randint(0, len(KIND_NAMES), (GLOBAL_BATCH, SEQ), generator=g))
 
 
+def _gradients_on_rank(layouts):
+    from megatron_prior import parallel
+
+    parallel.initialize()
+    return _gradients(layouts)
+
+
 def _gradients(layouts):
     """For each ``num_microbatches``: this DP rank's share of the global batch through the
     pipeline schedule with the PRIOR loss_func; returns the logged sums and the gradients."""
@@ -123,12 +130,10 @@ def _gradients(layouts):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_prior import parallel
     from megatron_prior.loss import vocab_parallel_weighted_cross_entropy
     from megatron_prior.models.gpt import build_gpt, transformer_config
     from megatron_prior.testing import assign_global_weights, local_gradients
 
-    parallel.initialize()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     per_rank = GLOBAL_BATCH // dp_size
@@ -160,10 +165,19 @@ def _gradients(layouts):
     return out
 
 
+@pytest.fixture
+def single_process():
+    from megatron_prior import parallel
+
+    parallel.initialize()
+    yield
+    parallel.destroy()
+
+
 @pytest.mark.slow
-def test_gradient_is_invariant_to_micro_batching_and_data_parallelism():
-    (one_by_eight, eight_by_one), = run_on_ranks(_gradients, 1, (1, 8))
-    dp2 = run_on_ranks(_gradients, 2, (4,))
+def test_gradient_is_invariant_to_micro_batching_and_data_parallelism(single_process):
+    one_by_eight, eight_by_one = _gradients((1, 8))  # a world of one, in this process
+    dp2 = run_on_ranks(_gradients_on_rank, 2, (4,))
     layouts = {"1x8": [one_by_eight], "8x1": [eight_by_one], "DP2x4": [r[0] for r in dp2]}
     reference_sums, reference_grads = one_by_eight
     for name, results in layouts.items():
