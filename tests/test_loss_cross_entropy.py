@@ -293,9 +293,10 @@ def _tp_cases(seeds, smoothings):
 
     out = {"cases": []}
     for seed in seeds:
-        logits, target, weight, grad_out, hidden, out_weight = make_case(seed)
+        logits, target, weight, grad_out, hidden, out_weight = make_case(seed, s=TP_SEQ)
         vp = logits.shape[-1] // tp
         part = slice(rank * vp, (rank + 1) * vp)
+        seq = slice(rank * TP_SEQ // tp, (rank + 1) * TP_SEQ // tp)
         for dtype in (torch.float32, torch.bfloat16):
             for smoothing in smoothings:
                 leaf = logits[..., part].to(dtype).requires_grad_()
@@ -311,11 +312,20 @@ def _tp_cases(seeds, smoothings):
                 fused = fused_linear_weighted_cross_entropy(h, w_out, target, weight.float(), chunk_size=5,
                                                             label_smoothing=smoothing)
                 (fused * grad_out.float()).sum().backward()
+
+                # Sequence parallel: this rank holds a slice of the sequence of the hidden states.
+                h_sp = hidden[seq].to(dtype).requires_grad_()
+                w_sp = out_weight[part].to(dtype).requires_grad_()
+                sp = fused_linear_weighted_cross_entropy(h_sp, w_sp, target, weight.float(), chunk_size=5,
+                                                         label_smoothing=smoothing, sequence_parallel=True)
+                (sp * grad_out.float()).sum().backward()
                 out["cases"].append(dict(seed=seed, dtype=str(dtype), smoothing=smoothing,
                                          loss=loss.detach().double().numpy(), grad=leaf.grad.double().numpy(),
                                          all_reduces=forward_all_reduces, fused_loss=fused.detach().double().numpy(),
                                          fused_grad_hidden=h.grad.double().numpy(),
-                                         fused_grad_weight=w_out.grad.double().numpy()))
+                                         fused_grad_weight=w_out.grad.double().numpy(),
+                                         sp_loss=sp.detach().double().numpy(), sp_grad_hidden=h_sp.grad.double().numpy(),
+                                         sp_grad_weight=w_sp.grad.double().numpy()))
         # megatron-core itself, unsmoothed (its smoothing uses the local partition with TP > 1).
         leaf = logits[..., part].float().requires_grad_()
         mc = vocab_parallel_cross_entropy(leaf * 1, target)
@@ -330,6 +340,7 @@ def _tp_cases(seeds, smoothings):
 
 SMOOTHINGS = (0.0, 0.1)
 TP_SEEDS = range(4)
+TP_SEQ = 8  # divisible by every TP size, for the sequence-parallel shards
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +359,7 @@ def _cases(results, rank=0):
 def test_tensor_parallel_matches_reference(tp_results, tp):
     results = tp_results[tp]
     for i, case in enumerate(_cases(results)):
-        logits, target, weight, grad_out, hidden, out_weight = make_case(case["seed"])
+        logits, target, weight, grad_out, hidden, out_weight = make_case(case["seed"], s=TP_SEQ)
         dtype = getattr(torch, case["dtype"].split(".")[-1])
         ref_loss, ref_grad = reference_with_grads(logits.to(dtype), target, weight.float(), grad_out,
                                                   case["smoothing"])
@@ -370,6 +381,12 @@ def test_tensor_parallel_matches_reference(tp_results, tp):
             assert rel_err(torch.from_numpy(r["cases"][i]["fused_grad_hidden"]), h64.grad) <= tol
         assert rel_err(torch.from_numpy(fused_grad_w), w64.grad) <= tol
 
+        sp_grad_h = np.concatenate([r["cases"][i]["sp_grad_hidden"] for r in results], axis=0)
+        sp_grad_w = np.concatenate([r["cases"][i]["sp_grad_weight"] for r in results], axis=0)
+        assert rel_err(torch.from_numpy(case["sp_loss"]), ref) <= tol
+        assert rel_err(torch.from_numpy(sp_grad_h), h64.grad) <= tol
+        assert rel_err(torch.from_numpy(sp_grad_w), w64.grad) <= tol
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
@@ -387,7 +404,7 @@ def test_tensor_parallel_equals_single_process(tp_results, tp):
 def test_tensor_parallel_unweighted_equals_megatron_core(tp_results, tp):
     results = tp_results[tp]
     for i, seed in enumerate(TP_SEEDS):
-        logits, target, _, grad_out, *_ = make_case(seed)
+        logits, target, _, grad_out, *_ = make_case(seed, s=TP_SEQ)
         mc_loss = torch.from_numpy(results[0]["megatron"][i][0])
         mc_grad = torch.from_numpy(np.concatenate([r["megatron"][i][1] for r in results], axis=-1))
         loss, grad = ours_with_grads(logits.float(), target, None, grad_out)

@@ -9,10 +9,11 @@ smaller), turns them into the scaled softmax gradient in place, and from it the 
 and weight gradients. The price is one extra matmul (the recompute): the gradient of a
 per-token loss depends on each token's incoming gradient, which forward does not know.
 
-Tensor parallelism follows megatron-core's ColumnParallelLinear without sequence parallelism:
-the hidden states are replicated on the tensor-parallel ranks, each rank multiplies by its
-vocabulary slice, and the hidden-state gradient is all-reduced over the group in backward by
-``copy_to_tensor_model_parallel_region`` applied to the input, as that layer does.
+Tensor parallelism follows megatron-core's ColumnParallelLinear: each rank multiplies the
+hidden states by its vocabulary slice; the input goes through
+``copy_to_tensor_model_parallel_region`` (replicated input, gradient all-reduced over the group)
+or, with sequence parallelism, ``gather_from_sequence_parallel_region`` (sequence shards
+all-gathered, gradient reduce-scattered), as that layer does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 
 from megatron_prior.loss.cross_entropy import (
     check_inputs,
@@ -158,13 +162,14 @@ def fused_linear_weighted_cross_entropy(
     label_smoothing: float = 0.0,
     return_logprobs: bool = False,
     validate: bool = True,
+    sequence_parallel: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token ``loss_weight * CE(hidden @ weight.T, target)`` without materialising the logits.
 
     Args:
         hidden: ``[s, b, h]`` (any leading shape), the output layer's input as megatron-core's
-            ColumnParallelLinear receives it (replicated over the tensor-parallel ranks; with
-            sequence parallelism, gather it first).
+            ColumnParallelLinear receives it: replicated over the tensor-parallel ranks, or with
+            ``sequence_parallel`` this rank's sequence shard ``[s/tp, b, h]``.
         weight: this rank's output-layer slice ``[V/tp, h]`` (``output_layer.weight``, or the
             shared embedding weight when embeddings are tied), same dtype as ``hidden``.
         target: token ids ``[s, b]`` in ``[0, V)``.
@@ -172,15 +177,16 @@ def fused_linear_weighted_cross_entropy(
         chunk_size: tokens per forward chunk; backward chunks hold as many logits, over
             tokens or over the vocabulary (default: ``default_chunk_size``).
         label_smoothing, return_logprobs, validate: as in ``vocab_parallel_weighted_cross_entropy``.
+        sequence_parallel: the hidden states are split along the sequence over the
+            tensor-parallel ranks (megatron's ``--sequence-parallel``).
 
     Returns:
         The per-token loss (fp32, shape of ``target``), and the target log-prob with
         ``return_logprobs``. Gradients flow to ``hidden`` (all-reduced over the tensor-parallel
-        group), ``weight`` and ``loss_weight``.
+        group, or reduce-scattered to the sequence shards), ``weight`` and ``loss_weight``.
     """
-    if hidden.dim() < 2 or tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match hidden shape {tuple(hidden.shape)} "
-                         "(expected hidden [s, b, h] and target [s, b])")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [s, b, h], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]} "
                          "(expected this rank's output-layer slice [V/tp, h])")
@@ -189,13 +195,21 @@ def fused_linear_weighted_cross_entropy(
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     partition = vocab_partition(weight.shape[0])
+    # What ColumnParallelLinear does to its input: gather the sequence shards (reduce-scatter
+    # their gradient), or pass the replicated input on (all-reduce its gradient).
+    if partition.group is not None and sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=partition.group)
+    elif partition.group is not None:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=partition.group)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match hidden shape {tuple(hidden.shape)}"
+                         f"{' (sequence shards gathered)' if sequence_parallel else ''}: expected hidden "
+                         "[s, b, h] and target [s, b]")
     check_inputs(hidden, target, loss_weight, label_smoothing, partition.vocab_size, validate, what="hidden")
     if chunk_size is None:
         chunk_size = default_chunk_size(target.numel(), weight.shape[0], hidden.device)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if partition.group is not None:
-        hidden = copy_to_tensor_model_parallel_region(hidden, group=partition.group)
     loss, logprob = _FusedLinearWeightedCrossEntropy.apply(hidden, weight, target, loss_weight,
                                                            float(label_smoothing), chunk_size, partition)
     return (loss, logprob) if return_logprobs else loss
