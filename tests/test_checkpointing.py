@@ -68,43 +68,27 @@ def test_mismatched_model_and_tokenizer_refused(saved):
     assert "another tokenizer" in errors["tokenizer"]
 
 
-def _load_only(tmp: str):
+def _load_each(dirs: list) -> list:
     from megatron_prior import parallel
     from megatron_prior.training import checkpointing as ck
 
     parallel.initialize()
-    try:
-        ck.load_inference_model(tmp)
-    except ck.CheckpointError as err:
-        return str(err)
-    return None
+    messages = []
+    for d in dirs:
+        try:
+            ck.load_inference_model(d)
+            messages.append(None)
+        except ck.CheckpointError as err:
+            messages.append(str(err))
+    return messages
 
 
-def _copy(saved, tmp_path) -> str:
-    dst = str(tmp_path / "copy")
-    shutil.copytree(saved[0], dst)
-    return dst
-
-
-def test_malicious_metadata_pickle_refused(saved, tmp_path):
-    ckpt = _copy(saved, tmp_path)
-    with open(os.path.join(ckpt, "iter_0000007", ".metadata"), "wb") as f:
-        pickle.dump(_Evil(), f)
-    (message,) = run_on_ranks(_load_only, 1, ckpt)
-    assert message is not None and "refusing to unpickle posix.system" in message
-    assert not os.path.exists("/tmp/megatron_prior_pwned")
-
-
-@pytest.mark.parametrize("damage,expected", [
-    ("tracker", "expected an iteration number"),
-    ("truncate", "cannot load"),
-    ("config", "missing model_config.json"),
-    ("missing_iter", "has no directory iter_0000009"),
-])
-def test_damaged_checkpoints_refused(saved, tmp_path, damage, expected):
-    ckpt = _copy(saved, tmp_path)
+def _damage(ckpt: str, damage: str) -> None:
     it = os.path.join(ckpt, "iter_0000007")
-    if damage == "tracker":
+    if damage == "pickle":
+        with open(os.path.join(it, ".metadata"), "wb") as f:
+            pickle.dump(_Evil(), f)
+    elif damage == "tracker":
         open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w").write("seven")
     elif damage == "truncate":
         shard = next(os.path.join(it, f) for f in sorted(os.listdir(it)) if f.endswith(".distcp"))
@@ -114,5 +98,34 @@ def test_damaged_checkpoints_refused(saved, tmp_path, damage, expected):
         os.remove(os.path.join(it, "model_config.json"))
     elif damage == "missing_iter":
         open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w").write("9")
-    (message,) = run_on_ranks(_load_only, 1, ckpt)
-    assert message is not None and expected in message, message
+
+
+DAMAGES = {
+    "pickle": "refusing to unpickle posix.system",
+    "tracker": "expected an iteration number",
+    "truncate": "cannot load",
+    "config": "missing model_config.json",
+    "missing_iter": "has no directory iter_0000009",
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(saved, tmp_path_factory) -> dict:
+    """Each kind of damage applied to a copy of the checkpoint, all loaded in one spawned rank."""
+    root = tmp_path_factory.mktemp("damaged")
+    dirs = []
+    for damage in DAMAGES:
+        dst = str(root / damage)
+        shutil.copytree(saved[0], dst)
+        _damage(dst, damage)
+        dirs.append(dst)
+    (messages,) = run_on_ranks(_load_each, 1, dirs)
+    return dict(zip(DAMAGES, messages))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_or_unsafe_checkpoints_refused(damaged, damage):
+    message = damaged[damage]
+    assert message is not None and DAMAGES[damage] in message, message
+    if damage == "pickle":
+        assert not os.path.exists("/tmp/megatron_prior_pwned"), "the malicious pickle must never run"
