@@ -56,7 +56,10 @@ def _generator(seed: int, key: str) -> torch.Generator:
 def global_init(key: str, shape: tuple, seed: int, std: float, num_layers: int) -> torch.Tensor:
     """The full global tensor for ``key`` (float32, CPU)."""
     name = key.rsplit(".", 1)[-1]
-    if "norm" in key and name in ("weight", "layer_norm_weight"):
+    # Norms: "...layernorm.weight", TE's "layer_norm_weight", and the ViT's ln_pre/ln_post
+    # (a ViT whose ln_pre starts at ~0 passes no image to the language model).
+    is_norm = "norm" in key or any(part.startswith("ln_") for part in key.split("."))
+    if is_norm and name in ("weight", "layer_norm_weight"):
         return torch.ones(shape)
     if name in ("bias", "layer_norm_bias"):
         return torch.zeros(shape)
