@@ -1,0 +1,206 @@
+"""What a trained vision-language model says about held-out data: per-token cross-entropy
+by token kind, and caption log-likelihoods for the POPE-style probe.
+
+Batches are built exactly as training builds them (``CaptionDataset``: ``tokens = [<image>,
+c0, ..., <eod>, pad]``, ``labels = [c0, ..., <eod>, pad]``, images scaled to [0, 1] and
+normalised with the dataset's defaults) and go through the model's forward as
+``megatron_prior.training.steps`` calls it, so an evaluation loss is the training loss on
+unseen data. The model returns per-token CE over the combined (image + text) sequence; text
+label ``j`` sits at combined position ``image_sequence_length - 1 + j``
+(``megatron_prior.models.layout``).
+
+Call ``megatron_prior.parallel.initialize()`` before loading a model and ``destroy()`` after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_prior import parallel
+from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+from megatron_prior.data.images import load_image
+from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
+from megatron_prior.eval.probe import PROBE_SPLITS, ProbeItem, probe_accuracy
+from megatron_prior.models.config import ModelConfig
+
+
+def _caption_defaults(name: str) -> tuple[float, float, float]:
+    return next(f.default for f in dataclasses.fields(CaptionDatasetConfig) if f.name == name)
+
+
+class LVLMScorer:
+    """Batched, gradient-free scoring with one H-LVLM or U-LVLM.
+
+    Args:
+        model: the model from ``load_inference_model`` (eval mode).
+        model_config: its ``ModelConfig``.
+        tokenizer: the tokenizer the model was trained with (its fingerprint is checked).
+        batch_size: captions per forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, tokenizer, batch_size: int = 64) -> None:
+        if model_config.arch not in ("hlvlm", "ulvlm"):
+            raise ValueError(f"LVLMScorer scores vision-language models (hlvlm, ulvlm), not {model_config.arch!r}")
+        if model_config.tokenizer_fingerprint not in (None, tokenizer.fingerprint):
+            raise ValueError(f"the model was trained with tokenizer {model_config.tokenizer_fingerprint}, "
+                             f"not with the one given ({tokenizer.fingerprint})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.config = model_config
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.image_offset = model_config.image_sequence_length - 1
+        # Text positions the model was built for (training's --seq-length).
+        self.text_length = model_config.max_position_embeddings - self.image_offset
+        if self.text_length < 2:
+            raise ValueError(f"model max_position_embeddings {model_config.max_position_embeddings} leaves "
+                             f"no room for text after {model_config.image_sequence_length} image positions")
+        self._mean = np.asarray(_caption_defaults("image_mean"), dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(_caption_defaults("image_std"), dtype=np.float32).reshape(3, 1, 1)
+
+    # --- batches -------------------------------------------------------------------------
+    def image_tensor(self, path: str) -> torch.Tensor:
+        """An image file as the caption dataset feeds it: float32 ``[3, H, W]``, normalised."""
+        size = self.config.image_size
+        image = load_image(path, size, size).astype(np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((image - self._mean) / self._std)
+
+    def text_batch(self, captions: Sequence[Sequence[int]]) -> dict:
+        """``tokens``/``labels``/``loss_mask``/``position_ids`` for token-id captions (each
+        ending in EOD), padded to the longest, cut at the model's text length."""
+        pad = self.tokenizer.pad
+        s = min(self.text_length, max(len(c) for c in captions))
+        text = np.full((len(captions), s + 1), pad, dtype=np.int64)
+        text[:, 0] = self.tokenizer.image_token_id
+        mask = np.zeros((len(captions), s), dtype=np.float32)
+        for i, c in enumerate(captions):
+            n = min(len(c), s)
+            text[i, 1:1 + n] = c[:n]
+            mask[i, :n] = 1.0
+        # A pad id outside the vocabulary must still embed (as the datasets do).
+        text = np.where(text == pad, 0, text)
+        device = parallel.device()
+        return {"tokens": torch.from_numpy(text[:, :-1]).to(device),
+                "labels": torch.from_numpy(text[:, 1:]).to(device),
+                "loss_mask": torch.from_numpy(mask).to(device),
+                "position_ids": torch.arange(s, device=device).expand(len(captions), s)}
+
+    # --- the forward pass ----------------------------------------------------------------
+    @torch.no_grad()
+    def per_token_ce(self, images: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per-token CE ``[b, s]`` aligned with ``batch["labels"]`` (every position; apply the mask)."""
+        images = images.to(parallel.device(), torch.float32)
+        if self.config.arch == "hlvlm":
+            combined, _ = self.model(images, batch["tokens"], batch["position_ids"], None,
+                                     labels=batch["labels"], loss_mask=batch["loss_mask"])
+        else:
+            combined = self.model(images, batch["tokens"], None, None, labels=batch["labels"])
+        s = batch["labels"].shape[1]
+        if combined.shape != (images.shape[0], self.image_offset + s):
+            raise ValueError(f"the model returned per-token loss of shape {tuple(combined.shape)}, expected "
+                             f"({images.shape[0]}, {self.image_offset + s}) for {s} text positions")
+        return combined[:, self.image_offset:].float()
+
+    # --- held-out loss by kind -----------------------------------------------------------
+    def heldout_kind_sums(self, data_prefix: str, progress: bool = False) -> torch.Tensor:
+        """``[K, 2]`` (CE sum, token count) per kind over every caption of a preprocessed
+        corpus (tokens, scores, ``.kinds`` and ``.images``), in training's sample layout."""
+        dataset = self._caption_dataset(data_prefix)
+        if not dataset.dataset.has_kinds:
+            raise ValueError(f"{data_prefix}: no token kinds (.kinds.bin/.idx); preprocess with --kinds-key")
+        from tqdm import tqdm
+
+        sums = torch.zeros(4, 2, dtype=torch.float64)
+        for start in tqdm(range(0, len(dataset), self.batch_size), desc="held-out", unit="batch",
+                          disable=not progress):
+            samples = [dataset[i] for i in range(start, min(start + self.batch_size, len(dataset)))]
+            batch = {k: torch.stack([s[k] for s in samples]).to(parallel.device()) for k in samples[0]}
+            ce = self.per_token_ce(batch.pop("images"), batch)
+            sums += kind_loss_sums(ce.cpu(), batch["token_kinds"].cpu(), batch["loss_mask"].cpu())
+        return sums
+
+    def _caption_dataset(self, data_prefix: str) -> CaptionDataset:
+        config = CaptionDatasetConfig(random_seed=0, sequence_length=self.text_length, blend=([data_prefix], None),
+                                      split="0,0,100", tokenizer=self.tokenizer, path_to_cache=None,
+                                      mmap_bin_files=True)
+        low = CaptionDataset.build_low_level_dataset(data_prefix, config)
+        from megatron.core.datasets.utils import Split
+
+        dataset = CaptionDataset(low, data_prefix, np.arange(len(low), dtype=np.int32), None, Split.test, config)
+        if dataset.images.shape[1:3] != (self.config.image_size, self.config.image_size):
+            raise ValueError(f"{data_prefix}: images are {dataset.images.shape[1]}x{dataset.images.shape[2]}, the "
+                             f"model takes {self.config.image_size}x{self.config.image_size}")
+        return dataset
+
+    # --- caption likelihoods -------------------------------------------------------------
+    @torch.no_grad()
+    def caption_logprobs(self, image_paths: Sequence[str], captions: Sequence[str]) -> list[float]:
+        """Total log-likelihood of each caption (its tokens and the closing EOD) given its image."""
+        if len(image_paths) != len(captions):
+            raise ValueError(f"{len(image_paths)} images for {len(captions)} captions")
+        token_ids = [list(self.tokenizer.tokenize(c)) + [self.tokenizer.eod] for c in captions]
+        images: dict[str, torch.Tensor] = {}
+        out: list[float] = []
+        for start in range(0, len(captions), self.batch_size):
+            paths = image_paths[start:start + self.batch_size]
+            for p in paths:
+                if p not in images:
+                    images[p] = self.image_tensor(p)
+            batch = self.text_batch(token_ids[start:start + self.batch_size])
+            ce = self.per_token_ce(torch.stack([images[p] for p in paths]), batch)
+            out += (-(ce * batch["loss_mask"]).sum(dim=1)).double().cpu().tolist()
+        return out
+
+    def probe(self, items: Sequence[ProbeItem], progress: bool = False) -> dict[str, float]:
+        """Probe accuracy per split and overall; each distinct (image, caption) is scored once
+        (an image's positive caption is shared by its three items)."""
+        pairs = sorted({(i.image, c) for i in items for c in (i.positive, i.negative)})
+        from tqdm import tqdm
+
+        scores: dict[tuple[str, str], float] = {}
+        step = self.batch_size * 8
+        for start in tqdm(range(0, len(pairs), step), desc="probe", unit="chunk", disable=not progress):
+            chunk = pairs[start:start + step]
+            scores.update(zip(chunk, self.caption_logprobs([p[0] for p in chunk], [p[1] for p in chunk])))
+        return probe_accuracy(lambda image, caption: scores[(image, caption)], items)
+
+
+def evaluate(scorer: LVLMScorer, heldout_prefix: Optional[str], probe_items: Optional[Sequence[ProbeItem]],
+             progress: bool = False) -> dict:
+    """The metrics the demo report and the sweeps read: ``heldout_loss_<kind>``,
+    ``heldout_loss`` (all caption tokens), ``heldout_tokens_<kind>``, ``probe_accuracy`` and
+    ``probe_accuracy_<split>``."""
+    result: dict = {}
+    if heldout_prefix is not None:
+        sums = scorer.heldout_kind_sums(heldout_prefix, progress)
+        for kind, value in kind_mean_losses(sums).items():
+            result[f"heldout_loss_{kind}"] = value
+        from megatron_prior.data.kinds import KIND_NAMES
+
+        for k, kind in enumerate(KIND_NAMES):
+            result[f"heldout_tokens_{kind}"] = int(sums[k, 1])
+        result["heldout_loss"] = float(sums[:, 0].sum() / sums[:, 1].sum())
+    if probe_items is not None:
+        acc = scorer.probe(probe_items, progress)
+        result["probe_accuracy"] = acc["all"]
+        for split in PROBE_SPLITS:
+            if split in acc:
+                result[f"probe_accuracy_{split}"] = acc[split]
+    return result
+
+
+def load_scorer(load_dir: str | os.PathLike, tokenizer_model: str, batch_size: int = 64,
+                iteration: Optional[int] = None) -> LVLMScorer:
+    """Load a checkpoint (latest iteration unless given) and its tokenizer into a scorer;
+    ``megatron_prior.parallel`` must be initialised."""
+    from megatron_prior.tokenizer import load_tokenizer
+    from megatron_prior.training.checkpointing import load_inference_model
+
+    model, model_config = load_inference_model(load_dir, iteration)
+    return LVLMScorer(model, model_config, load_tokenizer(tokenizer_model), batch_size)

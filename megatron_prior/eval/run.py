@@ -1,0 +1,86 @@
+"""``python -m megatron_prior.eval.run``: evaluate one trained H-LVLM or U-LVLM checkpoint.
+
+    python -m megatron_prior.eval.run --load runs/ulvlm_prior/ --tokenizer-model data/tokenizer.model \\
+        --data-path data/heldout_caption_document --probe data/probe.jsonl --output runs/ulvlm_prior/eval.json
+
+writes ``eval.json``: held-out cross-entropy per token kind (``heldout_loss_grounded``,
+``heldout_loss_template``, ``heldout_loss_unrelated``, ``heldout_loss_other``, and
+``heldout_loss`` over all caption tokens, with ``heldout_tokens_<kind>`` counts), the
+POPE-style probe accuracy (``probe_accuracy`` over all items and ``probe_accuracy_<split>``
+for random, popular, adversarial), plus what was evaluated (``load``, ``iteration``,
+``arch``, ``data_path``, ``probe``). The scaling-law sweeps read ``probe_accuracy`` from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+from megatron_prior.eval.files import atomic_write_json
+
+log = logging.getLogger("megatron_prior.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_prior.eval.run",
+        description="Evaluate a trained vision-language model (H-LVLM or U-LVLM): held-out loss by token "
+                    "kind on a preprocessed corpus (tokens + .kinds + .images, as tools/preprocess_with_weights.py "
+                    "writes them) and the POPE-style probe (a probe.jsonl of the demo generator). Writes eval.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory of the run (its --save)")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    p.add_argument("--tokenizer-model", required=True, help="the tokenizer the model was trained with")
+    p.add_argument("--data-path", default=None,
+                   help="held-out token prefix with .kinds and .images companions (per-kind losses)")
+    p.add_argument("--probe", default=None, help="probe.jsonl (POPE-style items; image paths relative to it)")
+    p.add_argument("--micro-batch-size", type=int, default=64, help="captions per forward pass")
+    p.add_argument("--output", required=True, help="eval.json to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_path is None and args.probe is None:
+        parser.error("nothing to evaluate: give --data-path, --probe or both")
+    if args.micro_batch_size < 1:
+        parser.error("--micro-batch-size must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron.core").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+
+    from megatron_prior import parallel
+    from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer
+    from megatron_prior.eval.probe import load_probe_items
+    from megatron_prior.training.checkpointing import resolve_iteration
+
+    iteration = args.iteration if args.iteration is not None else resolve_iteration(args.load)
+    if iteration is None:
+        raise SystemExit(f"megatron_prior.eval.run: --load {args.load} holds no checkpoint")
+    items = load_probe_items(args.probe) if args.probe else None
+    start = time.perf_counter()
+    parallel.initialize()
+    try:
+        scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration)
+        result = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
+        arch = scorer.config.arch
+    finally:
+        parallel.destroy()
+    result.update(load=str(args.load), iteration=int(iteration), arch=arch, data_path=args.data_path,
+                  probe=args.probe, wall_time_s=time.perf_counter() - start)
+    atomic_write_json(args.output, result)
+    shown = {k: round(v, 4) for k, v in result.items()
+             if isinstance(v, float) and (k.startswith("heldout_loss") or k.startswith("probe_accuracy"))}
+    log.info("wrote %s: %s", args.output, json.dumps(shown))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
