@@ -28,6 +28,7 @@ from megatron_prior.loss import fused_linear_weighted_cross_entropy, vocab_paral
 class _DeferredLogits:
     hidden: torch.Tensor
     weight: torch.Tensor
+    sequence_parallel: bool
 
 
 def _labels_given(args: tuple, kwargs: dict) -> bool:
@@ -44,7 +45,8 @@ def install_loss_head(model: GPTModel, fused_linear_ce: bool = False) -> None:
         # any in-vocabulary id keeps the kernel's range check meaningful for the rest.
         target = labels.transpose(0, 1).clamp(min=0).contiguous()
         if isinstance(logits, _DeferredLogits):
-            loss = fused_linear_weighted_cross_entropy(logits.hidden, logits.weight, target)
+            loss = fused_linear_weighted_cross_entropy(logits.hidden, logits.weight, target,
+                                                       sequence_parallel=logits.sequence_parallel)
         else:
             loss = vocab_parallel_weighted_cross_entropy(logits, target)
         return loss.transpose(0, 1).contiguous()
@@ -63,10 +65,8 @@ def install_loss_head(model: GPTModel, fused_linear_ce: bool = False) -> None:
     def forward(hidden_states, weight=None, runtime_gather_output=None):
         if not state["labels"]:
             return plain_forward(hidden_states, weight=weight, runtime_gather_output=runtime_gather_output)
-        if output_layer.sequence_parallel:
-            raise NotImplementedError("--fused-linear-ce with sequence parallelism: gather the hidden states first")
         w = weight if weight is not None else output_layer.weight
-        return _DeferredLogits(hidden_states, w), None
+        return _DeferredLogits(hidden_states, w, output_layer.sequence_parallel), None
 
     model.register_forward_pre_hook(remember_labels, with_kwargs=True)
     output_layer.forward = forward
