@@ -29,7 +29,7 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "tokenizers>=0.15"],
     },
     ext_modules=[
         Pybind11Extension(
