@@ -154,7 +154,8 @@ def _measure(variant: str, tokens: int, vocab: int, hidden_size: int, dtype_name
         del rows
     else:
         hidden = (torch.randn(tokens // 4, 4, hidden_size, generator=g)).to(dtype).to(dev).requires_grad_()
-        out_weight = (torch.randn(vp, hidden_size, generator=g) * hidden_size ** -0.5).to(dtype).to(dev).requires_grad_()
+        out_weight = torch.randn(vp, hidden_size, generator=g) * hidden_size ** -0.5
+        out_weight = out_weight.to(dtype).to(dev).requires_grad_()
 
     def step():
         if variant in "abc":
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
         a, e = results.get((v, tp, d, "a")), results.get((v, tp, d, "e"))
         vs_a = (_ratio(r["time"], a["time"]), _ratio(r["peak_mib"], a["peak_mib"])) if a and var in "bc" else ("", "")
         vs_e = (_ratio(r["time"], e["time"]), _ratio(r["peak_mib"], e["peak_mib"])) if e and var == "d" else ("", "")
-        print(f"| {v} | {tp} | {d} | {var} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['peak_mib']:.1f} | {vs_a[0]} | {vs_a[1]} "
+        print(f"| {v} | {tp} | {d} | {var} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['peak_mib']:.1f} "
+              f"| {vs_a[0]} | {vs_a[1]} "
               f"| {vs_e[0]} | {vs_e[1]} |")
     print("\nTargets:")
     for (v, tp, d, var), r in results.items():
@@ -276,7 +278,8 @@ def main(argv=None) -> int:
             a = results[v, tp, d, "a"]
             print(f"- (b) vs (a), bf16, V={v}, TP={tp}: time {r['time'] / a['time']:.2f} (<= 1.05: "
                   f"{'met' if r['time'] <= 1.05 * a['time'] else 'MISSED'}), memory "
-                  f"{r['peak_mib'] / a['peak_mib']:.2f} (<= 0.6: {'met' if r['peak_mib'] <= 0.6 * a['peak_mib'] else 'MISSED'})")
+                  f"{r['peak_mib'] / a['peak_mib']:.2f} "
+                  f"(<= 0.6: {'met' if r['peak_mib'] <= 0.6 * a['peak_mib'] else 'MISSED'})")
         if var == "d" and (v, tp, d, "e") in results:
             e = results[v, tp, d, "e"]
             print(f"- (d) vs (e), {d}, V={v}, TP={tp}: memory {r['peak_mib'] / e['peak_mib']:.2f} (<= 0.25: "

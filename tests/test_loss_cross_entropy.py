@@ -218,7 +218,8 @@ def test_bad_inputs_are_refused_with_the_reason(call):
         run(target=target.float())
     bad = target.clone()
     bad[4, 2] = 96
-    with pytest.raises(ValueError, match=r"1 token id\(s\) outside the vocabulary \[0, 96\) \(first at index \(4, 2\): 96\)"):
+    with pytest.raises(ValueError,
+                       match=r"1 token id\(s\) outside the vocabulary \[0, 96\) \(first at index \(4, 2\): 96\)"):
         run(target=bad)
     bad[4, 2] = -1
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -324,7 +325,8 @@ def _tp_cases(seeds, smoothings):
                                          all_reduces=forward_all_reduces, fused_loss=fused.detach().double().numpy(),
                                          fused_grad_hidden=h.grad.double().numpy(),
                                          fused_grad_weight=w_out.grad.double().numpy(),
-                                         sp_loss=sp.detach().double().numpy(), sp_grad_hidden=h_sp.grad.double().numpy(),
+                                         sp_loss=sp.detach().double().numpy(),
+                                         sp_grad_hidden=h_sp.grad.double().numpy(),
                                          sp_grad_weight=w_sp.grad.double().numpy()))
         # megatron-core itself, unsmoothed (its smoothing uses the local partition with TP > 1).
         leaf = logits[..., part].float().requires_grad_()

@@ -125,8 +125,9 @@ def _input_gradients(h, weight, t_local, held, lse, scale, smoothing, vocab_size
     n, vp = h.shape[0], weight.shape[0]
     over_vocab = vp >= n
     need_acc, need_exact = (need_h, need_w) if over_vocab else (need_w, need_h)
-    acc = torch.zeros(h.shape if over_vocab else weight.shape, dtype=torch.float32, device=h.device) if need_acc else None
-    exact = torch.empty(weight.shape if over_vocab else h.shape, dtype=weight.dtype, device=h.device) if need_exact else None
+    acc_shape, exact_shape = (h.shape, weight.shape) if over_vocab else (weight.shape, h.shape)
+    acc = torch.zeros(acc_shape, dtype=torch.float32, device=h.device) if need_acc else None
+    exact = torch.empty(exact_shape, dtype=weight.dtype, device=h.device) if need_exact else None
     args = (smoothing, vocab_size)
     if over_vocab:
         step = max(1, chunk_elements // n)

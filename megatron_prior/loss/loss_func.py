@@ -97,7 +97,8 @@ def _rho1(ratio: float = 0.6) -> Weigh:
         # ceil keeps at least one token whenever there is one; no host sync needed.
         k = torch.ceil(keep.sum() * ratio)
         selected = ((rank < k) & keep).view(mask.shape).to(ce.dtype)
-        checks = [((torch.isnan(ref) & (mask != 0)).sum(), "batch['ref_logprobs'] holds {} NaN value(s) at loss tokens")]
+        checks = [((torch.isnan(ref) & (mask != 0)).sum(),
+                   "batch['ref_logprobs'] holds {} NaN value(s) at loss tokens")]
         return selected, _count(selected), checks
 
     return weigh
@@ -146,7 +147,8 @@ def make_loss_func(name: str, *, validate: bool = True, **options) -> LossFunc:
         }
         if kinds is not None:
             idx = kinds.reshape(-1).long()
-            sums = torch.zeros(len(KIND_NAMES), dtype=ce.dtype, device=ce.device).index_add_(0, idx, masked_ce.reshape(-1))
+            sums = torch.zeros(len(KIND_NAMES), dtype=ce.dtype, device=ce.device)
+            sums.index_add_(0, idx, masked_ce.reshape(-1))
             counts = torch.zeros_like(sums).index_add_(0, idx, mask.reshape(-1))
             for k, kind in enumerate(KIND_NAMES):
                 logs[f"loss/{kind}"] = torch.stack([sums[k], counts[k]])
