@@ -72,16 +72,16 @@ def main() -> None:
                 for _ in range(opts.blocks):
                     for loss, t in trainers.items():
                         times[loss].append(_time_steps(t, opts.steps))
+                ntp, prior = statistics.median(times["ntp"]), statistics.median(times["prior"])
+                t = trainers["prior"]
+                tokens = t.args.global_batch_size * t.args.seq_length
+                params = count_parameters([m.module for m in t.model])
+                flops = flops_per_iteration(t.model_config, params, t.args)
+                peak = peak_flops()
+                rows.append((arch, params, ntp * 1e3, prior * 1e3, prior / ntp, tokens / prior,
+                             flops / prior / peak if peak else None))
             finally:
                 parallel.destroy()
-            ntp, prior = statistics.median(times["ntp"]), statistics.median(times["prior"])
-            t = trainers["prior"]
-            tokens = t.args.global_batch_size * t.args.seq_length
-            params = count_parameters([m.module for m in t.model])
-            flops = flops_per_iteration(t.model_config, params, t.args)
-            peak = peak_flops()
-            rows.append((arch, params, ntp * 1e3, prior * 1e3, prior / ntp, tokens / prior,
-                         flops / prior / peak if peak else None))
     print(f"\nstep time, PRIOR vs NTP ({device}; {opts.model_size} models, seq {opts.seq_length}, "
           f"micro-batch {opts.micro_batch_size} x 2; median of {opts.blocks} alternating blocks of {opts.steps} steps)")
     print(f"{'arch':8s} {'params':>12s} {'NTP ms/step':>12s} {'PRIOR ms/step':>14s} {'PRIOR/NTP':>10s} "
