@@ -6,8 +6,14 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# make demo: the whole pipeline on CPU (about 15 min); QUICK=1 for the 3-minute version.
+OUTPUT_DIR ?= demo_output
+QUICK ?=
+# make sweep: NTP vs PRIOR scaling-law grid on the demo's data.
+SWEEP     ?= examples/sweeps/cpu_default.yaml
+SWEEP_DIR ?= $(OUTPUT_DIR)/sweep
 
-.PHONY: setup test bench clean
+.PHONY: setup test demo sweep bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -27,6 +33,14 @@ $(VENV)/.setup-done: $(VENV)/.torch-done setup.py pyproject.toml $(wildcard csrc
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m megatron_prior.demo.pipeline --output-dir $(OUTPUT_DIR) $(if $(QUICK),--quick,)
+
+# The sweep trains on the demo's scored data; the demo runs first when that is missing.
+sweep: setup
+	@test -f $(OUTPUT_DIR)/data/train_caption_document.logprobs.idx || $(MAKE) demo OUTPUT_DIR=$(OUTPUT_DIR)
+	$(PY) examples/sweeps/run_sweep.py $(SWEEP) --output-dir $(SWEEP_DIR)
 
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
