@@ -20,10 +20,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.utils import Split
+from tqdm import tqdm
 
 from megatron_prior import parallel
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
 from megatron_prior.data.images import load_image
+from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
 from megatron_prior.eval.probe import PROBE_SPLITS, ProbeItem, probe_accuracy
 from megatron_prior.models.config import ModelConfig
@@ -114,9 +117,7 @@ class LVLMScorer:
         dataset = self._caption_dataset(data_prefix)
         if not dataset.dataset.has_kinds:
             raise ValueError(f"{data_prefix}: no token kinds (.kinds.bin/.idx); preprocess with --kinds-key")
-        from tqdm import tqdm
-
-        sums = torch.zeros(4, 2, dtype=torch.float64)
+        sums = torch.zeros(len(KIND_NAMES), 2, dtype=torch.float64)
         for start in tqdm(range(0, len(dataset), self.batch_size), desc="held-out", unit="batch",
                           disable=not progress):
             samples = [dataset[i] for i in range(start, min(start + self.batch_size, len(dataset)))]
@@ -130,8 +131,6 @@ class LVLMScorer:
                                       split="0,0,100", tokenizer=self.tokenizer, path_to_cache=None,
                                       mmap_bin_files=True)
         low = CaptionDataset.build_low_level_dataset(data_prefix, config)
-        from megatron.core.datasets.utils import Split
-
         dataset = CaptionDataset(low, data_prefix, np.arange(len(low), dtype=np.int32), None, Split.test, config)
         if dataset.images.shape[1:3] != (self.config.image_size, self.config.image_size):
             raise ValueError(f"{data_prefix}: images are {dataset.images.shape[1]}x{dataset.images.shape[2]}, the "
@@ -161,8 +160,6 @@ class LVLMScorer:
         """Probe accuracy per split and overall; each distinct (image, caption) is scored once
         (an image's positive caption is shared by its three items)."""
         pairs = sorted({(i.image, c) for i in items for c in (i.positive, i.negative)})
-        from tqdm import tqdm
-
         scores: dict[tuple[str, str], float] = {}
         step = self.batch_size * 8
         for start in tqdm(range(0, len(pairs), step), desc="probe", unit="chunk", disable=not progress):
@@ -181,8 +178,6 @@ def evaluate(scorer: LVLMScorer, heldout_prefix: Optional[str], probe_items: Opt
         sums = scorer.heldout_kind_sums(heldout_prefix, progress)
         for kind, value in kind_mean_losses(sums).items():
             result[f"heldout_loss_{kind}"] = value
-        from megatron_prior.data.kinds import KIND_NAMES
-
         for k, kind in enumerate(KIND_NAMES):
             result[f"heldout_tokens_{kind}"] = int(sums[k, 1])
         result["heldout_loss"] = float(sums[:, 0].sum() / sums[:, 1].sum())

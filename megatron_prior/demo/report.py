@@ -1,0 +1,131 @@
+"""The demo's report: gathers each run's ``eval.json`` and training log, the reference's
+separation of token kinds and the probe's text-only baseline, and hands them to
+``megatron_prior.eval.report.write_report`` (results.md, results.json, the two figures)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from pathlib import Path
+from typing import Sequence
+
+from megatron_prior.demo.analysis import caption_weights, reference_separation
+from megatron_prior.eval.report import ARCHS, METRIC_LABELS, REQUIRED_METRICS, RunResult, write_report
+
+# eval.json keys carried into results.json (the table shows those METRIC_LABELS knows).
+RUN_METRICS = (*REQUIRED_METRICS, *(m for m in METRIC_LABELS if m not in REQUIRED_METRICS),
+               "heldout_loss_other", "heldout_loss")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable: {err}") from err
+
+
+def load_run(out: Path, spec) -> RunResult:
+    """One run's RunResult from ``runs/{name}/eval.json`` and ``summary.json``."""
+    from megatron_prior.demo.pipeline import Layout
+
+    rdir = out / Layout.run_dir(spec)
+    ev, summary = _read_json(rdir / "eval.json"), _read_json(rdir / "summary.json")
+    missing = [k for k in RUN_METRICS if k not in ev]
+    if missing:
+        raise ValueError(f"{rdir / 'eval.json'}: lacks {', '.join(missing)}")
+    for key, want in (("model", spec.arch), ("loss", spec.loss), ("seed", spec.seed)):
+        if summary.get(key) != want:
+            raise ValueError(f"{rdir / 'summary.json'}: {key} is {summary.get(key)!r}, expected {want!r}")
+    if spec.loss == "prior" and summary.get("prior_alpha") != spec.alpha:
+        raise ValueError(f"{rdir / 'summary.json'}: prior_alpha is {summary.get('prior_alpha')!r}, "
+                         f"expected {spec.alpha!r}")
+    return RunResult(arch=spec.arch, loss=spec.loss, seed=spec.seed, prior_alpha=spec.alpha,
+                     metrics={k: float(ev[k]) for k in RUN_METRICS},
+                     metrics_jsonl=rdir / "metrics.jsonl",
+                     extra={"run_dir": str(Layout.run_dir(spec)), "iterations": summary["iterations"],
+                            "parameters": summary["parameters"], "train_wall_time_s": summary["wall_time_s"]})
+
+
+def _step_times(out: Path) -> dict[str, dict]:
+    """Wall and CPU seconds of each finished step, from the runner's stamps."""
+    times = {}
+    for stamp in sorted((out / "logs").glob("*.stamp.json")):
+        data = _read_json(stamp)
+        times[stamp.name.removesuffix(".stamp.json")] = {"seconds": data.get("seconds"),
+                                                          "cpu_seconds": data.get("cpu_seconds")}
+    return times
+
+
+def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: Sequence[RunResult],
+           command: str, started: datetime.datetime, wall_time_s: float, step_times: dict) -> list[str]:
+    frac = data_summary["splits"]["train"]["word_fraction"]
+    m1 = reference["mean_multiplier"].get("1") or next(iter(reference["mean_multiplier"].values()))
+    params = {r.arch: r.extra["parameters"] for r in runs}
+    notes = [
+        f"Command: `{command}`, started {started.strftime('%Y-%m-%d %H:%M %Z')}; this invocation took "
+        f"{wall_time_s / 60:.1f} minutes (stages skipped as already done take no time); the stages used "
+        f"{sum(t['cpu_seconds'] or 0 for t in step_times.values()) / 60:.1f} CPU minutes in all.",
+        f"Data: {settings.num_train} training and {settings.num_heldout} held-out {settings.image_size}x"
+        f"{settings.image_size} images of 1-3 shapes; training caption words are {frac['grounded']:.0%} grounded, "
+        f"{frac['template']:.0%} template, {frac['unrelated']:.0%} unrelated.",
+        f"Models: {settings.num_layers} layers of width {settings.hidden_size} "
+        f"({', '.join(f'{a} {p:,} parameters' for a, p in params.items())}), "
+        f"{settings.train_iters} iterations of {settings.global_batch_size} captions (seq {settings.seq_length}), "
+        f"AdamW lr {settings.lr:g} cosine to {settings.min_lr:g}; the H-LVLM's ViT comes from a "
+        f"{settings.vit_warmup_iters}-iteration NTP warm-up on the training set and stays frozen. NTP and PRIOR runs "
+        "of one seed share initialisation and data order.",
+        f"Reference LM: text-only GPT ({settings.reference_size}, {settings.reference_iters} iterations). "
+        "Held-out mean reference probability: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in reference["mean_reference_probability"].items())
+        + "; mean PRIOR multiplier (alpha 1): " + ", ".join(f"{k} {v:.2f}" for k, v in m1.items())
+        + (f". Its weights rank unrelated tokens above grounded ones (AUC grounded vs unrelated "
+           f"{reference['auc_grounded_vs_unrelated']:.3f}): the reference cannot tell image-dependent from "
+           "merely unpredictable." if "auc_grounded_vs_unrelated" in reference else "."),
+        "Probe baseline: a scorer that ignores the image and knows only how often each object occurs in training "
+        "scores " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items())
+        + " (below 0.5 on popular/adversarial because the negatives there are the frequent objects); "
+          "an image-blind model sits near that level, not at 0.5.",
+    ]
+    blind: dict[str, list[int]] = {}
+    for r in runs:
+        if r.metrics["probe_accuracy_popular"] <= baseline["popular"] + 0.05:
+            blind.setdefault(f"{ARCHS[r.arch]} {r.variant}", []).append(r.seed)
+    if blind:
+        notes.append("Runs whose popular-split probe accuracy is within 0.05 of that baseline, i.e. that have not "
+                     f"yet learned to read the image at {settings.train_iters} iterations: "
+                     + "; ".join(f"{k} (seed {', '.join(map(str, v))})" for k, v in blind.items()) + ".")
+    return notes
+
+
+def write_demo_report(out: Path, settings, specs: Sequence, command: str, started: datetime.datetime,
+                      wall_time_s: float) -> dict[str, Path]:
+    """Write the report files into ``out``; returns what ``write_report`` wrote."""
+    from megatron_prior.demo.pipeline import Layout
+    from megatron_prior.tokenizer import load_tokenizer
+
+    out = Path(out)
+    tokenizer = load_tokenizer(str(out / Layout.tokenizer))
+    heldout = str(out / Layout.documents(Layout.prefix("heldout")))
+    runs = [load_run(out, spec) for spec in specs]
+    reference = reference_separation(heldout, tokenizer, sorted({1.0, *settings.alphas}, reverse=True))
+    captions = caption_weights(heldout, out / Layout.data / "heldout.jsonl", tokenizer, settings.alphas[0])
+    data_summary = _read_json(out / Layout.data / "kinds_summary.json")
+    baseline = data_summary["probe"]["pair_frequency_baseline"]
+    step_times = _step_times(out)
+    extra = {
+        "reference": reference,
+        "probe_text_prior_baseline": baseline,
+        "data": {"splits": data_summary["splits"], "heldout_scenes_seen_in_train":
+                 data_summary["heldout_scenes_seen_in_train"]},
+        "settings": dataclasses.asdict(settings),
+        "command": command,
+        "started": started.isoformat(timespec="seconds"),
+        "wall_time_s": wall_time_s,
+        "step_times": step_times,
+    }
+    return write_report(out, runs, reference["auc_grounded_vs_template"], captions=captions,
+                        weight_label=f"PRIOR multiplier m (alpha {settings.alphas[0]:g})",
+                        notes=_notes(settings, reference, baseline, data_summary, runs, command, started,
+                                     wall_time_s, step_times),
+                        extra=extra)
