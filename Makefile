@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m megatron_prior.demo.pipeline --output-dir $(OUTPUT_DIR) $(if $(QUICK),--quick,)
+	$(PY) -m megatron_prior.demo.pipeline --output-dir $(OUTPUT_DIR) $(if $(filter 1 yes true,$(QUICK)),--quick,)
 
 # The sweep trains on the demo's scored data; the demo runs first when that is missing.
 sweep: setup
