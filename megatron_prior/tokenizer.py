@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence
 
+from megatron_prior.files import sha256_file
+
 # Attribute name -> the piece that holds it in the vocabulary.
 SPECIAL_PIECES: "OrderedDict[str, str]" = OrderedDict(
     eod="<eod>",
@@ -30,14 +32,6 @@ SPECIAL_PIECES: "OrderedDict[str, str]" = OrderedDict(
 )
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_visible(text: str, begin: int, end: int) -> int:
@@ -64,7 +58,7 @@ class Tokenizer(ABC):
         ids = list(special_ids.values())
         if len(set(ids)) != len(ids):
             raise ValueError(f"tokenizer {path}: special tokens share ids: {self.special_ids}")
-        payload = json.dumps({"class": type(self).__name__, "file_sha256": _sha256_file(path),
+        payload = json.dumps({"class": type(self).__name__, "file_sha256": sha256_file(path),
                               "special_ids": self.special_ids}, sort_keys=True)
         self.fingerprint = "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
         # Path-free on purpose: megatron-core hashes these into its index cache names, and a

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_prior.eval.files import atomic_write_text, atomic_write_with
+from megatron_prior.files import atomic_write_text, atomic_write_with
 from megatron_prior.eval.report import CaptionWeights, RunResult, write_report
 
 METRICS = ("heldout_loss_grounded", "heldout_loss_template", "heldout_loss_unrelated", "probe_accuracy")

@@ -17,7 +17,6 @@ last, so an interrupted run leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -33,6 +32,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
+
+from megatron_prior.files import sha256_file
 
 FORMAT_VERSION = 1
 LOGPROB_VALUES = "log p_ref(t_i | t_<i)"
@@ -63,14 +64,6 @@ def kinds_prefix(prefix: str) -> str:
 
 def metadata_path(prefix: str) -> str:
     return prefix + ".logprobs.json"
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -27,9 +27,9 @@ from megatron_prior.data.formats import (
     metadata_path,
     read_index,
     scores_prefix,
-    sha256_file,
 )
 from megatron_prior.data.kinds import KIND_NAMES
+from megatron_prior.files import sha256_file
 
 _CHECK_CHUNK = 1 << 24
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from megatron_prior.demo.captions import GROUNDED, TEMPLATE, UNRELATED, add_noise, build_caption
 from megatron_prior.demo.probe_items import ObjectStats, pair_frequency_scorer, probe_items_for
 from megatron_prior.demo.scenes import SceneObject, SceneSpec, render_scene, sample_scene
-from megatron_prior.eval.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from megatron_prior.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from megatron_prior.eval.probe import load_probe_items, probe_accuracy
 
 FORMAT_VERSION = 1

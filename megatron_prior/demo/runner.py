@@ -111,7 +111,7 @@ class StepRunner:
         return stamp.get("command") == step.command
 
     def _write_stamp(self, step: Step, seconds: float, cpu_seconds: Optional[float]) -> None:
-        from megatron_prior.eval.files import atomic_write_json
+        from megatron_prior.files import atomic_write_json
 
         atomic_write_json(self._stamp_path(step), {
             "command": step.command, "seconds": round(seconds, 2),

@@ -35,7 +35,7 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
 from PIL import Image
 
-from megatron_prior.eval.files import atomic_savefig, atomic_write_json, atomic_write_text
+from megatron_prior.files import atomic_savefig, atomic_write_json, atomic_write_text
 from megatron_prior.eval.stats import paired_differences, spread
 
 ARCHS: dict[str, str] = {"ulvlm": "U-LVLM", "hlvlm": "H-LVLM"}

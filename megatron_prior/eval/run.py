@@ -21,7 +21,7 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-from megatron_prior.eval.files import atomic_write_json
+from megatron_prior.files import atomic_write_json
 
 log = logging.getLogger("megatron_prior.eval")
 

@@ -1,4 +1,5 @@
-"""Writers that never leave a half-written file under the final name.
+"""File helpers shared across the pipeline: content hashes, and writers that never leave a
+half-written file under the final name.
 
 Each writes to a temporary file in the destination's own directory (so the rename stays on
 one file system and is atomic) and renames it into place; a crash leaves at most a stray
@@ -7,11 +8,21 @@ one file system and is atomic) and renames it into place; a crash leaves at most
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, BinaryIO
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
