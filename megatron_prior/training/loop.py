@@ -96,6 +96,10 @@ class Trainer:
     iteration: int = 0
     consumed_samples: int = 0
 
+    def __post_init__(self) -> None:
+        # Built once: the schedule calls it for every micro-batch of every iteration.
+        self.forward_step = make_forward_step(self.model_config, make_loss_func(self.args.loss))
+
     # --- set-up ------------------------------------------------------------------------
     @classmethod
     def build(cls, args: argparse.Namespace) -> "Trainer":
@@ -174,12 +178,10 @@ class Trainer:
     # --- one pass through the pipeline schedule ---------------------------------------
     def _run_schedule(self, batches: Iterator[dict], forward_only: bool) -> dict:
         args = self.args
-        loss_func = make_loss_func(args.loss)
-        forward_step = make_forward_step(self.model_config, loss_func)
         vpp = args.virtual_pipeline_model_parallel_size
         iterator = [batches] * vpp if vpp else batches
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=self.forward_step,
             data_iterator=iterator,
             model=self.model if vpp else self.model[0],
             num_microbatches=args.num_microbatches,
