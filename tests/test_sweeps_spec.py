@@ -157,6 +157,7 @@ def test_shipped_example_sweeps_load():
 
     root = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
     cpu = load_sweep(root / "cpu_default.yaml")
-    assert len(cpu.runs()) == 16
-    assert sum(r.train_iters for r in cpu.runs()) == 6000
+    assert len(cpu.runs()) == 24
+    assert sum(r.train_iters for r in cpu.runs()) == 3 * 2 * (50 + 100 + 200 + 400)
+    assert cpu.eval_command is not None
     assert load_sweep(root / "cluster_example.yaml").slurm.gpus_per_node == 8

@@ -54,10 +54,16 @@ def reference_run(request, tiny_corpus, tmp_path_factory):
     return arch, _losses(out)
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], []],
-                         ids=["TP2", "PP2", "DP2"])
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", "2"],
+    ["--pipeline-model-parallel-size", "2"],
+    ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+    ["--num-workers", "2"],  # DP=2, batches read by DataLoader worker processes
+], ids=["TP2", "PP2", "PP2-VPP2", "DP2-workers"])
 def test_parallel_layout_matches_single_process(reference_run, tiny_corpus, tmp_path, layout):
     arch, ref = reference_run
+    if "--num-layers-per-virtual-pipeline-stage" in layout and arch != "gpt":
+        pytest.skip("virtual pipeline stages are built for GPT only")
     out = str(tmp_path / "run")
     run_on_ranks(_train, 2, _argv(tiny_corpus, arch, out, "--loss", "prior", *layout))
     _assert_same_losses(_losses(out), ref)
@@ -109,6 +115,7 @@ def test_resume_is_exact_and_reshards(tiny_corpus, tmp_path):
      "--global-batch-size 6 is not divisible by --micro-batch-size 4"),
     (["--data-path", "/nonexistent/prefix"], "--data-path /nonexistent/prefix: missing /nonexistent/prefix.bin"),
     (["--loss", "prior", "--data-path", "@NOSCORES"], "--loss prior needs reference scores"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
 ])
 def test_bad_flags_stop_before_any_work(tiny_corpus, tmp_path, flags, message):
     from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model (tools/train_tokenizer.py)")
     g.add_argument("--data-cache-path", default=None, help="where megatron-core caches dataset indices")
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes per rank that read and pack batches ahead of the "
+                        "step (0: in the training process)")
 
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
@@ -143,6 +145,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError(f"{', '.join(missing)} not set: give them or a --model-size preset")
     if args.train_iters is None or args.train_iters <= 0:
         raise ArgumentError("--train-iters must be a positive number of iterations")
+    if args.num_workers < 0:
+        raise ArgumentError(f"--num-workers must be >= 0, got {args.num_workers}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise ArgumentError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

@@ -24,21 +24,70 @@ from megatron_prior import parallel
 _INT_KEYS = {"tokens", "labels", "position_ids", "token_kinds"}
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack numpy/tensor samples into batch-first tensors on this rank's device."""
-    device = parallel.device()
+def stack(samples: list[dict]) -> dict:
+    """Batch-first CPU tensors from a list of samples (runs in DataLoader workers)."""
     batch = {}
     for key in samples[0]:
         if key == "attention_mask":
             continue  # causal masks are built inside the model
-        values = [torch.as_tensor(np.asarray(s[key])) for s in samples]
-        stacked = torch.stack(values)
+        stacked = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
         if key in _INT_KEYS:
             stacked = stacked.long()
         elif stacked.is_floating_point():
             stacked = stacked.float()
-        batch[key] = stacked.to(device, non_blocking=True)
+        batch[key] = stacked
     return batch
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """This data-parallel rank's micro-batches (index lists), from global sample ``start`` on.
+
+    Global micro-batch ``k`` (counting over all ranks) starts at ``start + k * mbs * dp``; rank
+    ``r`` takes the ``mbs`` samples after ``r * mbs`` of it. Endless; indices wrap at ``n``.
+    """
+
+    def __init__(self, n: int, start: int, micro_batch_size: int, dp_size: int, dp_rank: int):
+        self.n, self.start, self.mbs, self.dp, self.rank = n, start, micro_batch_size, dp_size, dp_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = 0
+        while True:
+            first = self.start + k * self.mbs * self.dp + self.rank * self.mbs
+            yield [(first + j) % self.n for j in range(self.mbs)]
+            k += 1
+
+
+class BatchStream:
+    """Micro-batches of one dataset, in order, from any sample position.
+
+    One DataLoader (``num_workers`` processes, prefetching) stays alive while the caller asks
+    for consecutive positions, as training does step after step; a jump (each evaluation
+    starts again at its first sample, a resumed run at its consumed samples) restarts it.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, num_workers: int):
+        self.dataset, self.micro_batch_size, self.num_workers = dataset, micro_batch_size, num_workers
+        self._loader: Optional[Iterator[dict]] = None
+        self._position: Optional[int] = None  # global sample the next micro-batch starts at
+
+    def take(self, start: int, count: int) -> Iterator[dict]:
+        """``count`` micro-batches of this rank from global sample ``start``, on this rank's device."""
+        dp = parallel_state.get_data_parallel_world_size()
+        if self._position != start:
+            self._restart(start, dp)
+        device = parallel.device()
+        for _ in range(count):
+            batch = next(self._loader)
+            self._position += self.micro_batch_size * dp
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def _restart(self, start: int, dp: int) -> None:
+        sampler = MicroBatchSampler(len(self.dataset), start, self.micro_batch_size, dp,
+                                    parallel_state.get_data_parallel_rank())
+        self._loader = iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=stack, num_workers=self.num_workers,
+            pin_memory=parallel.device().type == "cuda"))
+        self._position = start
 
 
 @dataclass
@@ -50,23 +99,20 @@ class TrainingData:
     micro_batch_size: int
     num_microbatches: int
     global_batch_size: int
+    num_workers: int = 0
 
-    def _batches(self, dataset, start: int) -> Iterator[dict]:
-        dp = parallel_state.get_data_parallel_world_size()
-        rank = parallel_state.get_data_parallel_rank()
-        mbs = self.micro_batch_size
-        n = len(dataset)
-        for k in range(self.num_microbatches):
-            first = start + k * mbs * dp + rank * mbs
-            yield collate([dataset[(first + j) % n] for j in range(mbs)])
+    def __post_init__(self) -> None:
+        self._streams = {name: BatchStream(ds, self.micro_batch_size, self.num_workers)
+                         for name, ds in (("train", self.train), ("valid", self.valid)) if ds is not None}
 
     def train_batches(self, consumed_samples: int) -> Iterator[dict]:
-        return self._batches(self.train, consumed_samples)
+        """The micro-batches of the iteration that starts at ``consumed_samples``."""
+        return self._streams["train"].take(consumed_samples, self.num_microbatches)
 
     def valid_batches(self, offset: int) -> Iterator[dict]:
         if self.valid is None:
             raise ValueError("no validation split: set --split with a non-zero validation share or --eval-iters 0")
-        return self._batches(self.valid, offset)
+        return self._streams["valid"].take(offset, self.num_microbatches)
 
 
 def _dataset_config(args: argparse.Namespace, tokenizer):
@@ -136,4 +182,4 @@ def build_training_data(args: argparse.Namespace) -> TrainingData:
                          "or pass --eval-iters 0")
     image_size = _image_size(train) if args.model != "gpt" else None
     return TrainingData(tokenizer, train, valid, image_size, args.micro_batch_size, args.num_microbatches,
-                        args.global_batch_size)
+                        args.global_batch_size, args.num_workers)

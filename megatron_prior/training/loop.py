@@ -114,6 +114,12 @@ class Trainer:
         if use_te:
             overrides.update(fp8=args.fp8_format, fp8_param=False)
         vpp = args.virtual_pipeline_model_parallel_size
+        if vpp:
+            # As Megatron-LM: interleaved stages overlap their p2p transfers instead of batching
+            # them. Batched, the two streams between a pair of ranks (activations to the next
+            # stage, gradients to the previous one: the same peer when PP = 2) share one
+            # communicator, and gloo pairs them in posting order, mixing them up.
+            overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
         chunks = [
             build_model(model_config, bf16=args.bf16, use_te=use_te, vp_stage=(i if vpp else None),
                         config_overrides=overrides, fused_linear_ce=args.fused_linear_ce)
@@ -179,7 +185,12 @@ class Trainer:
     def _run_schedule(self, batches: Iterator[dict], forward_only: bool) -> dict:
         args = self.args
         vpp = args.virtual_pipeline_model_parallel_size
-        iterator = [batches] * vpp if vpp else batches
+        if vpp:
+            # Every model chunk runs every micro-batch, each pulling it from its own iterator.
+            batches = list(batches)
+            iterator = [iter(batches) for _ in range(vpp)]
+        else:
+            iterator = batches
         outputs = get_forward_backward_func()(
             forward_step_func=self.forward_step,
             data_iterator=iterator,
