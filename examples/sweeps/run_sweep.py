@@ -26,8 +26,8 @@ from pathlib import Path
 
 from megatron_prior.sweeps import (CollectError, FitError, RunFailed, SweepError, analyze,
                                    load_sweep, render_sbatch, run_local, submit)
-from megatron_prior.sweeps.layout import (RUN_RECORD, SUMMARY, check_run_record, run_dir,
-                                          run_record, write_atomic, write_json)
+from megatron_prior.files import atomic_write_json, atomic_write_text
+from megatron_prior.sweeps.layout import RUN_RECORD, SUMMARY, check_run_record, run_dir, run_record
 from megatron_prior.sweeps.report import fit_markdown
 
 
@@ -83,9 +83,9 @@ def _slurm(spec, output_dir: Path, args) -> None:
         return
     path = output_dir / "slurm" / f"{spec.name}.sbatch"
     (output_dir / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
-    write_atomic(path, script)
+    atomic_write_text(path, script)
     for run in pending:
-        write_json(run_dir(output_dir, run) / RUN_RECORD, run_record(spec, run))
+        atomic_write_json(run_dir(output_dir, run) / RUN_RECORD, run_record(spec, run), sort_keys=False)
     job = submit(path)
     again = shlex.join([sys.executable, sys.argv[0], str(args.sweep), "--output-dir",
                         str(output_dir), "--collect-only"])

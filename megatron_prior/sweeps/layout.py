@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from .spec import Run, SweepError, SweepSpec
 
@@ -35,24 +32,6 @@ def run_dir(output_dir: Path, run: Run) -> Path:
 
 def output_flags(rdir: Path | str) -> list[str]:
     return ["--save", f"{rdir}/{CHECKPOINTS}", "--log-dir", str(rdir)]
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary name beside ``path`` and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def run_record(spec: SweepSpec, run: Run) -> dict:

@@ -18,8 +18,10 @@ from typing import Optional, TextIO
 
 from tqdm import tqdm
 
+from megatron_prior.files import atomic_write_json
+
 from .layout import (CHECKPOINTS, EVAL, EVAL_LOG, LATEST, RUN_RECORD, SUMMARY, TRAIN_LOG,
-                     check_run_record, output_flags, run_dir, run_record, write_json)
+                     check_run_record, output_flags, run_dir, run_record)
 from .spec import Run, SweepSpec
 
 
@@ -116,7 +118,7 @@ def run_local(spec: SweepSpec, output_dir: Path, *, max_runs: Optional[int] = No
     for run in tqdm(todo, desc=f"sweep {spec.name}", unit="run", file=stream, disable=not todo):
         rdir = run_dir(output_dir, run)
         rdir.mkdir(parents=True, exist_ok=True)
-        write_json(rdir / RUN_RECORD, run_record(spec, run))
+        atomic_write_json(rdir / RUN_RECORD, run_record(spec, run), sort_keys=False)
         argv = train_command(spec, run, rdir, python)
         resumed = " (resuming from its checkpoint)" if "--load" in argv else ""
         echo(f"train {run.name}: {run.train_iters} iterations, {run.tokens} tokens{resumed}")

@@ -5,7 +5,6 @@ exponents per size and their confidence intervals, which is where "PRIOR scales 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -14,9 +13,10 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from megatron_prior.files import atomic_savefig  # noqa: E402
+
 from .collect import RunResult  # noqa: E402
 from .fit import power_law  # noqa: E402
-from .layout import write_atomic  # noqa: E402
 
 _LOSS_STYLE = {"ntp": ("o", "NTP"), "prior": ("s", "PRIOR")}
 
@@ -70,10 +70,8 @@ def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "
     fig.suptitle(f"{title}: dotted = extrapolation beyond the largest budget" if title
                  else "dotted = extrapolation beyond the largest budget", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    write_atomic(Path(path), buf.getvalue())
 
 
 def _plot_exponents(ax, fit: dict, losses: list[str], sizes: list[str]) -> None:

@@ -26,7 +26,9 @@ from typing import Optional
 
 from .collect import RunResult, collect, results_markdown
 from .fit import FitError, fit_chinchilla, fit_power_law
-from .layout import SUMMARY, write_atomic, write_json
+from megatron_prior.files import atomic_write_json, atomic_write_text
+
+from .layout import SUMMARY
 from .spec import SweepSpec
 
 SCHEMA_VERSION = 1
@@ -128,10 +130,10 @@ def analyze(spec: SweepSpec, output_dir: Path, *, n_bootstrap: int = 1000, seed:
     if missing:
         raise FitError(f"{len(missing)} of {len(results) + len(missing)} runs have no "
                        f"{SUMMARY} yet (first: {missing[0].name}); finish the sweep first")
-    write_json(output_dir / "results.json", [r.as_dict() for r in results])
+    atomic_write_json(output_dir / "results.json", [r.as_dict() for r in results], sort_keys=False)
     fit = fit_sweep(results, spec.name, spec.losses, n_bootstrap=n_bootstrap, seed=seed)
-    write_json(output_dir / "fit.json", fit)
-    write_atomic(output_dir / "results.md",
+    atomic_write_json(output_dir / "fit.json", fit, sort_keys=False)
+    atomic_write_text(output_dir / "results.md",
                  f"# Sweep {spec.name}\n\n## Fits\n\n{fit_markdown(fit)}\n## Runs\n\n"
                  f"{results_markdown(results)}")
     plot_scaling(results, fit, output_dir / "scaling.png", title=f"sweep {spec.name}")

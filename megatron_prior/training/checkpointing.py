@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from megatron_prior.files import atomic_write_text
 from megatron_prior.models.config import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -53,15 +54,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- RNG states as tensors (no pickles) --------------------------------------------------
@@ -172,12 +164,12 @@ def save_checkpoint(
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             **(extra or {}),
         )
-        _write_atomic(tmp / MODEL_CONFIG, model_config.to_json())
-        _write_atomic(tmp / TRAIN_STATE, json.dumps(train_state, indent=2, sort_keys=True, default=str))
+        atomic_write_text(tmp / MODEL_CONFIG, model_config.to_json(), fsync=True)
+        atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=2, sort_keys=True, default=str), fsync=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / TRACKER, str(iteration))
+        atomic_write_text(root / TRACKER, str(iteration), fsync=True)
     _barrier()
     return final
 

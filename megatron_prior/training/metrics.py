@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_prior import parallel
+from megatron_prior.files import atomic_write_json
 from megatron_prior.models.config import ModelConfig
 
 log = logging.getLogger("megatron_prior.train")
@@ -154,10 +155,7 @@ class MetricsLogger:
             "model_config": self.model_config.to_dict(),
         }
         if self.writer_rank and self.log_dir:
-            path = os.path.join(self.log_dir, "summary.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(summary, f, indent=2)
-            os.replace(path + ".tmp", path)
+            atomic_write_json(os.path.join(self.log_dir, "summary.json"), summary, sort_keys=False)
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tensorboard is not None:
