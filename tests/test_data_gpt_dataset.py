@@ -162,7 +162,8 @@ def test_dataloader_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
     for key, value in ds[7].items():
         torch.testing.assert_close(clone[7][key], value, rtol=0, atol=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    # Spawned, as the trainer starts them (megatron_prior.training.data.WORKER_START_METHOD).
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn")
     batch = next(iter(loader))
     assert batch["loss_weights"].shape == (4, 24)
     for i in range(4):

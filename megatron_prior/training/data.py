@@ -57,36 +57,45 @@ class MicroBatchSampler(torch.utils.data.Sampler):
             k += 1
 
 
+# Workers start as fresh interpreters that unpickle the dataset: a fork of a training process
+# would copy its communication and thread-pool state (gloo/NCCL threads, OpenMP) mid-flight.
+WORKER_START_METHOD = "spawn"
+
+
 class BatchStream:
     """Micro-batches of one dataset, in order, from any sample position.
 
-    One DataLoader (``num_workers`` processes, prefetching) stays alive while the caller asks
-    for consecutive positions, as training does step after step; a jump (each evaluation
-    starts again at its first sample, a resumed run at its consumed samples) restarts it.
+    Positions wrap at ``length`` (default: the dataset's). One DataLoader (``num_workers``
+    processes, prefetching) stays alive while the caller asks for consecutive positions, as
+    training does step after step and evaluation does eval after eval (its positions cycle
+    through ``length`` = its samples); a jump (a resumed run) restarts it.
     """
 
-    def __init__(self, dataset, micro_batch_size: int, num_workers: int):
+    def __init__(self, dataset, micro_batch_size: int, num_workers: int, length: Optional[int] = None):
         self.dataset, self.micro_batch_size, self.num_workers = dataset, micro_batch_size, num_workers
+        self.length = length or len(dataset)
         self._loader: Optional[Iterator[dict]] = None
-        self._position: Optional[int] = None  # global sample the next micro-batch starts at
+        self._position: Optional[int] = None  # sample the next micro-batch starts at, mod length
 
     def take(self, start: int, count: int) -> Iterator[dict]:
         """``count`` micro-batches of this rank from global sample ``start``, on this rank's device."""
         dp = parallel_state.get_data_parallel_world_size()
-        if self._position != start:
-            self._restart(start, dp)
+        if self._position != start % self.length:
+            self._restart(start % self.length, dp)
         device = parallel.device()
         for _ in range(count):
             batch = next(self._loader)
-            self._position += self.micro_batch_size * dp
+            self._position = (self._position + self.micro_batch_size * dp) % self.length
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def _restart(self, start: int, dp: int) -> None:
-        sampler = MicroBatchSampler(len(self.dataset), start, self.micro_batch_size, dp,
+        sampler = MicroBatchSampler(self.length, start, self.micro_batch_size, dp,
                                     parallel_state.get_data_parallel_rank())
+        workers = (dict(num_workers=self.num_workers, multiprocessing_context=WORKER_START_METHOD)
+                   if self.num_workers else {})
         self._loader = iter(torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=stack, num_workers=self.num_workers,
-            pin_memory=parallel.device().type == "cuda"))
+            self.dataset, batch_sampler=sampler, collate_fn=stack,
+            pin_memory=parallel.device().type == "cuda", **workers))
         self._position = start
 
 
@@ -99,18 +108,22 @@ class TrainingData:
     micro_batch_size: int
     num_microbatches: int
     global_batch_size: int
+    eval_iters: int = 0
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        self._streams = {name: BatchStream(ds, self.micro_batch_size, self.num_workers)
-                         for name, ds in (("train", self.train), ("valid", self.valid)) if ds is not None}
+        # Every evaluation reads the same eval_iters global batches of the validation split.
+        self._streams = {"train": BatchStream(self.train, self.micro_batch_size, self.num_workers)}
+        if self.valid is not None and self.eval_iters > 0:
+            self._streams["valid"] = BatchStream(self.valid, self.micro_batch_size, self.num_workers,
+                                                 length=self.eval_iters * self.global_batch_size)
 
     def train_batches(self, consumed_samples: int) -> Iterator[dict]:
         """The micro-batches of the iteration that starts at ``consumed_samples``."""
         return self._streams["train"].take(consumed_samples, self.num_microbatches)
 
     def valid_batches(self, offset: int) -> Iterator[dict]:
-        if self.valid is None:
+        if "valid" not in self._streams:
             raise ValueError("no validation split: set --split with a non-zero validation share or --eval-iters 0")
         return self._streams["valid"].take(offset, self.num_microbatches)
 
@@ -182,4 +195,4 @@ def build_training_data(args: argparse.Namespace) -> TrainingData:
                          "or pass --eval-iters 0")
     image_size = _image_size(train) if args.model != "gpt" else None
     return TrainingData(tokenizer, train, valid, image_size, args.micro_batch_size, args.num_microbatches,
-                        args.global_batch_size, args.num_workers)
+                        args.global_batch_size, args.eval_iters, args.num_workers)
