@@ -37,9 +37,10 @@ test: setup
 demo: setup
 	$(PY) -m megatron_prior.demo.pipeline --output-dir $(OUTPUT_DIR) $(if $(filter 1 yes true,$(QUICK)),--quick,)
 
-# The sweep trains on the demo's scored data; the demo runs first when that is missing.
+# The sweep trains on the demo's scored data (full size): its data stages run first, and are
+# skipped in seconds when a full demo has already made them.
 sweep: setup
-	@test -f $(OUTPUT_DIR)/data/train_caption_document.logprobs.idx || $(MAKE) demo OUTPUT_DIR=$(OUTPUT_DIR)
+	$(PY) -m megatron_prior.demo.pipeline --output-dir $(OUTPUT_DIR) --data-only
 	$(PY) examples/sweeps/run_sweep.py $(SWEEP) --output-dir $(SWEEP_DIR)
 
 bench: setup

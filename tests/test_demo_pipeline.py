@@ -79,3 +79,11 @@ def test_rerun_skips_finished_stages(demo, capsys):
     assert [line for line in log.splitlines() if "] start " in line] == \
         [line for line in log.splitlines() if "start  write the report" in line]
     assert second["runs"] == first["runs"] and second["reference_auc"] == first["reference_auc"]
+
+
+def test_data_only_stops_after_the_scored_benchmark(demo, capsys):
+    out, _ = demo
+    assert pipeline.main(["--quick", "--output-dir", str(out), "--data-only"]) == {}
+    lines = [line for line in capsys.readouterr().out.splitlines() if "] start " in line or "] skip " in line]
+    assert len(lines) == len(pipeline.DATA_STEPS) and all("] skip " in line for line in lines), lines
+    assert not any(word in line for line in lines for word in ("train U-", "train H-", "evaluate", "report")), lines

@@ -240,6 +240,10 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
     return steps
 
 
+# The scored benchmark alone (what `make sweep` trains on): no LVLM runs, no report.
+DATA_STEPS = ("data", "tokenizer", "text_data", "reference", "score_train", "score_heldout")
+
+
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     base = QUICK if args.quick else FULL
     changes = {}
@@ -283,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None,
                    help="steps run at once (default: the CPU count, up to 2; each gets CPU count / jobs threads)")
     p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
+    p.add_argument("--data-only", action="store_true",
+                   help="stop after the scored benchmark (images and captions, tokenizer, reference LM, "
+                        "PRIOR scores of the training and held-out sets): the data a sweep trains on")
     return p
 
 
@@ -308,9 +315,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # once get twice the work done.
     env = {"OMP_NUM_THREADS": str(max(1, cpus // jobs)), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
     runner = StepRunner(out, jobs=jobs, force=args.force, env=env)
-    runner.echo(f"{'quick' if args.quick else 'full'} demo into {out}/: {len(run_specs(settings))} LVLM runs "
-                f"(archs {', '.join(settings.archs)}; NTP and PRIOR alpha {', '.join(f'{a:g}' for a in settings.alphas)}; "
-                f"seeds {', '.join(map(str, settings.seeds))}), {settings.train_iters} iterations each, {jobs} at a time")
+    if args.data_only:
+        runner.echo(f"{'quick' if args.quick else 'full'} demo benchmark into {out}/data/: data stages only")
+    else:
+        runner.echo(f"{'quick' if args.quick else 'full'} demo into {out}/: {len(run_specs(settings))} LVLM runs "
+                    f"(archs {', '.join(settings.archs)}; NTP and PRIOR alpha {', '.join(f'{a:g}' for a in settings.alphas)}; "
+                    f"seeds {', '.join(map(str, settings.seeds))}), {settings.train_iters} iterations each, {jobs} at a time")
 
     def report() -> None:
         from megatron_prior.demo.report import write_demo_report
@@ -318,12 +328,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         write_demo_report(out, settings, run_specs(settings), command=command, started=started,
                           wall_time_s=time.perf_counter() - wall_start)
 
+    steps = build_steps(settings, report)
+    if args.data_only:
+        steps = [st for st in steps if st.name in DATA_STEPS]
     try:
-        results = runner.run(build_steps(settings, report))
+        results = runner.run(steps)
     except StepFailed as err:
         raise SystemExit(f"megatron_prior.demo.pipeline: {err}") from None
     wall = time.perf_counter() - wall_start
     ran = sum(r.ran for r in results.values())
+    if args.data_only:
+        runner.echo(f"scored benchmark ready in {out / 'data'}/ ({wall:.0f} s; {ran} steps ran, "
+                    f"{len(results) - ran} skipped)")
+        return {}
     runner.echo(f"finished in {wall:.0f} s ({ran} steps ran, {len(results) - ran} skipped); "
                 f"report: {out / 'results.md'}")
     print((out / "results.md").read_text())
