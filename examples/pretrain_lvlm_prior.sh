@@ -38,6 +38,7 @@ TRAIN_ITERS=${TRAIN_ITERS:-20000}
 LR=${LR:-3e-4}
 MIN_LR=${MIN_LR:-3e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-500}
+NUM_WORKERS=${NUM_WORKERS:-2}                # DataLoader processes per GPU rank (reading, packing)
 PRECISION=${PRECISION:---bf16}             # add "--fp8-format hybrid" on Hopper with TE
 TRAIN_ARGS=(
   --model "$MODEL" --model-size "$MODEL_SIZE"
@@ -47,7 +48,7 @@ TRAIN_ARGS=(
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
   --weight-decay 0.1 --clip-grad 1.0 $PRECISION
   --loss "$LOSS" --prior-alpha "$PRIOR_ALPHA"
-  --data-path $DATA_PATH --split 990,10,0 --tokenizer-model "$TOKENIZER_MODEL"
+  --data-path $DATA_PATH --split 990,10,0 --tokenizer-model "$TOKENIZER_MODEL" --num-workers "$NUM_WORKERS"
   --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" --save-interval 1000
   --eval-interval 1000 --eval-iters 20 --log-interval 10
   --tensorboard-dir "$TENSORBOARD_DIR"

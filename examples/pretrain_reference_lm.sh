@@ -32,6 +32,7 @@ TRAIN_ITERS=${TRAIN_ITERS:-10000}
 LR=${LR:-6e-4}
 MIN_LR=${MIN_LR:-6e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-200}
+NUM_WORKERS=${NUM_WORKERS:-2}                # DataLoader processes per GPU rank (reading, packing)
 PRECISION=${PRECISION:---bf16}
 TRAIN_ARGS=(
   --model gpt --model-size "$MODEL_SIZE"
@@ -40,7 +41,7 @@ TRAIN_ARGS=(
   --seq-length "$SEQ_LENGTH" --train-iters "$TRAIN_ITERS"
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
   --weight-decay 0.1 --clip-grad 1.0 $PRECISION --loss ntp
-  --data-path $DATA_PATH --split 990,10,0 --tokenizer-model "$TOKENIZER_MODEL"
+  --data-path $DATA_PATH --split 990,10,0 --tokenizer-model "$TOKENIZER_MODEL" --num-workers "$NUM_WORKERS"
   --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" --save-interval 1000
   --eval-interval 1000 --eval-iters 20 --log-interval 10
   --tensorboard-dir "$TENSORBOARD_DIR"

@@ -13,17 +13,17 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1       # ordered kernel launches, as Megatro
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 launch_training() {
-  local launch=(
-    "$PYTHON" -m torch.distributed.run
-    --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES"
-    --node-rank '${SLURM_NODEID}'
-    --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id "${SLURM_JOB_ID:-local}"
-    -m megatron_prior.train "$@"
-  )
-  # The node rank is expanded inside each task (single quotes above), not here.
-  local cmd="cd '$REPO' && ${launch[*]}"
+  # Each argument quoted for the inner shell (paths with spaces stay one argument); the node
+  # rank is left for each task to expand (escaped $), not expanded here.
+  local args
+  printf -v args '%q ' "$@"
+  local cmd="cd $(printf '%q' "$REPO") && $(printf '%q' "$PYTHON") -m torch.distributed.run"
+  cmd+=" --nproc-per-node $GPUS_PER_NODE --nnodes $NNODES --node-rank \${SLURM_NODEID}"
+  cmd+=" --rdzv-backend c10d --rdzv-endpoint ${MASTER_ADDR}:${MASTER_PORT} --rdzv-id ${SLURM_JOB_ID:-local}"
+  cmd+=" -m megatron_prior.train ${args% }"
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    echo "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \"$cmd\""
+    # Single-quoted as one would type it (a ' inside becomes '\''), so it can be pasted.
+    echo "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '${cmd//\'/\'\\\'\'}'"
     return 0
   fi
   mkdir -p logs
