@@ -41,7 +41,7 @@ demo: setup
 # skipped in seconds when a full demo has already made them.
 sweep: setup
 	$(PY) -m megatron_prior.demo.pipeline --output-dir $(OUTPUT_DIR) --data-only
-	$(PY) examples/sweeps/run_sweep.py $(SWEEP) --output-dir $(SWEEP_DIR)
+	DEMO_OUTPUT=$(OUTPUT_DIR) $(PY) examples/sweeps/run_sweep.py $(SWEEP) --output-dir $(SWEEP_DIR)
 
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done

@@ -161,3 +161,20 @@ def test_shipped_example_sweeps_load():
     assert sum(r.train_iters for r in cpu.runs()) == 3 * 2 * (50 + 100 + 200 + 400)
     assert cpu.eval_command is not None
     assert load_sweep(root / "cluster_example.yaml").slurm.gpus_per_node == 8
+
+
+def test_environment_variables_in_strings(tmp_path, monkeypatch):
+    raw = copy.deepcopy(BASE)
+    raw["data"]["data-path"] = "${SWEEP_DATA}/train_text_document"
+    raw["data"]["tokenizer-model"] = "${SWEEP_TOK:-d/default.model}"
+    raw["eval"]["command"] = "{python} ev.py --load {load} --price $$5 --held ${SWEEP_DATA}/heldout --out {eval_json}"
+    monkeypatch.setenv("SWEEP_DATA", "/scratch/demo")
+    monkeypatch.delenv("SWEEP_TOK", raising=False)
+    spec = load_sweep(_write(tmp_path, raw))
+    flags = spec.run_flags(spec.runs()[0])
+    assert flags[flags.index("--data-path") + 1] == "/scratch/demo/train_text_document"
+    assert flags[flags.index("--tokenizer-model") + 1] == "d/default.model"
+    assert "--price $5 --held /scratch/demo/heldout" in spec.eval_command
+    monkeypatch.delenv("SWEEP_DATA")
+    with pytest.raises(SweepError, match=r"sweep.yaml: data.data-path: environment variable SWEEP_DATA is not set"):
+        load_sweep(_write(tmp_path, raw))

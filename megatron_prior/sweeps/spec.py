@@ -22,6 +22,10 @@ File layout (see ``examples/sweeps/*.yaml``)::
     train_args: {lr: 1e-3, micro-batch-size: 8}      # passed through as --flag value
     eval: {command: "{python} -m ... --load {load} --output {eval_json}"}
     slurm: {partition: gpu, nodes: 1, gpus_per_node: 8, time: "01:00:00", account: proj}
+
+String values may name environment variables as ``${NAME}`` or ``${NAME:-default}`` (the shell's
+forms), so one file serves several data locations (``make sweep`` sets ``DEMO_OUTPUT``); ``$$``
+is a literal ``$``. A variable that is unset and has no default is refused by name.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 import shlex
 import string
@@ -242,7 +247,34 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(f"{path}: {err}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise SweepError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
-    return parse_sweep(raw, path)
+    return parse_sweep(expand_environment(raw, path), path)
+
+
+_ENV_REFERENCE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+
+
+def expand_environment(value: Any, path: Path, key: str = "", environ: Optional[dict] = None) -> Any:
+    """``value`` with ``${NAME}`` / ``${NAME:-default}`` in its strings replaced from the environment."""
+    environ = os.environ if environ is None else environ
+    if isinstance(value, dict):
+        return {k: expand_environment(v, path, f"{key}.{k}" if key else str(k), environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_environment(v, path, f"{key}[{i}]", environ) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name is None:
+            return "$"
+        if environ.get(name):
+            return environ[name]
+        if default is None:
+            raise SweepError(f"{path}: {key}: environment variable {name} is not set (write ${{{name}:-default}} "
+                             "to give a default)")
+        return default
+
+    return _ENV_REFERENCE.sub(substitute, value)
 
 
 class _Checker:
