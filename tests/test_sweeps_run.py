@@ -97,7 +97,7 @@ def test_resume_skips_finished_runs(tmp_path, calls, capsys):
 
 
 def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
-    sweep = _fake_sweep(tmp_path)
+    sweep = _fake_sweep(tmp_path, fit_kinds=["grounded"])
     out = tmp_path / "out"
     assert _run_sweep_module().main([str(sweep), "--output-dir", str(out), "--bootstrap", "200"]) == 0
     printed = capsys.readouterr().out
@@ -111,6 +111,16 @@ def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
         assert fit["comparison"][size]["ci_overlap"] is False
     assert fit["ntp"]["extrapolation_error"] < 1e-5
     assert fit["chinchilla"]["ntp"]["alpha"] == pytest.approx(0.45, rel=1e-3)
+    # fake_train.py: grounded CE = 1.5 x the loss, so the same exponents and 1.5 x E.
+    grounded = fit["by_kind"]["grounded"]
+    assert grounded["y"] == "grounded" and fit["y"] == "eval_loss"
+    for size in ("xs", "s", "m"):
+        for loss, beta in (("ntp", 0.30), ("prior", 0.36)):
+            assert grounded["per_size"][size][loss]["beta"] == pytest.approx(beta, rel=1e-4)
+            assert grounded["per_size"][size][loss]["E"] == pytest.approx(1.5 * fit["per_size"][size][loss]["E"],
+                                                                          rel=1e-3)
+    assert (out / "scaling_grounded.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Fits: held-out CE of the grounded tokens" in (out / "results.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 24 and results[0]["probe_accuracy"] is not None
     assert results[0]["eval_losses_by_kind"]["grounded"] > results[0]["eval_losses_by_kind"]["template"]
@@ -120,6 +130,12 @@ def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
     assert _run_sweep_module().main([str(sweep), "--output-dir", str(out), "--collect-only",
                                      "--bootstrap", "50"]) == 0
     assert len(calls()) == 24
+    # A kind the runs did not measure is refused by name.
+    capsys.readouterr()
+    sweep = _fake_sweep(tmp_path, fit_kinds=["objects"])
+    assert _run_sweep_module().main([str(sweep), "--output-dir", str(out), "--collect-only"]) == 1
+    assert "no held-out loss for token kind 'objects' (its summary.json eval_losses_by_kind has: grounded, " \
+           "template)" in capsys.readouterr().err
 
 
 def test_dry_run_changes_nothing(tmp_path, calls, capsys):

@@ -120,6 +120,8 @@ BAD = [
     (_mutate(["slurm"], {"gpus_per_node": 8, "time": "1:00:00"}), "slurm.nodes: missing (required)"),
     (_mutate(["slurm"], {"nodes": 1, "gpus_per_node": 0, "time": "10"}), "slurm.gpus_per_node: must be >= 1"),
     (_mutate(["trainer"], []), "trainer: must be a non-empty list"),
+    (_mutate(["fit_kinds"], "grounded"), "fit_kinds: must be a list of token kinds, got str"),
+    (_mutate(["fit_kinds"], ["grounded", "grounded"]), "fit_kinds[1]: duplicate kind 'grounded'"),
 ]
 
 

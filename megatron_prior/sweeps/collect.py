@@ -41,6 +41,17 @@ class RunResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def metric(self, name: str) -> float:
+        """``eval_loss`` (every caption token), or the held-out CE of one token kind."""
+        if name == "eval_loss":
+            return self.eval_loss
+        try:
+            return self.eval_losses_by_kind[name]
+        except KeyError:
+            raise CollectError(f"run {self.run}: no held-out loss for token kind {name!r} (its summary.json "
+                               f"eval_losses_by_kind has: {', '.join(sorted(self.eval_losses_by_kind)) or 'none'})"
+                               ) from None
+
 
 def _load_json(path: Path) -> dict:
     try:

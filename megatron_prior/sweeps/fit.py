@@ -144,8 +144,9 @@ class _PointFit:
         for name, value in zip(names, self.exps):
             if np.isclose(value, bounds, rtol=1e-6).any():
                 raise FitError(f"the exponent {name} ran to its search bound ({value:.4g}, bounds "
-                               f"{bounds}): the curve is flat or falls without bending, so the "
-                               "data do not determine it; more or wider budgets (or sizes) are needed")
+                               f"{bounds}): the curve is flat, falls without bending, or falls faster at the "
+                               "larger budgets than a power law can, so the data do not determine it; "
+                               "more or wider budgets (or sizes) are needed")
 
     def params(self, coef_names: tuple[str, ...]) -> dict:
         out = {"E": self.c}

@@ -25,8 +25,10 @@ def _label(loss: str) -> str:
     return _LOSS_STYLE.get(loss, ("o", loss.upper()))[1]
 
 
-def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "") -> None:
-    """Write the figure to ``path`` (PNG)."""
+def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "",
+                 metric: str = "eval_loss") -> None:
+    """Write the figure of ``metric`` (RunResult.metric) and its ``fit`` to ``path`` (PNG)."""
+    what = "held-out loss" if metric == "eval_loss" else f"held-out CE, {metric} tokens"
     losses = [k for k in ("ntp", "prior") if k in {r.loss for r in results}] + sorted(
         {r.loss for r in results} - {"ntp", "prior"})
     sizes = list(fit["per_size"])  # ordered by parameter count
@@ -40,7 +42,7 @@ def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "
         for color, size in zip(colors, sizes):
             pts = [r for r in results if r.size == size and r.loss == loss]
             d = np.array([r.tokens for r in pts], dtype=float)
-            y = np.array([r.eval_loss for r in pts])
+            y = np.array([r.metric(metric) for r in pts])
             f = fit["per_size"][size][loss]
             label = f"{size} ({f['parameters'] / 1e6:.2g}M)"
             if "error" in f:
@@ -56,11 +58,11 @@ def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "
             ax.scatter(d, y, color=color, marker=_LOSS_STYLE.get(loss, ("o",))[0], s=26,
                        edgecolor="black", linewidth=0.4, zorder=3, label=label)
         ax.set_xscale("log")
-        ax.set_title(f"{_label(loss)}: held-out loss vs tokens")
+        ax.set_title(f"{_label(loss)}: {what} vs tokens")
         ax.set_xlabel("training tokens D")
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(fontsize=7.5, loc="upper right", title="size: L = E + B·D^-β", title_fontsize=7.5)
-    loss_axes[0].set_ylabel("held-out loss (nats/token)")
+    loss_axes[0].set_ylabel(f"{what} (nats/token)")
     # Same y range on every loss panel, so the curves compare by eye.
     lo = min(a.get_ylim()[0] for a in loss_axes)
     hi = max(a.get_ylim()[1] for a in loss_axes)

@@ -10,7 +10,8 @@
       "prior": {...},
       "per_size": {"xs": {"ntp": {<fit>, "parameters": N}, "prior": {...}}, "s": {...}},
       "chinchilla": {"ntp": {E, A, alpha, alpha_ci, B, beta, beta_ci, r2, ...}, "prior": ...},
-      "comparison": {"xs": {"beta_ntp", "beta_prior", "beta_ratio", "ci_overlap"}, ...}
+      "comparison": {"xs": {"beta_ntp", "beta_prior", "beta_ratio", "ci_overlap"}, ...},
+      "by_kind": {"grounded": {<the same fields, "y": "grounded">}}   # the sweep's fit_kinds
     }
 
 A fit entry is fit_power_law's dict (E, B, beta, beta_ci, r2, extrapolation_error, ...).
@@ -34,9 +35,10 @@ from .spec import SweepSpec
 SCHEMA_VERSION = 1
 
 
-def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *,
+def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *, metric: str = "eval_loss",
               n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Per-size L(D) fits for each loss, the Chinchilla L(N, D) fit, and NTP-vs-PRIOR exponents."""
+    """Per-size L(D) fits for each loss, the Chinchilla L(N, D) fit, and NTP-vs-PRIOR exponents,
+    of ``metric`` (RunResult.metric: all caption tokens, or one token kind)."""
     sizes = sorted({r.size for r in results},
                    key=lambda s: next(r.parameters for r in results if r.size == s))
     if not sizes:
@@ -48,14 +50,14 @@ def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *,
         for loss in losses:
             pts = [r for r in results if r.size == size and r.loss == loss]
             try:
-                fit = fit_power_law([r.tokens for r in pts], [r.eval_loss for r in pts],
+                fit = fit_power_law([r.tokens for r in pts], [r.metric(metric) for r in pts],
                                     n_bootstrap=n_bootstrap, seed=seed)
             except FitError as err:
                 fit = {"error": str(err)}
             per_size[size][loss] = {**fit, "parameters": params[size]}
     reference = sizes[-1]
     out: dict = {"schema_version": SCHEMA_VERSION, "sweep": name, "law": "L(D) = E + B * D**-beta",
-                 "x": "tokens_seen", "y": "eval_loss", "reference_size": reference}
+                 "x": "tokens_seen", "y": metric, "reference_size": reference}
     for loss in losses:
         out[loss] = {**per_size[reference][loss], "size": reference}
     out["per_size"] = per_size
@@ -66,7 +68,7 @@ def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *,
             try:
                 out["chinchilla"][loss] = fit_chinchilla(
                     [r.parameters for r in pts], [r.tokens for r in pts],
-                    [r.eval_loss for r in pts], n_bootstrap=min(n_bootstrap, 300), seed=seed)
+                    [r.metric(metric) for r in pts], n_bootstrap=min(n_bootstrap, 300), seed=seed)
             except FitError as err:
                 out["chinchilla"][loss] = {"error": str(err)}
     if {"ntp", "prior"} <= set(losses):
@@ -87,12 +89,14 @@ def _compare(ntp: dict, prior: dict) -> dict:
     return out
 
 
-def fit_errors(fit: dict) -> list[str]:
+def fit_errors(fit: dict, prefix: str = "") -> list[str]:
     """Every curve that could not be fitted, as 'where: why' lines."""
-    errors = [f"{size} {loss}: {entry['error']}" for size, by_loss in fit["per_size"].items()
+    errors = [f"{prefix}{size} {loss}: {entry['error']}" for size, by_loss in fit["per_size"].items()
               for loss, entry in by_loss.items() if "error" in entry]
-    errors += [f"chinchilla {loss}: {entry['error']}"
+    errors += [f"{prefix}chinchilla {loss}: {entry['error']}"
                for loss, entry in fit.get("chinchilla", {}).items() if "error" in entry]
+    for kind, kind_fit in fit.get("by_kind", {}).items():
+        errors += fit_errors(kind_fit, prefix=f"{kind} tokens: ")
     return errors
 
 
@@ -132,10 +136,19 @@ def analyze(spec: SweepSpec, output_dir: Path, *, n_bootstrap: int = 1000, seed:
                        f"{SUMMARY} yet (first: {missing[0].name}); finish the sweep first")
     atomic_write_json(output_dir / "results.json", [r.as_dict() for r in results], sort_keys=False)
     fit = fit_sweep(results, spec.name, spec.losses, n_bootstrap=n_bootstrap, seed=seed)
+    sections = [f"## Fits: held-out loss of all caption tokens\n\n{fit_markdown(fit)}"]
+    plots = {"scaling.png": ("eval_loss", fit)}
+    if spec.fit_kinds:
+        fit["by_kind"] = {kind: fit_sweep(results, spec.name, spec.losses, metric=kind,
+                                          n_bootstrap=n_bootstrap, seed=seed) for kind in spec.fit_kinds}
+        for kind, kind_fit in fit["by_kind"].items():
+            sections.append(f"## Fits: held-out CE of the {kind} tokens\n\n{fit_markdown(kind_fit)}")
+            plots[f"scaling_{kind}.png"] = (kind, kind_fit)
     atomic_write_json(output_dir / "fit.json", fit, sort_keys=False)
     atomic_write_text(output_dir / "results.md",
-                 f"# Sweep {spec.name}\n\n## Fits\n\n{fit_markdown(fit)}\n## Runs\n\n"
-                 f"{results_markdown(results)}")
-    plot_scaling(results, fit, output_dir / "scaling.png", title=f"sweep {spec.name}")
+                      f"# Sweep {spec.name}\n\n" + "\n".join(sections)
+                      + f"\n## Runs\n\n{results_markdown(results)}")
+    for name, (metric, metric_fit) in plots.items():
+        plot_scaling(results, metric_fit, output_dir / name, title=f"sweep {spec.name}", metric=metric)
     return {"fit": fit, "results": results, "errors": fit_errors(fit),
-            "paths": [output_dir / n for n in ("results.json", "fit.json", "results.md", "scaling.png")]}
+            "paths": [output_dir / n for n in ("results.json", "fit.json", "results.md", *plots)]}

@@ -21,6 +21,7 @@ File layout (see ``examples/sweeps/*.yaml``)::
     data: {data-path: ..., tokenizer-model: ...}     # passed through as --flag value
     train_args: {lr: 1e-3, micro-batch-size: 8}      # passed through as --flag value
     eval: {command: "{python} -m ... --load {load} --output {eval_json}"}
+    fit_kinds: [grounded]            # also fit the held-out CE of these token kinds
     slurm: {partition: gpu, nodes: 1, gpus_per_node: 8, time: "01:00:00", account: proj}
 
 String values may name environment variables as ``${NAME}`` or ``${NAME:-default}`` (the shell's
@@ -140,6 +141,7 @@ class SweepSpec:
     eval_command: Optional[str] = None
     slurm: Optional[SlurmConfig] = None
     output_dir: Optional[str] = None
+    fit_kinds: tuple[str, ...] = ()
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -359,7 +361,7 @@ class _Checker:
 
 _TOP_KEYS = ("name", "model", "sizes", "token_budgets", "losses", "seeds", "seq_length",
              "global_batch_size", "data", "train_args", "trainer", "local", "eval", "slurm",
-             "output_dir")
+             "output_dir", "fit_kinds")
 _SIZE_KEYS = ("name", "preset", "num_layers", "hidden_size", "num_attention_heads",
               "ffn_hidden_size")
 _SLURM_KEYS = ("partition", "account", "nodes", "gpus_per_node", "time", "job_name",
@@ -460,12 +462,20 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
 
     slurm = _parse_slurm(c, raw["slurm"]) if "slurm" in raw else None
     output_dir = c.string(raw["output_dir"], "output_dir") if "output_dir" in raw else None
+    fit_kinds: list[str] = []
+    if not isinstance(raw.get("fit_kinds", []), list):
+        c.fail("fit_kinds", f"must be a list of token kinds, got {type(raw['fit_kinds']).__name__}")
+    for i, item in enumerate(raw.get("fit_kinds", [])):
+        kind = c.string(item, f"fit_kinds[{i}]", _NAME_RE)
+        if kind in fit_kinds:
+            c.fail(f"fit_kinds[{i}]", f"duplicate kind {kind!r}")
+        fit_kinds.append(kind)
 
     return SweepSpec(path=path, name=name, model=model, sizes=sizes, token_budgets=tuple(budgets),
                      losses=tuple(losses), seeds=tuple(seeds), seq_length=seq_length,
                      global_batch_size=gbs, data=data, train_args=train_args, trainer=trainer,
                      local_nproc_per_node=nproc, eval_command=eval_command, slurm=slurm,
-                     output_dir=output_dir)
+                     output_dir=output_dir, fit_kinds=tuple(fit_kinds))
 
 
 def _parse_size(c: _Checker, item: Any, key: str) -> ModelSize:
