@@ -74,6 +74,8 @@ class BatchStream:
     def __init__(self, dataset, micro_batch_size: int, num_workers: int, length: Optional[int] = None):
         self.dataset, self.micro_batch_size, self.num_workers = dataset, micro_batch_size, num_workers
         self.length = length or len(dataset)
+        if self.length > len(dataset):
+            raise ValueError(f"a stream of {self.length} samples over a dataset of {len(dataset)}")
         self._loader: Optional[Iterator[dict]] = None
         self._position: Optional[int] = None  # sample the next micro-batch starts at, mod length
 
