@@ -180,3 +180,11 @@ def test_environment_variables_in_strings(tmp_path, monkeypatch):
     monkeypatch.delenv("SWEEP_DATA")
     with pytest.raises(SweepError, match=r"sweep.yaml: data.data-path: environment variable SWEEP_DATA is not set"):
         load_sweep(_write(tmp_path, raw))
+
+
+def test_overrides_replace_keys_before_validation(tmp_path):
+    path = _write(tmp_path, copy.deepcopy(BASE))
+    spec = load_sweep(path, {"seeds": [7, 1]})
+    assert spec.seeds == (7, 1) and {r.seed for r in spec.runs()} == {7, 1}
+    with pytest.raises(SweepError, match="seeds\\[1\\]: duplicate seed 7"):
+        load_sweep(path, {"seeds": [7, 7]})

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm", action="store_true",
                    help="submit the unfinished runs as one SLURM job array instead of running "
                         "them here (needs the sweep's slurm section)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="replace the sweep file's seeds, e.g. to add a seed to a finished sweep (runs "
+                        "already done under the same flags are skipped)")
     p.add_argument("--max-runs", type=int, default=None, metavar="N",
                    help="start at most N of the unfinished runs (finished ones never count)")
     p.add_argument("--collect-only", action="store_true",
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_runs is not None and args.max_runs < 1:
         _parser().error("--max-runs must be >= 1")
     try:
-        spec = load_sweep(args.sweep)
+        spec = load_sweep(args.sweep, {"seeds": args.seeds} if args.seeds else None)
         # Absolute, because SLURM tasks and the trainer may run from another directory.
         output_dir = (args.output_dir or Path(spec.output_dir or f"sweep_output/{spec.name}")).absolute()
         if args.collect_only:

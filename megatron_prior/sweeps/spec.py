@@ -231,8 +231,9 @@ def _json_unique(pairs):
     return out
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep file (``.yaml``/``.yml`` or ``.json``)."""
+def load_sweep(path: str | Path, overrides: Optional[dict] = None) -> SweepSpec:
+    """Read and validate a sweep file (``.yaml``/``.yml`` or ``.json``); top-level keys in
+    ``overrides`` replace the file's before validation (run_sweep.py's ``--seeds``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -249,7 +250,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(f"{path}: {err}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise SweepError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
-    return parse_sweep(expand_environment(raw, path), path)
+    raw = expand_environment(raw, path)
+    if overrides and isinstance(raw, dict):
+        raw.update(overrides)
+    return parse_sweep(raw, path)
 
 
 _ENV_REFERENCE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
