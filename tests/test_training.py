@@ -108,6 +108,17 @@ def test_resume_is_exact_and_reshards(tiny_corpus, tmp_path):
     _assert_same_losses(_losses(resumed_tp1), _losses(full))
 
 
+def test_resume_is_exact_with_virtual_pipeline_stages(tiny_corpus, tmp_path):
+    """Two model chunks per rank: the checkpoint holds model0/model1 and both resume exactly."""
+    vpp = ["--loss", "prior", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", full, *vpp))
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, *vpp, "--save", part, "--save-interval", "3",
+                                  "--exit-interval", "3"))
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, *vpp, "--save", part, "--load", part))
+    _assert_same_losses(_losses(part), _losses(full))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num-attention-heads", "6", "--hidden-size", "36", "--tensor-model-parallel-size", "4"],
      "--num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),
