@@ -55,10 +55,12 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True, fsync: bool = False) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True, fsync: bool = False,
+                      allow_nan: bool = False) -> Path:
     """Pretty JSON with a final newline; key-sorted by default (stable bytes for the same
-    object), or in the object's own order where that order reads better (reports)."""
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+    object), or in the object's own order where that order reads better (reports).
+    ``allow_nan`` writes NaN/Infinity (not strict JSON) instead of refusing them."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan) + "\n"
     return atomic_write_text(path, text, fsync=fsync)
 
 

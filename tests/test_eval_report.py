@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_prior.files import atomic_write_text, atomic_write_with
+from megatron_prior.files import atomic_write_json, atomic_write_text, atomic_write_with
 from megatron_prior.eval.report import CaptionWeights, RunResult, write_report
 
 METRICS = ("heldout_loss_grounded", "heldout_loss_template", "heldout_loss_unrelated", "probe_accuracy")
@@ -131,6 +131,15 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         atomic_write_with(target, half_then_fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_json_refuses_nan_unless_allowed(tmp_path):
+    target = tmp_path / "summary.json"
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        atomic_write_json(target, {"loss": float("nan")})
+    assert not target.exists() and not list(tmp_path.iterdir())
+    atomic_write_json(target, {"loss": float("nan")}, allow_nan=True)
+    assert target.read_text() == '{\n  "loss": NaN\n}\n'
 
 
 def test_caption_weights_from_offsets():

@@ -25,10 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .collect import RunResult, collect, results_markdown
-from .fit import FitError, fit_chinchilla, fit_power_law
 from megatron_prior.files import atomic_write_json, atomic_write_text
 
+from .collect import RunResult, collect, results_markdown
+from .fit import FitError, fit_chinchilla, fit_power_law
 from .layout import SUMMARY
 from .spec import SweepSpec
 

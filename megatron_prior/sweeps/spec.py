@@ -259,13 +259,12 @@ def load_sweep(path: str | Path, overrides: Optional[dict] = None) -> SweepSpec:
 _ENV_REFERENCE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
-def expand_environment(value: Any, path: Path, key: str = "", environ: Optional[dict] = None) -> Any:
+def expand_environment(value: Any, path: Path, key: str = "") -> Any:
     """``value`` with ``${NAME}`` / ``${NAME:-default}`` in its strings replaced from the environment."""
-    environ = os.environ if environ is None else environ
     if isinstance(value, dict):
-        return {k: expand_environment(v, path, f"{key}.{k}" if key else str(k), environ) for k, v in value.items()}
+        return {k: expand_environment(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_environment(v, path, f"{key}[{i}]", environ) for i, v in enumerate(value)]
+        return [expand_environment(v, path, f"{key}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -273,8 +272,8 @@ def expand_environment(value: Any, path: Path, key: str = "", environ: Optional[
         name, default = match.group(1), match.group(2)
         if name is None:
             return "$"
-        if environ.get(name):
-            return environ[name]
+        if os.environ.get(name):
+            return os.environ[name]
         if default is None:
             raise SweepError(f"{path}: {key}: environment variable {name} is not set (write ${{{name}:-default}} "
                              "to give a default)")

@@ -155,7 +155,9 @@ class MetricsLogger:
             "model_config": self.model_config.to_dict(),
         }
         if self.writer_rank and self.log_dir:
-            atomic_write_json(os.path.join(self.log_dir, "summary.json"), summary, sort_keys=False)
+            # A diverged run still gets its summary (NaN losses included), as before.
+            atomic_write_json(os.path.join(self.log_dir, "summary.json"), summary, sort_keys=False,
+                              allow_nan=True)
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tensorboard is not None:
