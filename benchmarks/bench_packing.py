@@ -188,7 +188,7 @@ def bench_preprocessing(args) -> dict:
 
     from megatron_prior import parallel
     from megatron_prior.data import WeightedIndexedDataset
-    from megatron_prior.data.preprocess import run
+    from megatron_prior.preprocess import run
     from megatron_prior.models.builder import build_model
     from megatron_prior.models.config import ModelConfig
     from megatron_prior.scoring import GPTScorer

@@ -1,5 +1,6 @@
 """JSONL -> tokens + reference log-probs (+ kinds, + images): the engine of
-``tools/preprocess_with_weights.py``.
+``tools/preprocess_with_weights.py``. It sits above both ``data`` (formats, writers) and
+``scoring`` (the reference), which do not know about each other.
 
 The main process reads the input lines in chunks and hands them to a process pool
 (``--workers``) that parses, tokenizes, turns kind spans into per-token kinds and decodes
@@ -23,10 +24,12 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 
+from megatron_prior import parallel
 from megatron_prior.data.formats import AtomicFiles, WeightedDatasetWriter
 from megatron_prior.data.images import ImageStoreWriter, images_path, load_image
 from megatron_prior.data.kinds import OTHER, kinds_from_spans
 from megatron_prior.data.records import BadRecord, iter_lines, parse_line, text_field
+from megatron_prior.scoring import load_reference
 from megatron_prior.tokenizer import Tokenizer, load_tokenizer
 
 LINES_PER_TASK = 256
@@ -115,34 +118,6 @@ def output_prefix(args: argparse.Namespace, key: str) -> str:
     return f"{args.output_prefix}_{key}_document"
 
 
-def _reference(args: argparse.Namespace, tokenizer: Tokenizer):
-    """(scorer, reference metadata) for ``--reference-type``."""
-    from megatron_prior.scoring import GPTScorer, UnigramScorer
-
-    if args.reference_type == "unigram":
-        return UnigramScorer(tokenizer.vocab_size), {"type": "unigram"}
-    from megatron_prior import parallel
-    from megatron_prior.training.checkpointing import checkpoint_dir, checkpoint_hash, load_inference_model
-
-    parallel.initialize()
-    model, cfg = load_inference_model(args.reference_load)
-    where = str(checkpoint_dir(args.reference_load))
-    if cfg.arch != "gpt":
-        raise ValueError(f"--reference-load {where}: a {cfg.arch} checkpoint, the reference must be a text-only gpt")
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"--reference-load {where}: vocabulary of {cfg.vocab_size} tokens, smaller than the "
-                         f"tokenizer's {tokenizer.vocab_size}")
-    if cfg.tokenizer_fingerprint and cfg.tokenizer_fingerprint != tokenizer.fingerprint:
-        raise ValueError(f"--reference-load {where}: trained with tokenizer {cfg.tokenizer_fingerprint}, "
-                         f"not {tokenizer.fingerprint} (--tokenizer-model)")
-    window = args.reference_window or cfg.max_position_embeddings
-    scorer = GPTScorer(model, tokenizer.eod, window, max(args.score_batch_tokens, window))
-    reference = {"type": "gpt", "path": os.path.abspath(args.reference_load), "checkpoint": where,
-                 "checkpoint_sha256": checkpoint_hash(args.reference_load), "window": window,
-                 "first_token_context": "eod"}
-    return scorer, reference
-
-
 class _Progress:
     """A tqdm bar over documents, with tokens/s beside the docs/s tqdm shows."""
 
@@ -185,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(args.log_interval)
     bad: list[BadRecord] = []
     try:
-        scorer, reference = _reference(args, tokenizer)
+        if args.reference_type == "gpt":
+            parallel.initialize()
+        scorer, reference = load_reference(args.reference_type, args.reference_load, tokenizer,
+                                           args.reference_window, args.score_batch_tokens)
         unigram = reference["type"] == "unigram"
         for key in args.json_keys:
             writers[key] = WeightedDatasetWriter(output_prefix(args, key), token_dtype,
@@ -259,8 +237,6 @@ def run(args: argparse.Namespace) -> int:
             pool.terminate()
             pool.join()
         if args.reference_type == "gpt":
-            from megatron_prior import parallel
-
             parallel.destroy()
     n_docs = len(writers[args.json_keys[0]].builder.sequence_lengths)
     print(f"wrote {n_docs} documents, {sum(w.token_count for w in writers.values())} tokens to "

@@ -10,6 +10,9 @@ Two references:
   padding, and run under ``torch.no_grad``; the log-prob is minus megatron-core's own
   (vocab-parallel) per-token cross-entropy, so it works at any tensor-parallel size.
 - ``UnigramScorer``: token frequencies of the corpus itself, a context-free baseline.
+
+``load_reference`` turns ``--reference-type``/``--reference-load`` into a scorer and the
+metadata that binds the scores to it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
+import os
+
 import numpy as np
 import torch
+
+from megatron_prior.tokenizer import Tokenizer
+from megatron_prior.training.checkpointing import checkpoint_dir, checkpoint_hash, load_inference_model
 
 
 @dataclass(frozen=True)
@@ -121,3 +129,34 @@ class UnigramScorer:
         with np.errstate(divide="ignore"):
             table = np.log(self.counts / total)  # -inf only for ids never seen, never looked up
         return table[np.asarray(tokens)].astype(np.float32)
+
+
+def load_reference(reference_type: str, load_dir: Optional[str], tokenizer: Tokenizer,
+                   window: Optional[int] = None, max_batch_tokens: int = 16384
+                   ) -> tuple[GPTScorer | UnigramScorer, dict]:
+    """(scorer, reference metadata) for ``--reference-type``/``--reference-load``.
+
+    A ``gpt`` reference is a text-only checkpoint of this package, checked against the tokenizer
+    before anything is scored; it needs megatron's parallel state initialised (the caller owns
+    the process group). ``window`` defaults to the model's ``max_position_embeddings``.
+    """
+    if reference_type == "unigram":
+        return UnigramScorer(tokenizer.vocab_size), {"type": "unigram"}
+    if reference_type != "gpt":
+        raise ValueError(f"--reference-type {reference_type!r}: expected gpt or unigram")
+    model, cfg = load_inference_model(load_dir)
+    where = str(checkpoint_dir(load_dir))
+    if cfg.arch != "gpt":
+        raise ValueError(f"--reference-load {where}: a {cfg.arch} checkpoint, the reference must be a text-only gpt")
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"--reference-load {where}: vocabulary of {cfg.vocab_size} tokens, smaller than the "
+                         f"tokenizer's {tokenizer.vocab_size}")
+    if cfg.tokenizer_fingerprint and cfg.tokenizer_fingerprint != tokenizer.fingerprint:
+        raise ValueError(f"--reference-load {where}: trained with tokenizer {cfg.tokenizer_fingerprint}, "
+                         f"not {tokenizer.fingerprint} (--tokenizer-model)")
+    window = window or cfg.max_position_embeddings
+    scorer = GPTScorer(model, tokenizer.eod, window, max(max_batch_tokens, window))
+    reference = {"type": "gpt", "path": os.path.abspath(load_dir), "checkpoint": where,
+                 "checkpoint_sha256": checkpoint_hash(load_dir), "window": window,
+                 "first_token_context": "eod"}
+    return scorer, reference

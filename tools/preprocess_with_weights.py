@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     args = validate_args(parser, parser.parse_args(argv))
     # megatron-core says so on import; this tool uses neither.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
-    from megatron_prior.data.preprocess import run
+    from megatron_prior.preprocess import run
 
     try:
         return run(args)
