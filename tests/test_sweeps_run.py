@@ -138,6 +138,33 @@ def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
            "template)" in capsys.readouterr().err
 
 
+def test_exponent_panel_draws_an_interval_that_excludes_the_estimate():
+    """A percentile bootstrap interval can lie wholly on one side of the point estimate (here
+    above it for NTP, below for PRIOR): the panel draws it from its own ends and the estimate as
+    a marker (matplotlib refuses such an interval as asymmetric yerr around the point)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from megatron_prior.sweeps.plots import _plot_exponents
+
+    fit = {"per_size": {"s": {"ntp": {"beta": 0.30, "beta_ci": [0.31, 0.42]},
+                              "prior": {"beta": 0.50, "beta_ci": [0.20, 0.45]}},
+                        "m": {"ntp": {"beta": 0.33, "beta_ci": None},
+                              "prior": {"error": "no fit with B > 0"}}}}
+    fig, ax = plt.subplots()
+    try:
+        _plot_exponents(ax, fit, ["ntp", "prior"], ["s", "m"])
+        bars = [np.asarray(c.get_segments()) for c in ax.collections]
+        markers = {line.get_label(): line.get_xydata() for line in ax.lines if not line.get_label().startswith("_")}
+    finally:
+        plt.close(fig)
+    # Each bar: one vertical segment per fitted size, [[x, lo], [x, hi]].
+    np.testing.assert_allclose(bars[0], [[[-0.2, 0.31], [-0.2, 0.42]], [[0.8, 0.33], [0.8, 0.33]]])
+    np.testing.assert_allclose(bars[1], [[[0.2, 0.20], [0.2, 0.45]]])
+    np.testing.assert_allclose(markers["NTP"], [[-0.2, 0.30], [0.8, 0.33]])
+    np.testing.assert_allclose(markers["PRIOR"], [[0.2, 0.50]])
+
+
 def test_dry_run_changes_nothing(tmp_path, calls, capsys):
     out = tmp_path / "out"
     assert _run_sweep_module().main([str(_fake_sweep(tmp_path)), "--output-dir", str(out),

@@ -77,9 +77,12 @@ def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "
 
 
 def _plot_exponents(ax, fit: dict, losses: list[str], sizes: list[str]) -> None:
+    # A percentile bootstrap interval need not contain the point estimate (a skewed bootstrap
+    # distribution puts both ends on one side of it), so the interval is drawn as its own
+    # segment from its two ends and the estimate as a marker, never as offsets around it.
     width = 0.8 / len(losses)
     for i, loss in enumerate(losses):
-        xs, betas, err = [], [], [[], []]
+        xs, betas, lows, highs = [], [], [], []
         for j, size in enumerate(sizes):
             f = fit["per_size"][size][loss]
             if "error" in f:
@@ -87,10 +90,11 @@ def _plot_exponents(ax, fit: dict, losses: list[str], sizes: list[str]) -> None:
             xs.append(j + (i - (len(losses) - 1) / 2) * width)
             betas.append(f["beta"])
             lo, hi = f["beta_ci"] or (f["beta"], f["beta"])
-            err[0].append(f["beta"] - lo)
-            err[1].append(hi - f["beta"])
-        ax.errorbar(xs, betas, yerr=err, fmt=_LOSS_STYLE.get(loss, ("o",))[0], capsize=4,
-                    label=_label(loss), color=f"C{i}")
+            lows.append(lo)
+            highs.append(hi)
+        mid, half = (np.add(lows, highs) / 2.0, np.subtract(highs, lows) / 2.0)
+        ax.errorbar(xs, mid, yerr=half, fmt="none", capsize=4, color=f"C{i}")
+        ax.plot(xs, betas, _LOSS_STYLE.get(loss, ("o",))[0], label=_label(loss), color=f"C{i}")
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_xlim(-0.6, len(sizes) - 0.4)
     ax.set_xlabel("model size")
