@@ -7,9 +7,11 @@ is built, so a bad combination stops at once with a message that names the flag.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from typing import Optional, Sequence
 
+from megatron_prior.loss import LOSSES
 from megatron_prior.models.config import ARCHITECTURES, PRESETS
 
 
@@ -77,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["ntp", "prior"], default="ntp",
+    g.add_argument("--loss", choices=LOSSES, default="ntp",
                    help="ntp: plain next-token prediction; prior: weights from the reference log-probs")
     g.add_argument("--prior-alpha", type=float, default=1.0, help="w = (1 - p_ref) ** alpha (paper: 1; > 2 hurts)")
     g.add_argument("--no-mask-eod", dest="mask_eod", action="store_false",
                    help="train on the end-of-document token too")
+    g.add_argument("--check-loss-inputs", action="store_true",
+                   help="debugging: check label ids, loss mask, token kinds and PRIOR weights inside the loss "
+                        "on every micro-batch (a device sync each; the data are checked when loaded anyway)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -102,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--log-dir", default=None, help="metrics.jsonl and summary.json (default: --save)")
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None,
+                   help="also log every scalar to Weights & Biases, in this project (needs `pip install wandb`)")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (default: W&B picks one)")
+    g.add_argument("--wandb-save-dir", default=None, help="W&B's local files (default: LOG_DIR/wandb)")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
     return p
 
@@ -211,6 +220,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             if not os.path.exists(scores):
                 raise ArgumentError(f"--loss prior needs reference scores, but {prefix} has none ({scores} "
                                     "missing): run tools/preprocess_with_weights.py with a reference model")
+    for flag, value, module, package in (("--tensorboard-dir", args.tensorboard_dir, "torch.utils.tensorboard",
+                                          "tensorboard"), ("--wandb-project", args.wandb_project, "wandb", "wandb")):
+        if value is not None:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ArgumentError(f"{flag} needs {package}, which does not import here ({err}): "
+                                    f"pip install {package}") from None
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save")
     if args.log_dir is None:

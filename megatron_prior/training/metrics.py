@@ -1,4 +1,5 @@
-"""What a run reports: stdout lines, ``metrics.jsonl``, TensorBoard, and ``summary.json``.
+"""What a run reports: Megatron-LM's iteration line on stdout, ``metrics.jsonl``, TensorBoard,
+Weights & Biases (``--wandb-project``) and ``summary.json``.
 
 Loss logs travel as ``[sum, count]`` pairs (see megatron_prior.loss): summed over
 micro-batches, all-reduced over data-parallel ranks, divided only when reported, so a mean is
@@ -9,6 +10,7 @@ writes the files.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -64,6 +66,33 @@ def peak_flops() -> Optional[float]:
     return None
 
 
+def _loss_order(key: str) -> tuple:
+    return (key != "lm loss", key != "ntp loss", key)
+
+
+def iteration_line(when: datetime.datetime, iteration: int, train_iters: int, consumed_samples: int,
+                   iteration_time_s: float, lr: float, global_batch_size: int, losses: dict,
+                   loss_scale: float, grad_norm: float, extras: dict) -> str:
+    """Megatron-LM's ``training_log`` line, field for field, then this project's ``extras``.
+
+    Log parsers written for Megatron read it unchanged. The skipped and NaN counts are 0 by
+    construction: Megatron counts iterations whose optimizer step was skipped (NaN ones among
+    them), and this loop stops on a failed step instead of skipping it.
+    """
+    line = f" [{when:%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{train_iters:8d} |"
+    line += f" consumed samples: {consumed_samples:12d} |"
+    line += f" elapsed time per iteration (ms): {iteration_time_s * 1000.0:.1f} |"
+    line += f" learning rate: {lr:.6E} |"
+    line += f" global batch size: {global_batch_size:5d} |"
+    line += "".join(f" {key}: {losses[key]:.6E} |" for key in sorted(losses, key=_loss_order))
+    line += f" loss scale: {loss_scale:.1f} |"
+    line += f" grad norm: {grad_norm:.3f} |"
+    line += f" number of skipped iterations: {0:3d} |"
+    line += f" number of nan iterations: {0:3d} |"
+    line += "".join(f" {key}: {value} |" for key, value in extras.items())
+    return line
+
+
 class MetricsLogger:
     def __init__(self, args: argparse.Namespace, model_config: ModelConfig) -> None:
         self.args = args
@@ -71,6 +100,7 @@ class MetricsLogger:
         self.writer_rank = dist.get_rank() == dist.get_world_size() - 1
         self.log_dir = args.log_dir
         self.tensorboard = None
+        self.wandb = None
         if self.writer_rank and self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             # A resumed run appends; a fresh run starts a new file.
@@ -82,6 +112,15 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(args.tensorboard_dir)
+        if self.writer_rank and args.wandb_project:
+            # Importable: validate_args refused the flag otherwise.
+            import wandb
+
+            save_dir = args.wandb_save_dir or (os.path.join(self.log_dir, "wandb") if self.log_dir else None)
+            if save_dir:
+                os.makedirs(save_dir, exist_ok=True)
+            wandb.init(project=args.wandb_project, name=args.wandb_exp_name, dir=save_dir, config=vars(args))
+            self.wandb = wandb
         self.peak = peak_flops()
         self.started = time.time()
 
@@ -93,10 +132,12 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+        scalars = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and value is not None:
-                    self.tensorboard.add_scalar(key, value, record["iteration"])
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["iteration"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["iteration"])
 
     @staticmethod
     def _flatten(prefix: str, means: dict) -> dict:
@@ -107,19 +148,27 @@ class MetricsLogger:
         return out
 
     def log_train(self, iteration: int, window: dict, grad_norm: float, lr: float, tokens_per_s: float,
-                  flops_per_s: float) -> dict:
+                  flops_per_s: float, consumed_samples: int, iteration_time_s: float,
+                  loss_scale: float) -> dict:
+        """Report the iterations since the last report: ``window`` holds their summed loss
+        pairs, ``iteration_time_s`` their mean wall time."""
         means = _means(window)
         record = {"iteration": iteration, **self._flatten("", means), "grad_norm": grad_norm, "lr": lr,
+                  "consumed_samples": consumed_samples, "iteration_time_ms": iteration_time_s * 1000.0,
                   "tokens_per_s": tokens_per_s, "tflops_per_s": flops_per_s / 1e12}
+        world = dist.get_world_size()
         if self.peak:
-            record["mfu"] = flops_per_s / (self.peak * dist.get_world_size())
+            record["mfu"] = flops_per_s / (self.peak * world)
         if self.writer_rank:
-            kinds = " ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(means.items())
-                             if k.startswith("loss/") and v is not None)
-            mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
-            log.info(f"iteration {iteration:6d}/{self.args.train_iters} | lm loss {means.get('lm loss', 0):.4f} | "
-                     f"ntp loss {means.get('ntp loss', 0):.4f} | {kinds + ' | ' if kinds else ''}grad norm "
-                     f"{grad_norm:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tokens/s{mfu}")
+            extras = {"tokens per second": f"{tokens_per_s:.0f}",
+                      "throughput per GPU (TFLOP/s/GPU)": f"{flops_per_s / 1e12 / world:.1f}"}
+            if "mfu" in record:
+                extras["MFU"] = f"{record['mfu']:.1%}"
+            # Megatron prints it from the last rank with print(): stdout, whatever the logging set-up.
+            print(iteration_line(
+                datetime.datetime.now(), iteration, self.args.train_iters, consumed_samples, iteration_time_s, lr,
+                self.args.global_batch_size, {k: v for k, v in means.items() if v is not None}, loss_scale,
+                grad_norm, extras), flush=True)
             self._emit(record)
         return record
 
@@ -162,4 +211,6 @@ class MetricsLogger:
             self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         return summary
