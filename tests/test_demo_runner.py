@@ -1,11 +1,12 @@
-"""The demo's step runner: dependency order, skipping finished steps, rerunning what changed
-and what depends on it, cleaning stale outputs, and failures that quote the log."""
+"""The step runner (megatron_prior.runs) of the demo pipeline and the sweeps: dependency order,
+skipping finished steps, rerunning what changed and what depends on it, cleaning stale outputs,
+shell commands with their own logs, and failures that quote the log."""
 
 import json
 
 import pytest
 
-from megatron_prior.demo.runner import Step, StepFailed, StepRunner, resolve_command
+from megatron_prior.runs import RunFailed, Step, StepRunner, resolve_command
 
 
 def _copy(name, src, dst, deps=(), indent=2, clean=()):
@@ -62,7 +63,7 @@ def test_clean_removes_stale_outputs_before_running(tmp_path):
 def test_failure_names_the_step_and_quotes_its_log(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     runner, _ = _runner(tmp_path)
-    with pytest.raises(StepFailed, match=r"copy bad.json to out.json \(b\) exited with status 1(.|\n)*Expecting"):
+    with pytest.raises(RunFailed, match=r"copy bad.json to out.json failed \(exit 1\); the end of .*b\.log:(.|\n)*Expecting"):
         runner.run([_copy("b", "bad.json", "out.json"), _copy("c", "out.json", "c.json", deps=["b"])])
     assert not (tmp_path / "logs" / "b.stamp.json").exists() and not (tmp_path / "c.json").exists()
 
@@ -73,7 +74,7 @@ def test_in_process_steps_and_bad_graphs(tmp_path):
     runner.run([Step("f", "call f", [], func=lambda: calls.append(1), always=True)])
     runner.run([Step("f", "call f", [], func=lambda: calls.append(1), always=True)])
     assert calls == [1, 1]
-    with pytest.raises(StepFailed, match=r"call g \(g\) failed: boom"):
+    with pytest.raises(RunFailed, match=r"call g failed: boom"):
         runner.run([Step("g", "call g", [], func=lambda: (_ for _ in ()).throw(ValueError("boom")))])
     with pytest.raises(ValueError, match="unknown steps"):
         runner.run([_copy("b", "a.json", "b.json", deps=["zzz"])])
@@ -81,5 +82,32 @@ def test_in_process_steps_and_bad_graphs(tmp_path):
         runner.run([_copy("b", "a.json", "b.json", deps=["c"]), _copy("c", "a.json", "c.json", deps=["b"])])
     with pytest.raises(ValueError, match="exactly one of command and func"):
         Step("h", "h", [])
-    with pytest.raises(ValueError, match="starts with '-m' or 'tools/'"):
+    with pytest.raises(ValueError, match=r"starts with '-m' or a Python script \(NAME.py\), got 'python'"):
         resolve_command(["python", "x.py"])
+
+
+def test_shell_command_with_its_own_log_appends_each_attempt(tmp_path):
+    step = Step("s", "shell step", ["out/x.txt"], "mkdir -p out && echo hi > out/x.txt && echo said hi",
+                log="out/s.log")
+    runner, lines = _runner(tmp_path, label="sweep t")
+    assert runner.run([step])["s"].ran
+    assert (tmp_path / "out" / "x.txt").read_text() == "hi\n"
+    assert lines[0].startswith("[sweep t 00:0") and lines[0].endswith("] start  shell step")
+    assert _runner(tmp_path, force=True)[0].run([step])["s"].ran
+    assert (tmp_path / "out" / "s.log").read_text().splitlines() == [f"$ {step.command}", "said hi"] * 2
+    assert not (tmp_path / "logs" / "s.log").exists() and (tmp_path / "logs" / "s.stamp.json").exists()
+
+
+def test_step_that_succeeds_without_its_outputs_fails(tmp_path):
+    runner, _ = _runner(tmp_path)
+    with pytest.raises(RunFailed, match=r"quiet step succeeded but wrote no missing\.txt; the end of .*q\.log:\n  "
+                                        r"\$ echo nothing\n  nothing$"):
+        runner.run([Step("q", "quiet step", ["missing.txt"], "echo nothing")])
+    assert not (tmp_path / "logs" / "q.stamp.json").exists()
+
+
+def test_script_commands_get_the_interpreter(tmp_path):
+    assert resolve_command(["x/train.py", "--a"], python="py") == ["py", "x/train.py", "--a"]
+    assert resolve_command(["-m", "m", "--a"], python="py") == ["py", "-m", "m", "--a"]
+    assert resolve_command(["tools/train_tokenizer.py"], python="py")[1].endswith("/tools/train_tokenizer.py")
+    assert resolve_command("echo $HOME") == "echo $HOME"

@@ -1,14 +1,20 @@
 """Sweep files: a good one expands into the expected grid and flags; bad ones are refused with
-a message naming the file and the key."""
+a message naming the file and the key, or the run and the trainer's own message about its flag."""
 
 import copy
+import importlib.util
+import io
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
 
-from megatron_prior.sweeps import SweepError, load_sweep
+from megatron_prior.sweeps import SweepError, load_sweep, run_local
+
+TRAINER = "python -m megatron_prior.train"
+RUN0 = "run xs_ntp_D1024_seed1 (size xs, budget 1024 tokens, loss ntp, seed 1)"
 
 BASE = {
     "name": "t",
@@ -100,19 +106,27 @@ BAD = [
     (_mutate(["sizes", 0], {"name": "a", "num_layers": 2, "hidden_size": 30,
                             "num_attention_heads": 4}), "sizes[0].num_attention_heads: 4 heads do not divide"),
     (_mutate(["sizes", 0, "preset"], "tiny"), "give either a preset or an explicit shape"),
-    (_mutate(["sizes", 1, "preset"], "huge"), "sizes[1].preset: unknown preset 'huge'"),
+    (_mutate(["sizes", 1, "preset"], "huge"), "run tiny_ntp_D1024_seed1 (size tiny, budget 1024 tokens, loss ntp, "
+                                              f"seed 1): {TRAINER}: argument --model-size: invalid choice: 'huge'"),
     (_mutate(["sizes", 0, "name"], "x_s"), "use '-' or '.' instead of '_'"),
     (_mutate(["sizes", 0, "layers"], 2), "sizes[0].layers: unknown key"),
     (_mutate(["train_args", "train-iters"], 5), "train_args.train-iters: is set per run by the sweep grid"),
     (_mutate(["train_args", "micro_batch_size"], 4), "write 'micro-batch-size'"),
-    (_mutate(["train_args", "learning-rate"], 0.1), "has no flag --learning-rate"),
-    (_mutate(["train_args", "bf16"], 1), "--bf16 is a switch: write true or false"),
-    (_mutate(["train_args", "lr"], True), "--lr takes a value"),
-    (_mutate(["train_args", "lr-decay-style"], "cosinus"), "'cosinus' is not one of"),
+    (_mutate(["train_args", "learning-rate"], 0.1),
+     f"train_args.learning-rate: {TRAINER}: unrecognized arguments: --learning-rate 0.1"),
+    # false leaves a switch out of the argv, but a misspelt one is still refused.
+    (_mutate(["train_args", "fused-linear-cee"], False), f"train_args.fused-linear-cee: {TRAINER}: unrecognized"),
+    # An abbreviation of a grid flag would override the grid: names must be exact.
+    (_mutate(["train_args", "train-iter"], 5), f"train_args.train-iter: {TRAINER}: unrecognized arguments: --train-iter 5"),
+    (_mutate(["train_args", "bf16"], 1), f"train_args.bf16: {TRAINER}: unrecognized arguments: 1"),
+    (_mutate(["train_args", "lr"], True), f"train_args.lr: {TRAINER}: argument --lr: expected one argument"),
+    (_mutate(["train_args", "lr-decay-style"], "cosinus"),
+     f"train_args.lr-decay-style: {TRAINER}: argument --lr-decay-style: invalid choice: 'cosinus'"),
+    (_mutate(["train_args", "micro-batch-size"], 4.5),
+     f"train_args.micro-batch-size: {TRAINER}: argument --micro-batch-size: invalid int value: '4.5'"),
     (_mutate(["train_args", "eval-iters"], 0), "train_args.eval-iters: 0 turns evaluation off"),
     (_mutate(["train_args", "split"], "1,1,0"), "train_args.split: is also set under data"),
     (_mutate(["train_args", "lr"], None), "train_args.lr: must be a string, number"),
-    (_mutate(["data", "data-path"], _DELETE), "data.data-path: missing"),
     (_mutate(["eval", "command"], "x --load {checkpoint}"), "unknown placeholder {checkpoint}"),
     (_mutate(["eval", "command"], "x {data[vocab]}"), "placeholder {data[vocab]} names no flag"),
     (_mutate(["eval", "command"], "x {run_dir"), "eval.command: bad template"),
@@ -120,6 +134,7 @@ BAD = [
     (_mutate(["slurm"], {"gpus_per_node": 8, "time": "1:00:00"}), "slurm.nodes: missing (required)"),
     (_mutate(["slurm"], {"nodes": 1, "gpus_per_node": 0, "time": "10"}), "slurm.gpus_per_node: must be >= 1"),
     (_mutate(["trainer"], []), "trainer: must be a non-empty list"),
+    (_mutate(["trainer"], ["python", "train.py"]), "trainer: starts with '-m' or a Python script (NAME.py), got 'python'"),
     (_mutate(["fit_kinds"], "grounded"), "fit_kinds: must be a list of token kinds, got str"),
     (_mutate(["fit_kinds"], ["grounded", "grounded"]), "fit_kinds[1]: duplicate kind 'grounded'"),
 ]
@@ -188,3 +203,40 @@ def test_overrides_replace_keys_before_validation(tmp_path):
     assert spec.seeds == (7, 1) and {r.seed for r in spec.runs()} == {7, 1}
     with pytest.raises(SweepError, match="seeds\\[1\\]: duplicate seed 7"):
         load_sweep(path, {"seeds": [7, 7]})
+
+
+def _run_sweep_module():
+    path = Path(__file__).resolve().parents[1] / "examples" / "sweeps" / "run_sweep.py"
+    spec = importlib.util.spec_from_file_location("run_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (_mutate(["train_args", "tensor-model-parallel-size"], 2),
+     "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+    (_mutate(["data", "data-path"], _DELETE), "--data-path is required"),
+])
+def test_trainer_validates_every_run_before_the_first_starts(tmp_path, mutate, message):
+    """validate_args (flag combinations at the run's world size, data files) runs when the sweep
+    is launched, for every unfinished run, before any of them trains."""
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    path = _write(tmp_path, raw)
+    spec = load_sweep(path)  # the parser accepts each flag; the combination is the trainer's call
+    with pytest.raises(SweepError) as err:
+        run_local(spec, tmp_path / "out", stream=io.StringIO())
+    assert str(err.value).startswith(f"{path}: {RUN0}: {TRAINER}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_launch_is_refused_before_anything_is_written(tmp_path, capsys):
+    """At the cluster's world size (2 nodes x 8 GPUs here) and its data paths, before sbatch."""
+    sweep = Path(__file__).resolve().parent / "data" / "sweeps" / "small.yaml"
+    out = tmp_path / "out"
+    assert _run_sweep_module().main([str(sweep), "--slurm", "--output-dir", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: {sweep}: run xs_ntp_D983040_seed1234 (size xs, budget 1000000 tokens, loss ntp, seed 1234): "
+        f"{TRAINER}: --tokenizer-model /data/tokenizer.model: no such file")
+    assert not out.exists()

@@ -27,7 +27,7 @@ from pathlib import Path
 from megatron_prior.sweeps import (CollectError, FitError, RunFailed, SweepError, analyze,
                                    load_sweep, render_sbatch, run_local, submit)
 from megatron_prior.files import atomic_write_json, atomic_write_text
-from megatron_prior.sweeps.layout import RUN_RECORD, SUMMARY, check_run_record, run_dir, run_record
+from megatron_prior.sweeps.rundirs import RUN_RECORD, SUMMARY, check_run_record, check_runs, run_dir, run_record
 from megatron_prior.sweeps.report import fit_markdown
 
 
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                         "sweep_output/NAME)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would run (locally: the commands; with --slurm: the sbatch "
-                        "script) and change nothing")
+                        "script) and change nothing; the trainer's check of each run at its "
+                        "world size and data files waits for the real launch")
     p.add_argument("--slurm", action="store_true",
                    help="submit the unfinished runs as one SLURM job array instead of running "
                         "them here (needs the sweep's slurm section)")
@@ -84,6 +85,7 @@ def _slurm(spec, output_dir: Path, args) -> None:
     if args.dry_run:
         sys.stdout.write(script)
         return
+    check_runs(spec, pending, output_dir, world_size=spec.slurm.nodes * spec.slurm.gpus_per_node)
     path = output_dir / "slurm" / f"{spec.name}.sbatch"
     (output_dir / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, script)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_prior.demo.runner import Step, StepFailed, StepRunner
+from megatron_prior.runs import RunFailed, Step, StepRunner
 
 PREPROCESS = "tools/preprocess_with_weights.py"
 DOCUMENT = "caption_document"  # preprocess_with_weights names outputs {prefix}_{json key}_document
@@ -137,7 +137,7 @@ def run_specs(s: DemoSettings) -> list[RunSpec]:
             for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]]
 
 
-class Layout:
+class DemoPaths:
     """Paths inside the output folder (relative: every command runs from there)."""
 
     data = Path("data")
@@ -148,7 +148,7 @@ class Layout:
 
     @staticmethod
     def prefix(split: str) -> Path:
-        return Layout.data / split
+        return DemoPaths.data / split
 
     @staticmethod
     def documents(prefix: Path) -> Path:
@@ -156,7 +156,7 @@ class Layout:
 
     @staticmethod
     def preprocessed(prefix: Path, images: bool = True) -> list[Path]:
-        doc = str(Layout.documents(prefix))
+        doc = str(DemoPaths.documents(prefix))
         exts = [".bin", ".idx", ".logprobs.bin", ".logprobs.idx", ".logprobs.json", ".kinds.bin", ".kinds.idx"]
         return [Path(doc + e) for e in exts + ([".images"] if images else [])]
 
@@ -167,7 +167,7 @@ class Layout:
 
 def _preprocess(jsonl: Path, prefix: Path, reference: Optional[Path], s: DemoSettings) -> list[str]:
     ref = ["--reference-type", "gpt", "--reference-load", str(reference)] if reference else ["--reference-type", "unigram"]
-    return [PREPROCESS, "--input", str(jsonl), "--json-keys", "caption", "--tokenizer-model", str(Layout.tokenizer),
+    return [PREPROCESS, "--input", str(jsonl), "--json-keys", "caption", "--tokenizer-model", str(DemoPaths.tokenizer),
             "--append-eod", "--output-prefix", str(prefix), *ref, "--kinds-key", "kinds", "--image-key", "image",
             "--image-size", str(s.image_size), "--log-interval", "100000"]
 
@@ -182,7 +182,7 @@ def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: 
             "--micro-batch-size", str(s.global_batch_size), "--global-batch-size", str(s.global_batch_size),
             "--train-iters", str(iters), "--lr", str(s.lr if lvlm else s.reference_lr), "--min-lr", str(s.min_lr),
             "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(s.warmup_iters, iters // 5)),
-            "--data-path", str(Layout.documents(data_prefix)), "--tokenizer-model", str(Layout.tokenizer),
+            "--data-path", str(DemoPaths.documents(data_prefix)), "--tokenizer-model", str(DemoPaths.tokenizer),
             "--split", "100,0,0", "--eval-iters", "0", "--log-interval", str(s.log_interval),
             "--seed", str(seed), "--save", str(save),
             *(["--patch-size", str(s.patch_size)] if lvlm else []), *extra]
@@ -190,7 +190,7 @@ def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: 
 
 def build_steps(s: DemoSettings, report_fn) -> list[Step]:
     """The demo's step graph; ``report_fn`` writes the report (in-process)."""
-    L = Layout
+    L = DemoPaths
     steps = [
         Step("data", "render the image-caption benchmark", [L.data / "kinds_summary.json"],
              ["-m", "megatron_prior.demo.generator", "--output-dir", str(L.data), "--num-train", str(s.num_train),
@@ -314,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # Small models: one thread per process runs them about as fast as two, so two runs at
     # once get twice the work done.
     env = {"OMP_NUM_THREADS": str(max(1, cpus // jobs)), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    runner = StepRunner(out, jobs=jobs, force=args.force, env=env)
+    runner = StepRunner(out, jobs=jobs, force=args.force, env=env, label="demo")
     if args.data_only:
         runner.echo(f"{'quick' if args.quick else 'full'} demo benchmark into {out}/data/: data stages only")
     else:
@@ -333,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         steps = [st for st in steps if st.name in DATA_STEPS]
     try:
         results = runner.run(steps)
-    except StepFailed as err:
+    except RunFailed as err:
         raise SystemExit(f"megatron_prior.demo.pipeline: {err}") from None
     wall = time.perf_counter() - wall_start
     ran = sum(r.ran for r in results.values())

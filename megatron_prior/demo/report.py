@@ -27,9 +27,9 @@ def _read_json(path: Path) -> dict:
 
 def load_run(out: Path, spec) -> RunResult:
     """One run's RunResult from ``runs/{name}/eval.json`` and ``summary.json``."""
-    from megatron_prior.demo.pipeline import Layout
+    from megatron_prior.demo.pipeline import DemoPaths
 
-    rdir = out / Layout.run_dir(spec)
+    rdir = out / DemoPaths.run_dir(spec)
     ev, summary = _read_json(rdir / "eval.json"), _read_json(rdir / "summary.json")
     missing = [k for k in RUN_METRICS if k not in ev]
     if missing:
@@ -43,7 +43,7 @@ def load_run(out: Path, spec) -> RunResult:
     return RunResult(arch=spec.arch, loss=spec.loss, seed=spec.seed, prior_alpha=spec.alpha,
                      metrics={k: float(ev[k]) for k in RUN_METRICS},
                      metrics_jsonl=rdir / "metrics.jsonl",
-                     extra={"run_dir": str(Layout.run_dir(spec)), "iterations": summary["iterations"],
+                     extra={"run_dir": str(DemoPaths.run_dir(spec)), "iterations": summary["iterations"],
                             "parameters": summary["parameters"], "train_wall_time_s": summary["wall_time_s"]})
 
 
@@ -101,16 +101,16 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
 def write_demo_report(out: Path, settings, specs: Sequence, command: str, started: datetime.datetime,
                       wall_time_s: float) -> dict[str, Path]:
     """Write the report files into ``out``; returns what ``write_report`` wrote."""
-    from megatron_prior.demo.pipeline import Layout
+    from megatron_prior.demo.pipeline import DemoPaths
     from megatron_prior.tokenizer import load_tokenizer
 
     out = Path(out)
-    tokenizer = load_tokenizer(str(out / Layout.tokenizer))
-    heldout = str(out / Layout.documents(Layout.prefix("heldout")))
+    tokenizer = load_tokenizer(str(out / DemoPaths.tokenizer))
+    heldout = str(out / DemoPaths.documents(DemoPaths.prefix("heldout")))
     runs = [load_run(out, spec) for spec in specs]
     reference = reference_separation(heldout, tokenizer, sorted({1.0, *settings.alphas}, reverse=True))
-    captions = caption_weights(heldout, out / Layout.data / "heldout.jsonl", tokenizer, settings.alphas[0])
-    data_summary = _read_json(out / Layout.data / "kinds_summary.json")
+    captions = caption_weights(heldout, out / DemoPaths.data / "heldout.jsonl", tokenizer, settings.alphas[0])
+    data_summary = _read_json(out / DemoPaths.data / "kinds_summary.json")
     baseline = data_summary["probe"]["pair_frequency_baseline"]
     step_times = _step_times(out)
     extra = {

@@ -8,9 +8,11 @@
 The command-line front end is ``examples/sweeps/run_sweep.py``.
 """
 
+from megatron_prior.runs import RunFailed
+
 from .collect import CollectError, RunResult, collect
 from .fit import FitError, fit_chinchilla, fit_power_law, predict
-from .local import RunFailed, run_local
+from .local import run_local
 from .report import analyze, fit_sweep
 from .slurm import render_sbatch, submit
 from .spec import Run, SweepError, SweepSpec, load_sweep, parse_sweep

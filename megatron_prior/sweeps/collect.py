@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .layout import EVAL, SUMMARY, run_dir
+from .rundirs import EVAL, SUMMARY, run_dir
 from .spec import Run, SweepSpec
 
 

@@ -29,7 +29,7 @@ from megatron_prior.files import atomic_write_json, atomic_write_text
 
 from .collect import RunResult, collect, results_markdown
 from .fit import FitError, fit_chinchilla, fit_power_law
-from .layout import SUMMARY
+from .rundirs import SUMMARY
 from .spec import SweepSpec
 
 SCHEMA_VERSION = 1

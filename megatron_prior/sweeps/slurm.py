@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .layout import CHECKPOINTS, EVAL, EVAL_LOG, LATEST, SUMMARY, TRAIN_LOG, run_dir
+from .rundirs import CHECKPOINTS, EVAL, EVAL_LOG, LATEST, SUMMARY, TRAIN_LOG, run_dir
 from .spec import Run, SweepError, SweepSpec
 
 

@@ -31,6 +31,7 @@ is a literal ``$``. A variable that is unset and has no default is refused by na
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import math
@@ -40,13 +41,16 @@ import shlex
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import yaml
 
+from megatron_prior.models.config import ARCHITECTURES, PRESETS
+from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args
+
 KNOWN_LOSSES = ("ntp", "prior")
 DEFAULT_TRAINER = ("-m", "megatron_prior.train")
-KNOWN_MODELS = ("gpt", "hlvlm", "ulvlm")
+TRAINER_NAME = "python -m megatron_prior.train"
 
 # Flags the grid sets per run; a sweep file setting them would silently fight the grid.
 GRID_FLAGS = frozenset({
@@ -88,8 +92,16 @@ class ModelSize:
         return out
 
     def shape(self) -> tuple:
-        return (self.preset, self.num_layers, self.hidden_size, self.num_attention_heads,
-                self.ffn_hidden_size)
+        """(layers, hidden, heads, ffn) with a preset resolved and the trainer's default ffn
+        (4 x hidden) filled in, so two spellings of one model compare equal; a preset the
+        trainer does not know stays its name."""
+        if self.preset is not None and self.preset not in PRESETS:
+            return (self.preset,)
+        shape = PRESETS[self.preset] if self.preset is not None else dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size)
+        return (shape["num_layers"], shape["hidden_size"], shape["num_attention_heads"],
+                shape.get("ffn_hidden_size") or 4 * shape["hidden_size"])
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,12 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.size.name}_{self.loss}_D{self.tokens}_seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """The run as messages name it: its directory name and its place in the grid."""
+        return (f"run {self.name} (size {self.size.name}, budget {self.budget} tokens, "
+                f"loss {self.loss}, seed {self.seed})")
 
 
 @dataclass(frozen=True)
@@ -174,11 +192,36 @@ class SweepSpec:
         """The training flags of one run, without its output paths (they depend on the run dir)."""
         return self.grid_flags(run) + self.common_flags()
 
+    def trainer_args(self, run: Run, extra: Sequence[str] = (),
+                     world_size: Optional[int] = None) -> argparse.Namespace:
+        """The trainer's own parse of the run's flags plus ``extra``; with ``world_size``, also
+        its ``validate_args`` (flag combinations at that world size, data files). A refusal
+        raises SweepError naming the file, the run and the trainer's message (which names the
+        flag). Meaningful for the default trainer only."""
+        try:
+            args = trainer_parser().parse_args([*self.run_flags(run), *extra])
+            return args if world_size is None else validate_args(args, world_size)
+        except ArgumentError as err:
+            raise SweepError(f"{self.path}: {run.label}: {TRAINER_NAME}: {err}") from None
+
     def eval_command_for(self, run: Run, run_dir: str, load: str, python: str) -> Optional[str]:
         """The evaluation shell command of one run (placeholders filled, values shell-quoted)."""
         if self.eval_command is None:
             return None
         return self.eval_command.format_map(_eval_values(self, run, run_dir, load, python))
+
+
+def trainer_parser() -> argparse.ArgumentParser:
+    """The trainer's parser, raising ArgumentError instead of exiting. Flag names must be
+    exact: an abbreviation of a grid flag (``train-iter``) would otherwise override the grid."""
+    parser = build_parser()
+    parser.allow_abbrev = False
+
+    def refuse(message: str) -> NoReturn:
+        raise ArgumentError(message)
+
+    parser.error = refuse  # argparse's documented override point; the sweep reports, not exits
+    return parser
 
 
 def flags_from_mapping(mapping: dict[str, Any]) -> list[str]:
@@ -382,8 +425,8 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
                                             "seeds", "seq_length", "global_batch_size"))
     name = c.string(raw["name"], "name", _NAME_RE)
     model = c.string(raw["model"], "model")
-    if model not in KNOWN_MODELS:
-        c.fail("model", f"unknown model {model!r}; known: {', '.join(KNOWN_MODELS)}")
+    if model not in ARCHITECTURES:
+        c.fail("model", f"unknown model {model!r}; known: {', '.join(ARCHITECTURES)}")
     seq_length = c.integer(raw["seq_length"], "seq_length", 1)
     gbs = c.integer(raw["global_batch_size"], "global_batch_size", 1)
 
@@ -394,7 +437,8 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
             if sizes[j].name == size.name:
                 c.fail(f"sizes[{i}].name", f"duplicate size name {size.name!r} (also sizes[{j}])")
             if sizes[j].shape() == size.shape():
-                c.fail(f"sizes[{i}]", f"duplicate size: same model as sizes[{j}] ({sizes[j].name!r})")
+                c.fail(f"sizes[{i}]", f"duplicate size: {size.name!r} is the same model as "
+                                      f"{sizes[j].name!r} (layers, hidden, heads, ffn = {size.shape()})")
 
     tokens_per_iter = gbs * seq_length
     budgets = []
@@ -445,8 +489,10 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
             c.fail("trainer", "must be a non-empty list of strings: what follows python/torchrun, "
                               "e.g. ['-m', 'megatron_prior.train'] or ['path/to/script.py']")
         trainer = tuple(value)
+    if not (trainer[0] == "-m" or trainer[0].endswith(".py")):
+        c.fail("trainer", f"starts with '-m' or a Python script (NAME.py), got {trainer[0]!r}")
     if trainer == DEFAULT_TRAINER:
-        _check_trainer_flags(c, sizes, data, train_args)
+        _check_trainer_flags(c, data, train_args)
     if train_args.get("eval-iters") == 0:
         c.fail("train_args.eval-iters", "0 turns evaluation off, but the fits need each run's "
                                         "held-out loss (summary.json eval_loss)")
@@ -474,11 +520,18 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
             c.fail(f"fit_kinds[{i}]", f"duplicate kind {kind!r}")
         fit_kinds.append(kind)
 
-    return SweepSpec(path=path, name=name, model=model, sizes=sizes, token_budgets=tuple(budgets),
+    spec = SweepSpec(path=path, name=name, model=model, sizes=sizes, token_budgets=tuple(budgets),
                      losses=tuple(losses), seeds=tuple(seeds), seq_length=seq_length,
                      global_batch_size=gbs, data=data, train_args=train_args, trainer=trainer,
                      local_nproc_per_node=nproc, eval_command=eval_command, slurm=slurm,
                      output_dir=output_dir, fit_kinds=tuple(fit_kinds))
+    if trainer == DEFAULT_TRAINER:
+        # Every run's argv through the trainer's parser (presets, grid flags with the file's).
+        # Its validate_args waits for the machine that runs them (rundirs.check_runs): it
+        # reads the data files and the world size.
+        for run in spec.runs():
+            spec.trainer_args(run)
+    return spec
 
 
 def _parse_size(c: _Checker, item: Any, key: str) -> ModelSize:
@@ -511,51 +564,18 @@ def _parse_size(c: _Checker, item: Any, key: str) -> ModelSize:
                      ffn_hidden_size=ffn)
 
 
-def _check_trainer_flags(c: _Checker, sizes: tuple[ModelSize, ...], data: dict,
-                         train_args: dict) -> None:
-    """Check flags and presets against the trainer's own parser, so that a typo stops the
-    sweep here rather than in every array task on the cluster."""
-    from megatron_prior.models.config import PRESETS
-    from megatron_prior.training.arguments import build_parser
-
-    # argparse keeps no public flag table; _option_string_actions has been stable for years.
-    actions = build_parser()._option_string_actions
+def _check_trainer_flags(c: _Checker, data: dict, train_args: dict) -> None:
+    """Each file flag alone through the trainer's parser, so its message names the key (in a
+    whole argv, ``bf16: 1`` would be refused as a stray ``1``)."""
+    parser = trainer_parser()
     for section, mapping in (("data", data), ("train_args", train_args)):
         for flag, value in mapping.items():
-            key = f"{section}.{flag}"
-            action = actions.get(f"--{flag}")
-            if action is None:
-                close = difflib.get_close_matches(f"--{flag}", list(actions), n=1)
-                hint = f" (did you mean {close[0][2:]!r}?)" if close else ""
-                c.fail(key, f"python -m megatron_prior.train has no flag --{flag}{hint}")
-            if action.nargs == 0 and not isinstance(value, bool):
-                c.fail(key, f"--{flag} is a switch: write true or false, not {value!r}")
-            if action.nargs != 0 and isinstance(value, bool):
-                c.fail(key, f"--{flag} takes a value, not {value!r}")
-            if isinstance(value, list) and action.nargs not in ("+", "*"):
-                c.fail(key, f"--{flag} takes one value, not a list")
-            values = value if isinstance(value, list) else [value]
-            if action.choices is not None and action.nargs != 0:
-                for v in values:
-                    if str(v) not in [str(x) for x in action.choices]:
-                        c.fail(key, f"{v!r} is not one of {sorted(action.choices)}")
-    for flag in ("data-path", "tokenizer-model"):
-        if flag not in data and flag not in train_args:
-            c.fail(f"data.{flag}", "missing: python -m megatron_prior.train needs it")
-    shapes: dict[tuple, str] = {}
-    for i, size in enumerate(sizes):
-        if size.preset is not None and size.preset not in PRESETS:
-            c.fail(f"sizes[{i}].preset", f"unknown preset {size.preset!r}; known: "
-                                         f"{', '.join(PRESETS)}")
-        shape = PRESETS[size.preset] if size.preset else dict(
-            num_layers=size.num_layers, hidden_size=size.hidden_size,
-            num_attention_heads=size.num_attention_heads, ffn_hidden_size=size.ffn_hidden_size)
-        resolved = (shape["num_layers"], shape["hidden_size"], shape["num_attention_heads"],
-                    shape.get("ffn_hidden_size") or 4 * shape["hidden_size"])
-        if resolved in shapes:
-            c.fail(f"sizes[{i}]", f"duplicate size: {size.name!r} is the same model as "
-                                  f"{shapes[resolved]!r} (layers, hidden, heads, ffn = {resolved})")
-        shapes[resolved] = size.name
+            # false leaves a switch out of the argv; check it as written true, so a misspelt
+            # or valued flag is refused all the same.
+            try:
+                parser.parse_args(flags_from_mapping({flag: True if value is False else value}))
+            except ArgumentError as err:
+                c.fail(f"{section}.{flag}", f"{TRAINER_NAME}: {err}")
 
 
 def _parse_slurm(c: _Checker, value: Any) -> SlurmConfig:

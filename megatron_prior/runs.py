@@ -1,22 +1,26 @@
-"""Run a graph of pipeline steps: subprocesses (or in-process functions) with dependencies,
-in parallel up to ``jobs``, each logged to its own file, skipped when already done.
+"""Run a graph of steps: subprocesses (or in-process functions) with dependencies, in parallel
+up to ``jobs``, each logged to its own file, skipped when already done. The demo pipeline's
+stages and a sweep's training and evaluation runs both go through it.
 
-A step is done when all its ``outputs`` exist and its stamp (``logs/{name}.stamp.json``,
-written after it succeeds) records the same command; a step whose command changed, or one
-of whose dependencies ran in this invocation, runs again. So an interrupted pipeline resumes
-where it stopped, and changing one setting reruns only what depends on it. ``force`` reruns
+A step is done when all its ``outputs`` exist and its stamp (``{log_dir}/{name}.stamp.json``,
+written after it succeeds) records the same command; a step whose command changed, or one of
+whose dependencies ran in this invocation, runs again. So an interrupted pipeline resumes where
+it stopped, and changing one setting reruns only what depends on it. ``force`` reruns
 everything. Before a step runs, its ``clean`` paths are removed (stale partial outputs of an
-interrupted run would otherwise mix with the new ones).
+interrupted run would otherwise mix with the new ones); a step that succeeds without writing
+all its outputs fails.
 
-Commands are written relative to the working directory (the pipeline's output folder) and
-as ``-m module ...`` or ``tools/NAME.py ...``; the runner prepends the Python interpreter
-and resolves ``tools/`` against the repository, so stamps do not depend on where either lives.
+A command is a logical argv, ``["-m", "module", ...]`` or ``["path/NAME.py", ...]``, to which
+the runner prepends the Python interpreter (``tools/NAME.py`` is found in the repository), so
+stamps depend on neither; or a shell command line (a string), run as written. Commands and
+relative paths are taken from ``workdir``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,25 +29,31 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from megatron_prior.files import atomic_write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+Command = Union[list[str], str]
 
 
-class StepFailed(RuntimeError):
-    """A step exited non-zero or raised; the message names it and quotes its log's tail."""
+class RunFailed(RuntimeError):
+    """A step exited non-zero, raised, or left an output unwritten; the message names it and
+    quotes its log's tail."""
 
 
 @dataclass
 class Step:
     name: str
-    description: str
+    description: str                            # what messages call it: "training run xs_ntp_D1024_seed1"
     outputs: list[Path]
-    command: Optional[list[str]] = None        # logical argv: ["-m", "pkg.mod", ...] or ["tools/x.py", ...]
+    command: Optional[Command] = None           # logical argv or shell command line (see the module doc)
     func: Optional[Callable[[], None]] = None   # in-process alternative to a command
     deps: list[str] = field(default_factory=list)
     clean: list[Path] = field(default_factory=list)
     always: bool = False                        # run every time (cheap steps such as the report)
+    log: Optional[Path] = None                  # default {log_dir}/{name}.log; each attempt appends
 
     def __post_init__(self) -> None:
         if (self.command is None) == (self.func is None):
@@ -58,32 +68,50 @@ class StepResult:
     cpu_seconds: Optional[float] = None  # user + system time of the subprocess (None in-process)
 
 
-def resolve_command(command: Sequence[str], python: str = sys.executable) -> list[str]:
-    """The real argv of a logical command."""
+def resolve_command(command: Command, python: str = sys.executable) -> Command:
+    """The real argv of a logical command (a shell command line is returned as it is)."""
+    if isinstance(command, str):
+        return command
     first = command[0]
     if first == "-m":
         return [python, *command]
-    if first.startswith("tools/"):
-        path = REPO_ROOT / first
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: the pipeline needs the repository's tools/ folder "
-                                    "(run it from a source checkout)")
-        return [python, str(path), *command[1:]]
-    raise ValueError(f"a step command starts with '-m' or 'tools/', got {first!r}")
+    if first.endswith(".py"):
+        if first.startswith("tools/"):
+            path = REPO_ROOT / first
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: this step needs the repository's tools/ folder "
+                                        "(run it from a source checkout)")
+            return [python, str(path), *command[1:]]
+        return [python, *command]
+    raise ValueError(f"a step command starts with '-m' or a Python script (NAME.py), got {first!r}")
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n  ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 class StepRunner:
-    """Runs steps under ``workdir`` (outputs and commands are relative to it)."""
+    """Runs steps under ``workdir`` (commands run there; relative paths are relative to it).
+
+    ``log_dir`` (default ``workdir/logs``) holds the stamps and the logs of steps that name no
+    log of their own; ``label`` starts every progress line (``[demo 01:02] done ...``).
+    """
 
     def __init__(self, workdir: Path, jobs: int = 1, force: bool = False, env: Optional[dict] = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, *, label: str = "steps",
+                 log_dir: Optional[Path] = None, python: str = sys.executable) -> None:
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.workdir = Path(workdir)
-        self.log_dir = self.workdir / "logs"
+        self.log_dir = self.workdir / (log_dir if log_dir is not None else "logs")
         self.jobs = jobs
         self.force = force
         self.env = dict(os.environ, **(env or {}))
+        self.label = label
+        self.python = python
         self._echo = echo
         self._start = time.perf_counter()
         self._lock = threading.Lock()
@@ -93,16 +121,20 @@ class StepRunner:
     def echo(self, message: str) -> None:
         elapsed = int(time.perf_counter() - self._start)
         with self._lock:
-            self._echo(f"[demo {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
+            self._echo(f"[{self.label} {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
 
     # --- completion bookkeeping ----------------------------------------------------------
     def _stamp_path(self, step: Step) -> Path:
         return self.log_dir / f"{step.name}.stamp.json"
 
+    def log_path(self, step: Step) -> Path:
+        return self.workdir / step.log if step.log is not None else self.log_dir / f"{step.name}.log"
+
+    def _missing_outputs(self, step: Step) -> list[Path]:
+        return [p for p in step.outputs if not (self.workdir / p).exists()]
+
     def is_done(self, step: Step) -> bool:
-        if self.force or step.always:
-            return False
-        if not all((self.workdir / p).exists() for p in step.outputs):
+        if self.force or step.always or self._missing_outputs(step):
             return False
         try:
             stamp = json.loads(self._stamp_path(step).read_text())
@@ -111,8 +143,6 @@ class StepRunner:
         return stamp.get("command") == step.command
 
     def _write_stamp(self, step: Step, seconds: float, cpu_seconds: Optional[float]) -> None:
-        from megatron_prior.files import atomic_write_json
-
         atomic_write_json(self._stamp_path(step), {
             "command": step.command, "seconds": round(seconds, 2),
             "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2)})
@@ -132,9 +162,13 @@ class StepRunner:
             try:
                 step.func()
             except Exception as err:
-                raise StepFailed(f"{step.description} ({step.name}) failed: {err}") from err
+                raise RunFailed(f"{step.description} failed: {err}") from err
         else:
             cpu_seconds = self._run_command(step)
+        missing = self._missing_outputs(step)
+        if missing:
+            log = "" if step.func is not None else f"; the end of {self.log_path(step)}:\n  {_tail(self.log_path(step))}"
+            raise RunFailed(f"{step.description} succeeded but wrote no {', '.join(map(str, missing))}{log}")
         seconds = time.perf_counter() - start
         self._write_stamp(step, seconds, cpu_seconds)
         return seconds, cpu_seconds
@@ -142,16 +176,18 @@ class StepRunner:
     def _run_command(self, step: Step) -> float:
         """Run the step's command; returns its CPU seconds (the measure of cost that does not
         depend on what else the machine is doing)."""
-        argv = resolve_command(step.command)
-        log_path = self.log_dir / f"{step.name}.log"
-        with open(log_path, "w") as log:
-            log.write("$ " + " ".join(argv) + "\n")
+        argv = resolve_command(step.command, self.python)
+        shell = isinstance(argv, str)
+        log_path = self.log_path(step)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(f"$ {argv if shell else shlex.join(argv)}\n")
             log.flush()
             with self._lock:
                 if self._stopping:
-                    raise StepFailed(f"{step.description} ({step.name}) not started: the pipeline is stopping")
-                proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                    raise RunFailed(f"{step.description} not started: the other steps are stopping")
+                proc = subprocess.Popen(argv, shell=shell, cwd=self.workdir, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 self._procs.add(proc)
             try:
                 # wait4 (not proc.wait) to get this child's own resource usage.
@@ -161,9 +197,7 @@ class StepRunner:
                 with self._lock:
                     self._procs.discard(proc)
         if code != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            raise StepFailed(f"{step.description} ({step.name}) exited with status {code}; the end of "
-                             f"{log_path}:\n  " + "\n  ".join(tail))
+            raise RunFailed(f"{step.description} failed (exit {code}); the end of {log_path}:\n  {_tail(log_path)}")
         return usage.ru_utime + usage.ru_stime
 
     def _stop_all(self) -> None:
@@ -185,8 +219,8 @@ class StepRunner:
 
     # --- the graph -----------------------------------------------------------------------
     def run(self, steps: Sequence[Step]) -> dict[str, StepResult]:
-        """Run (or skip) every step, dependencies first; raises StepFailed on the first failure
-        (after stopping the steps still running)."""
+        """Run (or skip) every step, dependencies first, in list order among the ready ones;
+        raises RunFailed on the first failure (after stopping the steps still running)."""
         by_name = {s.name: s for s in steps}
         if len(by_name) != len(steps):
             raise ValueError("step names must be unique")

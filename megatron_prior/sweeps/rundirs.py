@@ -1,4 +1,5 @@
-"""Where a sweep keeps its files, and the record that ties a run directory to its flags.
+"""A sweep's run directories: where each run keeps its files, the record that ties a run
+directory to its flags, and the trainer's check of each run's full argv.
 
     {output_dir}/runs/{run}/run.json          the flags the run was (or is being) trained with
     {output_dir}/runs/{run}/train.log         trainer stdout + stderr
@@ -6,6 +7,8 @@
     {output_dir}/runs/{run}/metrics.jsonl     written by the trainer
     {output_dir}/runs/{run}/checkpoints/      --save (and --load when resuming)
     {output_dir}/runs/{run}/eval.json         written by the evaluation command, if any
+    {output_dir}/runs/{run}/eval.log          its stdout + stderr
+    {output_dir}/logs/                        local runs: the step runner's stamps
     {output_dir}/slurm/{name}.sbatch          the job-array script; slurm/logs/ its outputs
     {output_dir}/results.json, results.md, fit.json, scaling.png
 """
@@ -14,8 +17,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
-from .spec import Run, SweepError, SweepSpec
+from .spec import DEFAULT_TRAINER, Run, SweepError, SweepSpec
 
 SUMMARY = "summary.json"
 EVAL = "eval.json"
@@ -32,6 +36,16 @@ def run_dir(output_dir: Path, run: Run) -> Path:
 
 def output_flags(rdir: Path | str) -> list[str]:
     return ["--save", f"{rdir}/{CHECKPOINTS}", "--log-dir", str(rdir)]
+
+
+def check_runs(spec: SweepSpec, runs: Sequence[Run], output_dir: Path, world_size: int) -> None:
+    """Refuse, before any of ``runs`` starts, one whose full argv the trainer's own
+    ``validate_args`` refuses at ``world_size`` processes (parallel sizes, batch sizes, data
+    files and PRIOR scores, ...). The SweepError names the run and the trainer's message."""
+    if spec.trainer != DEFAULT_TRAINER:
+        return
+    for run in runs:
+        spec.trainer_args(run, output_flags(run_dir(output_dir, run)), world_size)
 
 
 def run_record(spec: SweepSpec, run: Run) -> dict:
