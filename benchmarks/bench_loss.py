@@ -113,7 +113,7 @@ class _Handover(torch.autograd.Function):
 def _loss(variant: str, logits, target, weight):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_prior.loss import vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
 
     if variant == "a":
         return vocab_parallel_cross_entropy(logits, target) * weight
@@ -131,7 +131,8 @@ def _measure(variant: str, tokens: int, vocab: int, hidden_size: int, dtype_name
     # megatron-core warns on import that TE/apex are absent: known, and it would drown the progress bar.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     from megatron_prior import parallel
-    from megatron_prior.loss import fused_linear_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.fused_linear_ce import fused_linear_weighted_cross_entropy
 
     parallel.initialize(tensor_parallel=tp)
     if torch.cuda.is_available():

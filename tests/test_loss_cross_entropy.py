@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_prior.loss import fused_linear_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
+from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
+from megatron_prior.loss.fused_linear_ce import fused_linear_weighted_cross_entropy
 from megatron_prior.testing import run_on_ranks
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -207,8 +208,8 @@ def test_bad_inputs_are_refused_with_the_reason(call):
 
     def run(target=target, weight=weight, **kwargs):
         if call == "plain":
-            return vocab_parallel_weighted_cross_entropy(logits, target, weight, **kwargs)
-        return fused_linear_weighted_cross_entropy(hidden, out_weight, target, weight, **kwargs)
+            return vocab_parallel_weighted_cross_entropy(logits, target, weight, validate=True, **kwargs)
+        return fused_linear_weighted_cross_entropy(hidden, out_weight, target, weight, validate=True, **kwargs)
 
     with pytest.raises(ValueError, match="target shape"):
         run(target=target[:, :2])

@@ -27,7 +27,7 @@ def _reference(logits, target, weight):
 def test_weighted_ce_matches_float64_and_megatron(tp1, dtype, tol, seed):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_prior.loss import vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     s, b, v = 256, 4, 32000
@@ -47,7 +47,8 @@ def test_weighted_ce_matches_float64_and_megatron(tp1, dtype, tol, seed):
 
 
 def test_fused_linear_ce_matches_linear_plus_loss(tp1):
-    from megatron_prior.loss import fused_linear_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.fused_linear_ce import fused_linear_weighted_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(1)
     s, b, h, v = 512, 2, 256, 32000

@@ -1,12 +1,13 @@
-"""The training loss_func registry: numbers, logs, refusals, and micro-batch/DP invariance
-through megatron-core's schedule, DDP and finalize_model_grads."""
+"""The training loss_func: numbers, logs, refusals, and micro-batch/DP invariance through
+megatron-core's schedule, DDP and finalize_model_grads."""
 
 import numpy as np
 import pytest
 import torch
 
 from megatron_prior.data.kinds import KIND_NAMES
-from megatron_prior.loss import loss_names, make_loss_func, register_loss
+from megatron_prior.loss import LOSSES
+from megatron_prior.loss.loss_func import make_loss_func
 from megatron_prior.testing import run_on_ranks
 
 
@@ -17,27 +18,24 @@ def _batch(seed=0, b=3, s=10):
         loss_mask=mask,
         loss_weights=torch.rand(b, s, generator=g) * 2 * mask,
         token_kinds=torch.randint(0, len(KIND_NAMES), (b, s), generator=g, dtype=torch.uint8),
-        ref_logprobs=-torch.rand(b, s, generator=g) * 5,
     ), torch.rand(b, s, generator=g, dtype=torch.float32) * 6
 
 
-def test_registry_names_and_refusals():
-    assert {"ntp", "prior", "rho1"} <= set(loss_names())
-    with pytest.raises(ValueError, match="unknown loss 'cal'.*ntp, prior, rho1"):
-        make_loss_func("cal")
-    with pytest.raises(TypeError, match="bad options for loss 'prior'"):
-        make_loss_func("prior", alpha=2.0)
-    with pytest.raises(ValueError, match="rho1 ratio"):
-        make_loss_func("rho1", ratio=0.0)
-    with pytest.raises(ValueError, match="registered twice"):
-        register_loss("ntp")(lambda: None)
+def test_names_are_the_loss_flag_choices():
+    from megatron_prior.training.arguments import build_parser
+
+    assert LOSSES == ("ntp", "prior")
+    loss_flag = next(a for a in build_parser()._actions if a.dest == "loss")
+    assert tuple(loss_flag.choices) == LOSSES
+    with pytest.raises(ValueError, match=r"^unknown loss 'rho1'; known: ntp, prior$"):
+        make_loss_func("rho1")
 
 
 @pytest.mark.parametrize("name", ["ntp", "prior"])
 def test_sums_counts_and_logs(name):
     batch, ce = _batch()
     ce = ce.requires_grad_()
-    loss_sum, num_tokens, logs = make_loss_func(name)(batch, ce)
+    loss_sum, num_tokens, logs = make_loss_func(name, kind_names=KIND_NAMES)(batch, ce)
     loss_sum_value, ce64 = float(loss_sum.detach()), ce.detach().double()
     mask, m = batch["loss_mask"].double(), batch["loss_weights"].double()
     weights = mask if name == "ntp" else m * mask
@@ -59,32 +57,20 @@ def test_sums_counts_and_logs(name):
 def test_kind_logs_present_for_every_kind_and_absent_without_kinds():
     batch, ce = _batch()
     batch["token_kinds"] = torch.zeros_like(batch["token_kinds"])  # only "other"
-    logs = make_loss_func("ntp")(batch, ce)[2]
+    loss_func = make_loss_func("ntp", kind_names=KIND_NAMES)
+    logs = loss_func(batch, ce)[2]
     assert [logs[f"loss/{k}"][1].item() for k in KIND_NAMES[1:]] == [0.0, 0.0, 0.0]
-    del batch["token_kinds"]
+    # Without kind names the kinds are not read at all.
     assert set(make_loss_func("ntp")(batch, ce)[2]) == {"lm loss", "ntp loss"}
-
-
-@pytest.mark.parametrize("ratio", [0.3, 0.6, 1.0])
-def test_rho1_keeps_the_top_excess_loss_tokens(ratio):
-    batch, ce = _batch(seed=3)
-    loss_sum, num_tokens, logs = make_loss_func("rho1", ratio=ratio)(batch, ce)
-    mask = batch["loss_mask"].numpy().ravel() > 0
-    excess = (ce + batch["ref_logprobs"]).numpy().ravel()
-    k = int(np.ceil(mask.sum() * ratio))
-    chosen = np.argsort(-np.where(mask, excess, -np.inf), kind="stable")[:k]
-    assert int(num_tokens) == k
-    np.testing.assert_allclose(float(loss_sum), ce.numpy().ravel()[chosen].sum(), rtol=1e-6)
-    np.testing.assert_allclose(logs["ntp loss"][1].item(), mask.sum())
+    del batch["token_kinds"]
+    assert set(loss_func(batch, ce)[2]) == {"lm loss", "ntp loss"}
 
 
 def test_bad_batches_are_refused_with_the_reason():
     batch, ce = _batch()
-    prior = make_loss_func("prior")
+    prior = make_loss_func("prior", kind_names=KIND_NAMES, validate=True)
     with pytest.raises(KeyError, match=r"loss 'prior' needs batch\['loss_weights'\]"):
         prior({k: v for k, v in batch.items() if k != "loss_weights"}, ce)
-    with pytest.raises(KeyError, match=r"needs batch\['ref_logprobs'\]"):
-        make_loss_func("rho1")({k: v for k, v in batch.items() if k != "ref_logprobs"}, ce)
     with pytest.raises(ValueError, match=r"batch\['loss_mask'\] has shape \(3, 10\), per_token_ce has \(3, 9\)"):
         prior(batch, ce[:, :9])
     for value, word in [(float("nan"), "NaN"), (float("inf"), "infinite"), (-1.0, "negative")]:
@@ -130,7 +116,7 @@ def _gradients(layouts):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_prior.loss import vocab_parallel_weighted_cross_entropy
+    from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
     from megatron_prior.models.gpt import build_gpt, transformer_config
     from megatron_prior.testing import assign_global_weights, local_gradients
 
@@ -138,7 +124,7 @@ def _gradients(layouts):
     dp_size = parallel_state.get_data_parallel_world_size()
     per_rank = GLOBAL_BATCH // dp_size
     mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in _global_batch().items()}
-    loss_func = make_loss_func("prior")
+    loss_func = make_loss_func("prior", kind_names=KIND_NAMES)
     out = []
     for num_microbatches in layouts:
         config = transformer_config(num_layers=2, hidden_size=16, num_attention_heads=2)

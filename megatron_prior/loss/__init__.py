@@ -1,16 +1,13 @@
-"""PRIOR's losses: vocab-parallel weighted cross-entropy (plain and fused with the output
-layer), PRIOR weights in torch, and the training ``loss_func`` registry."""
+"""PRIOR's losses, the kernel layer: it imports nothing else from megatron_prior.
 
-from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
-from megatron_prior.loss.fused_linear_ce import fused_linear_weighted_cross_entropy
-from megatron_prior.loss.loss_func import loss_names, make_loss_func, register_loss
-from megatron_prior.loss.prior_weights import prior_weights
+- ``cross_entropy``: vocab-parallel cross-entropy with per-token weights;
+- ``fused_linear_ce``: the same fused with the output layer (no logits held);
+- ``loss_func``: how each ``--loss`` weighs the per-token cross-entropy in training.
 
-__all__ = [
-    "fused_linear_weighted_cross_entropy",
-    "loss_names",
-    "make_loss_func",
-    "prior_weights",
-    "register_loss",
-    "vocab_parallel_weighted_cross_entropy",
-]
+The package itself only names the losses, so that the argument parser can offer them
+without importing torch or megatron-core.
+"""
+
+# ntp: plain next-token prediction, every loss token weighs 1; prior: the packer's
+# per-caption normalised PRIOR multipliers (``batch["loss_weights"]``).
+LOSSES: tuple[str, ...] = ("ntp", "prior")

@@ -88,9 +88,10 @@ def check_inputs(
     values: bool,
     what: str = "vocab_parallel_logits",
 ) -> None:
-    """Refuse mismatched shapes/dtypes, targets outside ``[0, vocab_size)`` and NaN, infinite or
-    negative weights, naming the problem. The value checks are vectorised and read back to the
-    host in one transfer (one device sync per call on a GPU)."""
+    """Refuse mismatched shapes/dtypes (free: metadata only) and, with ``values``, targets
+    outside ``[0, vocab_size)`` and NaN, infinite or negative weights, naming the problem. The
+    value checks are vectorised and read back to the host in one transfer: one device sync per
+    call on a GPU, which is why they are a debugging option (``--check-loss-inputs``)."""
     if vocab_parallel_logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"{what} must be float32, bfloat16 or float16, got {vocab_parallel_logits.dtype}")
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
@@ -258,7 +259,7 @@ def vocab_parallel_weighted_cross_entropy(
     *,
     return_logprobs: bool = False,
     inplace_backward: bool = True,
-    validate: bool = True,
+    validate: bool = False,
     chunk_rows: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token cross-entropy over a vocabulary split across the tensor-parallel group,
@@ -278,7 +279,8 @@ def vocab_parallel_weighted_cross_entropy(
             after backward they hold the gradient. Pass False when the logits are read after
             backward; if another op saved them for its own backward, autograd's version check
             refuses instead of computing a wrong gradient.
-        validate: check target ids and weight values (one host read-back per call on a GPU).
+        validate: also check the values of target ids and weights (one host read-back, i.e. a
+            device sync, per call); shapes, dtypes and devices are always checked.
         chunk_rows: rows per chunk (default: a device-dependent number of elements).
 
     Returns:

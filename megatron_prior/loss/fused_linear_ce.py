@@ -162,7 +162,7 @@ def fused_linear_weighted_cross_entropy(
     chunk_size: Optional[int] = None,
     label_smoothing: float = 0.0,
     return_logprobs: bool = False,
-    validate: bool = True,
+    validate: bool = False,
     sequence_parallel: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token ``loss_weight * CE(hidden @ weight.T, target)`` without materialising the logits.

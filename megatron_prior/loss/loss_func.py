@@ -1,49 +1,84 @@
-"""The training ``loss_func`` (DESIGN.md section 5), one registry entry per way of weighting tokens.
+"""The training ``loss_func``: how each ``--loss`` weighs the per-token cross-entropy.
 
-``make_loss_func(name, **options)`` returns ``loss_func(batch, per_token_ce)`` for the pipeline
+``make_loss_func(name)`` returns ``loss_func(batch, per_token_ce)`` for the pipeline
 schedule's ``forward_step``. It returns ``(loss_sum, num_tokens, logs)`` with
 ``loss_sum = sum(token weight * ce)`` and ``num_tokens`` an int 0-dim tensor: with megatron-core's
 ``calculate_per_token_loss=True`` the schedule sums the counts of all micro-batches (in an int
 tensor) and ``finalize_model_grads`` divides the gradients by the data-parallel total, so the
 gradient does not depend on how the global batch is cut into micro-batches or ranks.
 
-A weighting is registered with ``@register_loss("name")`` on a factory taking the options
-and returning ``weigh(batch, ce, mask) -> (token_weights, num_tokens, checks)``, where
-``checks`` are ``(count tensor, message)`` pairs of bad values found (read back together with
-the common checks, in one host transfer); callers never change.
+Nothing here reads a value back to the host unless ``validate`` asks for it: on a GPU a read-back
+waits for every queued kernel, once per micro-batch. The data are validated where they are
+loaded; ``validate`` (``--check-loss-inputs``) is the debugging net behind that.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from megatron_prior.data.kinds import KIND_NAMES
+from megatron_prior.loss import LOSSES
 
 LossFunc = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 Checks = list[tuple[torch.Tensor, str]]
-Weigh = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Checks]]
-
-_REGISTRY: dict[str, Callable[..., Weigh]] = {}
 
 
-def register_loss(name: str) -> Callable[[Callable[..., Weigh]], Callable[..., Weigh]]:
-    """Register a factory ``(**options) -> weigh`` under ``name``."""
+def make_loss_func(name: str, *, kind_names: Sequence[str] = (), validate: bool = False) -> LossFunc:
+    """``loss_func(batch, per_token_ce [b, s] fp32) -> (loss_sum, num_tokens, logs)``.
 
-    def register(factory: Callable[..., Weigh]) -> Callable[..., Weigh]:
-        if name in _REGISTRY:
-            raise ValueError(f"loss {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
+    ``logs`` holds ``[sum, count]`` pairs (summed over micro-batches and data-parallel ranks
+    by the training loop): ``"lm loss"`` (the weighted loss and the count it is divided by),
+    ``"ntp loss"`` (unweighted, over all loss tokens) and, when ``kind_names`` are given and the
+    batch has ``token_kinds`` (ids into ``kind_names``), ``"loss/<kind>"`` for every kind (count 0
+    where absent, so every micro-batch logs the same keys).
 
-    return register
+    Missing batch entries and mismatched shapes are always refused (no values are read).
+    ``validate`` also checks the values: the mask is 0/1, the kind ids are in range and PRIOR
+    weights are finite and non-negative, in one host read-back per call (a device sync on a GPU).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    kind_names = tuple(kind_names)
 
+    def loss_func(batch: dict, per_token_ce: torch.Tensor):
+        mask = _batch_tensor(batch, "loss_mask", name, "1 where a token carries loss", per_token_ce)
+        kinds = None
+        if kind_names and "token_kinds" in batch:
+            kinds = _batch_tensor(batch, "token_kinds", name, "token kind ids", per_token_ce)
+        checks = _common_checks(mask, kinds, kind_names) if validate else []
+        ce = per_token_ce.float()
+        mask = mask.to(ce.dtype)
+        if name == "prior":
+            m = _batch_tensor(batch, "loss_weights", name, "PRIOR multipliers from the packer", ce).float()
+            if validate:
+                checks += [(torch.isnan(m).sum(), "batch['loss_weights'] holds {} NaN value(s)"),
+                           (torch.isinf(m).sum(), "batch['loss_weights'] holds {} infinite value(s)"),
+                           ((m < 0).sum(), "batch['loss_weights'] holds {} negative value(s)")]
+            token_weights = m * mask
+        else:
+            token_weights = mask
+        if checks:
+            _raise_on_bad_values(checks)
+        # The schedule accumulates counts in an int tensor; a 0/1 mask count is exact there.
+        num_tokens = mask.sum().to(torch.int)
+        loss_sum = (ce * token_weights).sum()
+        masked_ce = (ce * mask).detach()
+        mask_count = mask.sum()
+        logs = {
+            "lm loss": torch.stack([loss_sum.detach(), num_tokens.to(ce.dtype)]),
+            "ntp loss": torch.stack([masked_ce.sum(), mask_count]),
+        }
+        if kinds is not None:
+            idx = kinds.reshape(-1).long()
+            sums = torch.zeros(len(kind_names), dtype=ce.dtype, device=ce.device)
+            sums.index_add_(0, idx, masked_ce.reshape(-1))
+            counts = torch.zeros_like(sums).index_add_(0, idx, mask.reshape(-1))
+            for k, kind in enumerate(kind_names):
+                logs[f"loss/{kind}"] = torch.stack([sums[k], counts[k]])
+        return loss_sum, num_tokens, logs
 
-def loss_names() -> tuple[str, ...]:
-    """The registered loss names (for ``--loss`` choices)."""
-    return tuple(sorted(_REGISTRY))
+    return loss_func
 
 
 def _batch_tensor(batch: dict, key: str, loss: str, why: str, like: torch.Tensor) -> torch.Tensor:
@@ -55,116 +90,14 @@ def _batch_tensor(batch: dict, key: str, loss: str, why: str, like: torch.Tensor
     return value
 
 
-def _count(mask: torch.Tensor) -> torch.Tensor:
-    # The schedule accumulates counts in an int tensor; a 0/1 mask count is exact there.
-    return mask.sum().to(torch.int)
-
-
-@register_loss("ntp")
-def _ntp() -> Weigh:
-    """Plain next-token prediction: every loss token weighs 1."""
-    return lambda batch, ce, mask: (mask, _count(mask), [])
-
-
-@register_loss("prior")
-def _prior() -> Weigh:
-    """PRIOR: ``m = batch["loss_weights"]`` (the packer's per-caption normalised weights)."""
-
-    def weigh(batch: dict, ce: torch.Tensor, mask: torch.Tensor):
-        m = _batch_tensor(batch, "loss_weights", "prior", "PRIOR multipliers from the packer", ce).float()
-        checks = [(torch.isnan(m).sum(), "batch['loss_weights'] holds {} NaN value(s)"),
-                  (torch.isinf(m).sum(), "batch['loss_weights'] holds {} infinite value(s)"),
-                  ((m < 0).sum(), "batch['loss_weights'] holds {} negative value(s)")]
-        return m * mask, _count(mask), checks
-
-    return weigh
-
-
-@register_loss("rho1")
-def _rho1(ratio: float = 0.6) -> Weigh:
-    """Rho-1: train only on the top ``ratio`` of the micro-batch's loss tokens by excess loss
-    ``ce - (-log p_ref)`` (needs ``batch["ref_logprobs"]``); the count is the number selected.
-    The selection is per micro-batch, so unlike ntp/prior the result depends on micro-batching."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"rho1 ratio must be in (0, 1], got {ratio}")
-
-    def weigh(batch: dict, ce: torch.Tensor, mask: torch.Tensor):
-        ref = _batch_tensor(batch, "ref_logprobs", "rho1", "reference log-probs", ce).float()
-        keep = mask.reshape(-1) != 0
-        excess = torch.where(keep, ce.detach().reshape(-1) + ref.reshape(-1), -math.inf)
-        order = torch.sort(excess, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        # ceil keeps at least one token whenever there is one; no host sync needed.
-        k = torch.ceil(keep.sum() * ratio)
-        selected = ((rank < k) & keep).view(mask.shape).to(ce.dtype)
-        checks = [((torch.isnan(ref) & (mask != 0)).sum(),
-                   "batch['ref_logprobs'] holds {} NaN value(s) at loss tokens")]
-        return selected, _count(selected), checks
-
-    return weigh
-
-
-def make_loss_func(name: str, *, validate: bool = True, **options) -> LossFunc:
-    """``loss_func(batch, per_token_ce [b, s] fp32) -> (loss_sum, num_tokens, logs)``.
-
-    ``logs`` holds ``[sum, count]`` pairs (summed over micro-batches and data-parallel ranks
-    by the training loop): ``"lm loss"`` (the weighted loss and the count it is divided by),
-    ``"ntp loss"`` (unweighted, over all loss tokens) and, when the batch has
-    ``token_kinds``, ``"loss/<kind>"`` for every kind of ``KIND_NAMES`` (count 0 where absent,
-    so every micro-batch logs the same keys). ``validate`` checks that the mask is 0/1, the
-    kinds are known and the mode's inputs are sane (PRIOR weights finite and non-negative,
-    Rho-1 reference log-probs not NaN), in one host read-back per call (a device sync on a GPU).
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown loss {name!r}; registered: {', '.join(loss_names())}")
-    try:
-        weigh = _REGISTRY[name](**options)
-    except TypeError as err:
-        raise TypeError(f"bad options for loss {name!r}: {err}") from err
-
-    def loss_func(batch: dict, per_token_ce: torch.Tensor):
-        if "loss_mask" not in batch:
-            raise KeyError(f"loss {name!r} needs batch['loss_mask']; the batch has {sorted(batch)}")
-        mask = batch["loss_mask"]
-        if tuple(mask.shape) != tuple(per_token_ce.shape):
-            raise ValueError(f"batch['loss_mask'] has shape {tuple(mask.shape)}, per_token_ce has "
-                             f"{tuple(per_token_ce.shape)}")
-        kinds = batch.get("token_kinds")
-        if kinds is not None and tuple(kinds.shape) != tuple(per_token_ce.shape):
-            raise ValueError(f"batch['token_kinds'] has shape {tuple(kinds.shape)}, per_token_ce has "
-                             f"{tuple(per_token_ce.shape)}")
-        ce = per_token_ce.float()
-        token_weights, num_tokens, checks = weigh(batch, ce, mask.to(ce.dtype))
-        if validate:
-            _raise_on_bad_values(_common_checks(mask, kinds) + checks)
-        mask = mask.to(ce.dtype)
-        loss_sum = (ce * token_weights).sum()
-        masked_ce = (ce * mask).detach()
-        mask_count = mask.sum()
-        logs = {
-            "lm loss": torch.stack([loss_sum.detach(), num_tokens.to(ce.dtype)]),
-            "ntp loss": torch.stack([masked_ce.sum(), mask_count]),
-        }
-        if kinds is not None:
-            idx = kinds.reshape(-1).long()
-            sums = torch.zeros(len(KIND_NAMES), dtype=ce.dtype, device=ce.device)
-            sums.index_add_(0, idx, masked_ce.reshape(-1))
-            counts = torch.zeros_like(sums).index_add_(0, idx, mask.reshape(-1))
-            for k, kind in enumerate(KIND_NAMES):
-                logs[f"loss/{kind}"] = torch.stack([sums[k], counts[k]])
-        return loss_sum, num_tokens, logs
-
-    return loss_func
-
-
-def _common_checks(mask: torch.Tensor, kinds) -> Checks:
+def _common_checks(mask: torch.Tensor, kinds, kind_names: tuple[str, ...]) -> Checks:
     checks = [(((mask != 0) & (mask != 1)).sum(),
                "batch['loss_mask'] holds {} value(s) other than 0 and 1; the token count would not be "
                "integral (fractional weights belong in batch['loss_weights'])")]
     if kinds is not None:
-        checks.append((((kinds.long() < 0) | (kinds.long() >= len(KIND_NAMES))).sum(),
-                       f"batch['token_kinds'] holds {{}} id(s) outside 0..{len(KIND_NAMES) - 1} "
-                       f"({', '.join(KIND_NAMES)})"))
+        checks.append((((kinds.long() < 0) | (kinds.long() >= len(kind_names))).sum(),
+                       f"batch['token_kinds'] holds {{}} id(s) outside 0..{len(kind_names) - 1} "
+                       f"({', '.join(kind_names)})"))
     return checks
 
 

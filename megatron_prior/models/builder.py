@@ -33,6 +33,7 @@ def build_model(
     vp_stage: Optional[int] = None,
     config_overrides: Optional[dict] = None,
     fused_linear_ce: bool = False,
+    check_loss_inputs: bool = False,
 ) -> torch.nn.Module:
     """The model chunk this rank owns (pipeline stage / virtual stage from parallel_state),
     with its language-model loss routed through megatron_prior.loss."""
@@ -42,7 +43,7 @@ def build_model(
         model.model_type = ModelType.encoder_or_decoder
     language_model = model if cfg.arch == "gpt" else model.language_model
     if language_model is not None:
-        install_loss_head(language_model, fused_linear_ce)
+        install_loss_head(language_model, fused_linear_ce, check_loss_inputs)
     return model
 
 

@@ -3,8 +3,8 @@
 megatron-core's GPTModel computes logits with its output layer, then the per-token loss with
 ``compute_language_model_loss``. ``install_loss_head`` swaps in, on one model instance:
 
-- the vocab-parallel cross-entropy of ``megatron_prior.loss`` (in-place backward, no fp32
-  softmax kept beside the logits), and
+- the vocab-parallel cross-entropy of ``megatron_prior.loss.cross_entropy`` (in-place
+  backward, no fp32 softmax kept beside the logits), and
 - with ``fused_linear_ce``, the fused output projection + cross-entropy: while a forward with
   labels runs, the output layer hands its input and weight on instead of logits, and the loss
   is computed chunk by chunk without materialising them. Without labels (inference) the
@@ -12,6 +12,9 @@ megatron-core's GPTModel computes logits with its output layer, then the per-tok
 
 Only instance attributes change, so parameter names and checkpoints stay megatron-core's.
 The weighting (PRIOR multipliers, masks) is applied afterwards by the training loss_func.
+Shapes and dtypes are checked on every call (metadata, free); the label values only with
+``check_inputs`` (``--check-loss-inputs``), since reading them back stalls the GPU once per
+micro-batch.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from megatron_prior.loss import fused_linear_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
+from megatron_prior.loss.cross_entropy import vocab_parallel_weighted_cross_entropy
+from megatron_prior.loss.fused_linear_ce import fused_linear_weighted_cross_entropy
 
 
 @dataclass
@@ -36,7 +40,7 @@ def _labels_given(args: tuple, kwargs: dict) -> bool:
     return kwargs.get("labels") is not None or (len(args) > 4 and args[4] is not None)
 
 
-def install_loss_head(model: GPTModel, fused_linear_ce: bool = False) -> None:
+def install_loss_head(model: GPTModel, fused_linear_ce: bool = False, check_inputs: bool = False) -> None:
     if not model.post_process:
         return
 
@@ -46,9 +50,10 @@ def install_loss_head(model: GPTModel, fused_linear_ce: bool = False) -> None:
         target = labels.transpose(0, 1).clamp(min=0).contiguous()
         if isinstance(logits, _DeferredLogits):
             loss = fused_linear_weighted_cross_entropy(logits.hidden, logits.weight, target,
-                                                       sequence_parallel=logits.sequence_parallel)
+                                                       sequence_parallel=logits.sequence_parallel,
+                                                       validate=check_inputs)
         else:
-            loss = vocab_parallel_weighted_cross_entropy(logits, target)
+            loss = vocab_parallel_weighted_cross_entropy(logits, target, validate=check_inputs)
         return loss.transpose(0, 1).contiguous()
 
     model.compute_language_model_loss = compute_language_model_loss

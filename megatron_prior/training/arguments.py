@@ -11,6 +11,7 @@ import importlib
 import os
 from typing import Optional, Sequence
 
+from megatron_prior.loss import LOSSES
 from megatron_prior.models.config import ARCHITECTURES, PRESETS
 
 
@@ -78,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["ntp", "prior"], default="ntp",
+    g.add_argument("--loss", choices=LOSSES, default="ntp",
                    help="ntp: plain next-token prediction; prior: weights from the reference log-probs")
     g.add_argument("--prior-alpha", type=float, default=1.0, help="w = (1 - p_ref) ** alpha (paper: 1; > 2 hurts)")
     g.add_argument("--no-mask-eod", dest="mask_eod", action="store_false",
                    help="train on the end-of-document token too")
+    g.add_argument("--check-loss-inputs", action="store_true",
+                   help="debugging: check label ids, loss mask, token kinds and PRIOR weights inside the loss "
+                        "on every micro-batch (a device sync each; the data are checked when loaded anyway)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,

@@ -27,7 +27,6 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module
 
 from megatron_prior import parallel
-from megatron_prior.loss import make_loss_func
 from megatron_prior.models.builder import build_model
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.init import initialize_weights
@@ -98,7 +97,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         # Built once: the schedule calls it for every micro-batch of every iteration.
-        self.forward_step = make_forward_step(self.model_config, make_loss_func(self.args.loss))
+        self.forward_step = make_forward_step(self.model_config, self.args.loss, self.args.check_loss_inputs)
 
     # --- set-up ------------------------------------------------------------------------
     @classmethod
@@ -122,7 +121,8 @@ class Trainer:
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
         chunks = [
             build_model(model_config, bf16=args.bf16, use_te=use_te, vp_stage=(i if vpp else None),
-                        config_overrides=overrides, fused_linear_ce=args.fused_linear_ce)
+                        config_overrides=overrides, fused_linear_ce=args.fused_linear_ce,
+                        check_loss_inputs=args.check_loss_inputs)
             for i in range(vpp or 1)
         ]
         for chunk in chunks:
