@@ -167,8 +167,9 @@ class StepRunner:
             cpu_seconds = self._run_command(step)
         missing = self._missing_outputs(step)
         if missing:
-            log = "" if step.func is not None else f"; the end of {self.log_path(step)}:\n  {_tail(self.log_path(step))}"
-            raise RunFailed(f"{step.description} succeeded but wrote no {', '.join(map(str, missing))}{log}")
+            log = self.log_path(step)
+            tail = "" if step.func is not None else f"; the end of {log}:\n  {_tail(log)}"
+            raise RunFailed(f"{step.description} succeeded but wrote no {', '.join(map(str, missing))}{tail}")
         seconds = time.perf_counter() - start
         self._write_stamp(step, seconds, cpu_seconds)
         return seconds, cpu_seconds

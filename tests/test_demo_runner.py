@@ -63,7 +63,8 @@ def test_clean_removes_stale_outputs_before_running(tmp_path):
 def test_failure_names_the_step_and_quotes_its_log(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     runner, _ = _runner(tmp_path)
-    with pytest.raises(RunFailed, match=r"copy bad.json to out.json failed \(exit 1\); the end of .*b\.log:(.|\n)*Expecting"):
+    with pytest.raises(RunFailed,
+                       match=r"copy bad.json to out.json failed \(exit 1\); the end of .*b\.log:(.|\n)*Expecting"):
         runner.run([_copy("b", "bad.json", "out.json"), _copy("c", "out.json", "c.json", deps=["b"])])
     assert not (tmp_path / "logs" / "b.stamp.json").exists() and not (tmp_path / "c.json").exists()
 

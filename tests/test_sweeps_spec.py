@@ -117,7 +117,8 @@ BAD = [
     # false leaves a switch out of the argv, but a misspelt one is still refused.
     (_mutate(["train_args", "fused-linear-cee"], False), f"train_args.fused-linear-cee: {TRAINER}: unrecognized"),
     # An abbreviation of a grid flag would override the grid: names must be exact.
-    (_mutate(["train_args", "train-iter"], 5), f"train_args.train-iter: {TRAINER}: unrecognized arguments: --train-iter 5"),
+    (_mutate(["train_args", "train-iter"], 5),
+     f"train_args.train-iter: {TRAINER}: unrecognized arguments: --train-iter 5"),
     (_mutate(["train_args", "bf16"], 1), f"train_args.bf16: {TRAINER}: unrecognized arguments: 1"),
     (_mutate(["train_args", "lr"], True), f"train_args.lr: {TRAINER}: argument --lr: expected one argument"),
     (_mutate(["train_args", "lr-decay-style"], "cosinus"),
@@ -134,7 +135,8 @@ BAD = [
     (_mutate(["slurm"], {"gpus_per_node": 8, "time": "1:00:00"}), "slurm.nodes: missing (required)"),
     (_mutate(["slurm"], {"nodes": 1, "gpus_per_node": 0, "time": "10"}), "slurm.gpus_per_node: must be >= 1"),
     (_mutate(["trainer"], []), "trainer: must be a non-empty list"),
-    (_mutate(["trainer"], ["python", "train.py"]), "trainer: starts with '-m' or a Python script (NAME.py), got 'python'"),
+    (_mutate(["trainer"], ["python", "train.py"]),
+     "trainer: starts with '-m' or a Python script (NAME.py), got 'python'"),
     (_mutate(["fit_kinds"], "grounded"), "fit_kinds: must be a list of token kinds, got str"),
     (_mutate(["fit_kinds"], ["grounded", "grounded"]), "fit_kinds[1]: duplicate kind 'grounded'"),
 ]

@@ -167,8 +167,9 @@ class DemoPaths:
 
 def _preprocess(jsonl: Path, prefix: Path, reference: Optional[Path], s: DemoSettings) -> list[str]:
     ref = ["--reference-type", "gpt", "--reference-load", str(reference)] if reference else ["--reference-type", "unigram"]
-    return [PREPROCESS, "--input", str(jsonl), "--json-keys", "caption", "--tokenizer-model", str(DemoPaths.tokenizer),
-            "--append-eod", "--output-prefix", str(prefix), *ref, "--kinds-key", "kinds", "--image-key", "image",
+    return [PREPROCESS, "--input", str(jsonl), "--json-keys", "caption",
+            "--tokenizer-model", str(DemoPaths.tokenizer), "--append-eod", "--output-prefix", str(prefix), *ref,
+            "--kinds-key", "kinds", "--image-key", "image",
             "--image-size", str(s.image_size), "--log-interval", "100000"]
 
 
