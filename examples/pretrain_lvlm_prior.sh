@@ -1,10 +1,14 @@
 #!/bin/bash
 # Pre-train a vision-language model with PRIOR (or NTP) on a SLURM cluster.
 #
-#   sbatch examples/pretrain_lvlm_prior.sh                 # defaults below
-#   MODEL=ulvlm LOSS=ntp NNODES=4 sbatch -N 4 examples/pretrain_lvlm_prior.sh
+#   bash examples/pretrain_lvlm_prior.sh                   # submits itself: logs in $LOG_DIR (default logs/)
+#   MODEL=ulvlm LOSS=ntp bash examples/pretrain_lvlm_prior.sh -N 4 --partition=gpu   # sbatch options
+#   CONTAINER_IMAGE=nvcr.io#myteam/megatron-prior:latest bash examples/pretrain_lvlm_prior.sh   # pyxis
 #   DRY_RUN=1 bash examples/pretrain_lvlm_prior.sh          # print the commands, run nothing
 #
+# Run with bash outside a job, it makes the log directory and submits itself with sbatch (which
+# does not create the directory of --output). A plain `sbatch examples/pretrain_lvlm_prior.sh`
+# from the repository works too; its output then goes to the submit directory.
 # One SLURM task per node; each task runs torchrun with one process per GPU, the rendezvous
 # taken from SLURM's variables. Every path and size is an environment variable.
 #SBATCH --job-name=prior-lvlm
@@ -14,12 +18,13 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --exclusive
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 # sbatch runs a copy of this script from its spool directory: find the repo from the submit dir.
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 source "$REPO/examples/lib/slurm_launch.sh"
+submit_unless_in_job "$@"
 MODEL=${MODEL:-hlvlm}                      # hlvlm | ulvlm
 LOSS=${LOSS:-prior}                        # prior | ntp
 PRIOR_ALPHA=${PRIOR_ALPHA:-1.0}
@@ -56,6 +61,12 @@ TRAIN_ARGS=(
 if [[ "$MODEL" == hlvlm && -n "$VIT_LOAD" ]]; then
   TRAIN_ARGS+=(--vit-load "$VIT_LOAD" --freeze-vit)
 fi
+
+# Mounted in the container (CONTAINER_IMAGE) at their own paths, unless CONTAINER_MOUNTS is set.
+MOUNT_DIRS=("$REPO" "$(dirname "$TOKENIZER_MODEL")" "$CHECKPOINT_DIR" ${VIT_LOAD:+"$VIT_LOAD"})
+for word in $DATA_PATH; do  # prefixes of a blend ('P' or 'W1 P1 W2 P2 ...')
+  [[ "$word" =~ ^[0-9.eE+-]+$ ]] || MOUNT_DIRS+=("$(dirname "$word")")
+done
 
 [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$CHECKPOINT_DIR"
 launch_training "${TRAIN_ARGS[@]}"

@@ -3,8 +3,12 @@
 # Its checkpoint then scores the captions: tools/preprocess_with_weights.py --reference-type gpt
 # --reference-load $CHECKPOINT_DIR.
 #
-#   sbatch examples/pretrain_reference_lm.sh
+#   bash examples/pretrain_reference_lm.sh                 # submits itself: logs in $LOG_DIR (default logs/)
+#   bash examples/pretrain_reference_lm.sh --partition=gpu --time=2:00:00   # sbatch options
 #   DRY_RUN=1 bash examples/pretrain_reference_lm.sh       # print the commands, run nothing
+#
+# Submission, containers (CONTAINER_IMAGE, CONTAINER_MOUNTS) and launch as in
+# examples/pretrain_lvlm_prior.sh (examples/lib/slurm_launch.sh).
 #SBATCH --job-name=prior-reference-lm
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -12,12 +16,13 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=12:00:00
 #SBATCH --exclusive
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 # sbatch runs a copy of this script from its spool directory: find the repo from the submit dir.
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 source "$REPO/examples/lib/slurm_launch.sh"
+submit_unless_in_job "$@"
 MODEL_SIZE=${MODEL_SIZE:-350m}
 DATA_PATH=${DATA_PATH:-/data/captions/text_caption_document}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-/data/captions/tokenizer.model}
@@ -46,6 +51,12 @@ TRAIN_ARGS=(
   --eval-interval 1000 --eval-iters 20 --log-interval 10
   --tensorboard-dir "$TENSORBOARD_DIR"
 )
+
+# Mounted in the container (CONTAINER_IMAGE) at their own paths, unless CONTAINER_MOUNTS is set.
+MOUNT_DIRS=("$REPO" "$(dirname "$TOKENIZER_MODEL")" "$CHECKPOINT_DIR")
+for word in $DATA_PATH; do  # prefixes of a blend ('P' or 'W1 P1 W2 P2 ...')
+  [[ "$word" =~ ^[0-9.eE+-]+$ ]] || MOUNT_DIRS+=("$(dirname "$word")")
+done
 
 [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$CHECKPOINT_DIR"
 launch_training "${TRAIN_ARGS[@]}"

@@ -5,6 +5,12 @@ with the node count, the node's rank and the rendezvous point taken from SLURM's
 (Megatron-LM's own multi-node convention), one process per GPU. A task whose run already has
 a ``summary.json`` exits at once, and one that finds its own checkpoint resumes from it, so
 resubmitting the script (after a failure or preemption) only redoes what is missing.
+
+sbatch opens ``--output`` before the job starts and does not create its directory, so the
+script, run with bash instead of sbatch, makes it and then submits itself. With
+``CONTAINER_IMAGE`` set at submission, training (and evaluation) run in that image through
+pyxis/enroot, with the submit directory, the output directory and the data directories mounted
+at their own paths (``CONTAINER_MOUNTS`` replaces that list).
 """
 
 from __future__ import annotations
@@ -29,6 +35,17 @@ def _flag_lines(flags: list[str], indent: str) -> str:
     return "\n".join(indent + " ".join(shlex.quote(a) for a in g) for g in groups)
 
 
+def _mount_dirs(spec: SweepSpec, output_dir: Path) -> list[str]:
+    """The output directory and the parent of every absolute path in the shared flags (data
+    prefixes, tokenizer, checkpoints to start from), once each, in order."""
+    dirs = [str(output_dir)]
+    for arg in spec.common_flags():
+        for word in arg.split():  # a blend given as one string: 'W1 P1 W2 P2'
+            if word.startswith("/"):
+                dirs.append(str(Path(word).parent))
+    return list(dict.fromkeys(dirs))
+
+
 def render_sbatch(spec: SweepSpec, runs: list[Run], output_dir: Path | str) -> str:
     """The job-array script for ``runs`` (array task i trains runs[i]). Pure: touches no file."""
     if spec.slurm is None:
@@ -38,13 +55,16 @@ def render_sbatch(spec: SweepSpec, runs: list[Run], output_dir: Path | str) -> s
         raise SweepError("no runs to submit")
     s = spec.slurm
     out = Path(output_dir)
+    logs = out / "slurm" / "logs"
     q = shlex.quote
     header = [
         "#!/bin/bash",
         f"# Scaling-law sweep '{spec.name}' ({spec.path.name}): {len(runs)} training run(s), "
         "one SLURM array task each.",
-        "# Written by examples/sweeps/run_sweep.py. Resubmitting it skips runs whose summary.json",
-        "# exists and resumes interrupted ones from their last checkpoint.",
+        "# Written and submitted by examples/sweeps/run_sweep.py --slurm. Resubmitting it skips runs",
+        "# whose summary.json exists and resumes interrupted ones from their last checkpoint:",
+        "#   bash THIS_SCRIPT [SBATCH_OPTION...]   (makes the log directory, then sbatch's itself)",
+        "# CONTAINER_IMAGE=IMAGE at submission runs the tasks in that image (pyxis/enroot).",
         f"#SBATCH --job-name={s.job_name or 'sweep-' + spec.name}",
     ]
     if s.partition:
@@ -58,12 +78,27 @@ def render_sbatch(spec: SweepSpec, runs: list[Run], output_dir: Path | str) -> s
         f"#SBATCH --gpus-per-node={s.gpus_per_node}",
         f"#SBATCH --time={s.time}",
         f"#SBATCH --array={array}",
-        f"#SBATCH --output={out}/slurm/logs/%x-%A_%a.out",
+        f"#SBATCH --output={logs}/%x-%A_%a.out",
         *(f"#SBATCH {opt}" for opt in s.sbatch_extra),
     ]
+    mounts = ",".join(f"{d}:{d}" for d in _mount_dirs(spec, out))
     body = [
         "",
         "set -euo pipefail",
+        'if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then',
+        "  # Run with bash: sbatch would lose the output of a job whose --output directory is missing.",
+        f"  mkdir -p {q(str(logs))}",
+        '  exec sbatch "$@" "$0"',
+        "fi",
+        "CONTAINER_ARGS=()",
+        "EVAL_LAUNCH=()",
+        'if [[ -n "${CONTAINER_IMAGE:-}" ]]; then',
+        f"  DEFAULT_MOUNTS={q(mounts)}",
+        '  CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-workdir="$SLURM_SUBMIT_DIR"',
+        '    --container-mounts="${CONTAINER_MOUNTS:-$SLURM_SUBMIT_DIR:$SLURM_SUBMIT_DIR,$DEFAULT_MOUNTS}")',
+        "  # The evaluation runs in the image too, as one task on this node.",
+        '  EVAL_LAUNCH=(srun --nodes=1 --ntasks=1 "${CONTAINER_ARGS[@]}")',
+        "fi",
         "# Megatron overlaps tensor-parallel communication with compute only with one CUDA queue.",
         "export CUDA_DEVICE_MAX_CONNECTIONS=1",
         *s.setup,
@@ -99,7 +134,7 @@ def render_sbatch(spec: SweepSpec, runs: list[Run], output_dir: Path | str) -> s
         "  export MASTER_ADDR MASTER_PORT",
         "  # srun starts one shell per node; SLURM_NODEID is read there, so the inner script is",
         "  # single-quoted. Its $0 is the torchrun command, \"$@\" the trainer and its flags.",
-        "  srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\",
+        '  srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${CONTAINER_ARGS[@]+"${CONTAINER_ARGS[@]}"} bash -c \\',
         "    'exec \"$0\" --nnodes=\"$SLURM_NNODES\" --node-rank=\"$SLURM_NODEID\" \\",
         f"      --nproc-per-node={s.gpus_per_node} --master-addr=\"$MASTER_ADDR\" "
         "--master-port=\"$MASTER_PORT\" \"$@\"' \\",
@@ -114,7 +149,8 @@ def render_sbatch(spec: SweepSpec, runs: list[Run], output_dir: Path | str) -> s
         body += [
             "",
             f'if [[ ! -f "$RUN_DIR/{EVAL}" ]]; then',
-            f'  bash -c "$EVAL_CMD" 2>&1 | tee -a "$RUN_DIR/{EVAL_LOG}"',
+            '  ${EVAL_LAUNCH[@]+"${EVAL_LAUNCH[@]}"} bash -c "$EVAL_CMD" 2>&1 | tee -a "$RUN_DIR/'
+            f'{EVAL_LOG}"',
             f'  [[ -f "$RUN_DIR/{EVAL}" ]] || {{ echo "evaluation exited without writing '
             f'$RUN_DIR/{EVAL}" >&2; exit 1; }}',
             "fi",
