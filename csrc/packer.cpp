@@ -17,6 +17,8 @@
 //
 // Arrays are taken as they are (no silent dtype conversion, which would copy a whole
 // memory-mapped corpus per call): a wrong dtype or a non-contiguous array is an error.
+// Scalar arguments are checked with the numpy reference's exact messages (check_alpha,
+// check_pad_value in packing.py).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -25,7 +27,9 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <limits>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -75,6 +79,9 @@ auto dispatch_index(const py::array& a, const char* name, F&& f) {
 }
 
 // Runs body(begin, end) over [0, n) split into at most num_threads contiguous ranges.
+// A thread that cannot be started (process or address-space limit) is an error raised in
+// Python once the threads already running are joined: a std::thread destroyed unjoined
+// would abort the interpreter.
 template <typename Body>
 void parallel_for(int64_t n, int num_threads, Body body) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, n));
@@ -84,8 +91,38 @@ void parallel_for(int64_t n, int num_threads, Body body) {
   }
   std::vector<std::thread> pool;
   const int64_t per = (n + threads - 1) / threads;
-  for (int64_t b = 0; b < n; b += per) pool.emplace_back(body, b, std::min(n, b + per));
+  const int64_t ranges = (n + per - 1) / per;
+  std::string failure;
+  for (int64_t b = 0; b < n; b += per) {
+    try {
+      pool.emplace_back(body, b, std::min(n, b + per));
+    } catch (const std::system_error& err) {
+      failure = "packer: could not start thread " + std::to_string(pool.size() + 1) + " of " +
+                std::to_string(ranges) + " (" + err.what() + "); use fewer threads";
+      break;
+    }
+  }
   for (auto& th : pool) th.join();
+  if (!failure.empty()) throw std::runtime_error(failure);
+}
+
+// Python's repr of a float, so that messages read as the numpy reference's do (GIL held).
+std::string float_repr(double x) { return std::string(py::repr(py::float_(x))); }
+
+void check_alpha(double alpha) {
+  if (!(std::isfinite(alpha) && alpha >= 0.0))
+    throw std::invalid_argument("alpha must be a finite number >= 0, got " + float_repr(alpha));
+}
+
+template <typename V>
+void check_pad_value(double pad) {
+  bool ok = !std::isnan(pad);
+  if (ok && std::numeric_limits<V>::is_integer)
+    ok = pad == std::floor(pad) && pad >= static_cast<double>(std::numeric_limits<V>::lowest()) &&
+         pad <= static_cast<double>(std::numeric_limits<V>::max());
+  if (!ok)
+    throw std::invalid_argument("pad_value " + float_repr(pad) + " is not a value of dtype " +
+                                std::string(py::str(py::dtype::of<V>())));
 }
 
 struct MaskRule {
@@ -122,6 +159,7 @@ int64_t check_offsets(const int64_t* off, int64_t n_docs, int64_t n_tokens) {
 py::array_t<double> document_scales(const py::array& tokens, const py::array& logprobs,
                                     const py::array& doc_offsets, double alpha, int64_t eod_id,
                                     bool mask_eod, int64_t pad_id, int num_threads) {
+  check_alpha(alpha);
   const float* lp = data_of<float>(logprobs, "logprobs");
   const int64_t* off = data_of<int64_t>(doc_offsets, "doc_offsets");
   if (tokens.shape(0) != logprobs.shape(0))
@@ -161,18 +199,24 @@ struct Walk {
   const int64_t* samples;
   int64_t seq_len;
 
-  // Calls visit(doc, start, stop) for each piece of the row's sample, in order.
-  template <typename Visit>
-  void row(int64_t r, Visit&& visit) const {
+  // Walks the pieces of row r's sample in order, calling piece(doc, start, at, n) for the
+  // corpus elements [start, start + n) of document doc that land at row positions
+  // [at, at + n), until the row's seq_len + 1 positions are full; returns how many are.
+  template <typename Piece>
+  int64_t fill_row(int64_t r, Piece&& piece) const {
     const int64_t s = samples[r];
     const int64_t beg_doc = sample_index[2 * s], beg_off = sample_index[2 * s + 1];
     const int64_t end_doc = sample_index[2 * s + 2], end_off = sample_index[2 * s + 3];
-    for (int64_t k = beg_doc; k <= end_doc; ++k) {
+    int64_t filled = 0;
+    for (int64_t k = beg_doc; k <= end_doc && filled <= seq_len; ++k) {
       const int64_t doc = document_index[k];
       const int64_t start = off[doc] + (k == beg_doc ? beg_off : 0);
       const int64_t stop = k == end_doc ? off[doc] + end_off + 1 : off[doc + 1];
-      if (!visit(doc, start, stop)) return;
+      const int64_t n = std::min(stop - start, seq_len + 1 - filled);
+      piece(doc, start, filled, n);
+      filled += n;
     }
+    return filled;
   }
 };
 
@@ -219,6 +263,7 @@ py::tuple pack_batch(const py::array& tokens, const py::array& logprobs, const p
                      const py::array& scales, const py::array& document_index, const py::array& sample_index,
                      const py::array& samples, int64_t seq_len, double alpha, int64_t eod_id, bool mask_eod,
                      int64_t pad_id, int num_threads) {
+  check_alpha(alpha);
   const float* lp = data_of<float>(logprobs, "logprobs");
   const double* sc = data_of<double>(scales, "scales");
   if (tokens.shape(0) != logprobs.shape(0)) throw std::invalid_argument("tokens and logprobs differ in length");
@@ -242,22 +287,18 @@ py::tuple pack_batch(const py::array& tokens, const py::array& logprobs, const p
         for (int64_t r = begin; r < end; ++r) {
           int64_t* row_tok = ot + r * (seq_len + 1);
           float* row_w = ow + r * seq_len;
-          int64_t filled = 0;
-          walk.row(r, [&](int64_t doc, int64_t start, int64_t stop) {
+          int64_t filled = walk.fill_row(r, [&](int64_t doc, int64_t start, int64_t at, int64_t n) {
             const double scale = sc[doc];
             const int64_t doc_start = walk.off[doc];
-            const int64_t n = std::min(stop - start, seq_len + 1 - filled);
-            for (int64_t k = 0; k < n; ++k) row_tok[filled + k] = static_cast<int64_t>(tok[start + k]);
+            for (int64_t k = 0; k < n; ++k) row_tok[at + k] = static_cast<int64_t>(tok[start + k]);
             // Position 0 is input only; weight j belongs to label j = token j + 1.
-            for (int64_t k = filled == 0 ? 1 : 0; k < n; ++k) {
+            for (int64_t k = at == 0 ? 1 : 0; k < n; ++k) {
               const int64_t i = start + k;
               float m = 0.0f;
               if (rule.is_loss(tok, i, doc_start))
                 m = scale < 0.0 ? 1.0f : static_cast<float>(scale * token_weight(lp[i], alpha));
-              row_w[filled + k - 1] = m;
+              row_w[at + k - 1] = m;
             }
-            filled += n;
-            return filled <= seq_len;
           });
           for (; filled <= seq_len; ++filled) {
             row_tok[filled] = pad_id;
@@ -274,6 +315,7 @@ template <typename V>
 py::array pack_values_typed(const py::array& values, const py::array& doc_offsets, const py::array& document_index,
                             const py::array& sample_index, const py::array& samples, int64_t seq_len,
                             double pad_value, int num_threads) {
+  check_pad_value<V>(pad_value);
   const V* val = data_of<V>(values, "values");
   const int64_t n_rows = samples.shape(0);
   py::array_t<V> out({n_rows, seq_len + 1});
@@ -287,13 +329,8 @@ py::array pack_values_typed(const py::array& values, const py::array& doc_offset
     parallel_for(n_rows, num_threads, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         V* row = o + r * (seq_len + 1);
-        int64_t filled = 0;
-        walk.row(r, [&](int64_t, int64_t start, int64_t stop) {
-          const int64_t n = std::min(stop - start, seq_len + 1 - filled);
-          std::copy(val + start, val + start + n, row + filled);
-          filled += n;
-          return filled <= seq_len;
-        });
+        const int64_t filled = walk.fill_row(
+            r, [&](int64_t, int64_t start, int64_t at, int64_t n) { std::copy(val + start, val + start + n, row + at); });
         std::fill(row + filled, row + seq_len + 1, pad);
       }
     });

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -23,6 +28,71 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, with every way untrusted text can fail turned into ValueError(reason).
+
+    Besides syntax errors, CPython's parser raises RecursionError on deep nesting and a
+    ValueError about the integer digit limit on very long numbers; both name no position,
+    so the reason says which it was.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        # (without the advice to call sys.set_int_max_str_digits, which is not the reader's to take)
+        raise ValueError(f"invalid JSON ({str(err).split('; use sys.')[0]})") from None
+
+
+def temp_path(final: str) -> str:
+    """Where a writer streams ``final`` before renaming it into place: the same folder (one file
+    system, so the rename is atomic), tagged with this host and process so that a later run can
+    tell a dead writer's leftovers from a live writer's file (see ``remove_stale_temps``)."""
+    return f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(finals: Iterable[str]) -> list[str]:
+    """Remove the ``temp_path`` files of ``finals`` left by writers of this host that are no
+    longer running (killed before they could clean up), with any suffix a tool adds to a
+    temporary prefix (``PREFIX.tmp-host-pid.model``); returns what was removed.
+
+    Files of other hosts are left alone: on a shared file system their writer may be alive.
+    """
+    host = socket.gethostname()
+    removed = []
+    for final in finals:
+        folder, name = os.path.split(os.path.abspath(final))
+        pattern = re.compile(re.escape(f"{name}.tmp-{host}-") + r"(\d+)(\.[^/]*)?$")
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            match = pattern.match(entry)
+            if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+                path = os.path.join(folder, entry)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:  # another run cleaned it first
+                    continue
+                log.warning("removed %s, left by an interrupted writer (process %s is gone)",
+                            path, match.group(1))
+                removed.append(path)
+    return removed
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, fsync: bool = False) -> Path:

@@ -25,10 +25,11 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 
 from megatron_prior import parallel
-from megatron_prior.data.formats import AtomicFiles, WeightedDatasetWriter
-from megatron_prior.data.images import ImageStoreWriter, images_path, load_image
+from megatron_prior.data.images import load_image
 from megatron_prior.data.kinds import OTHER, kinds_from_spans
 from megatron_prior.data.records import BadRecord, iter_lines, parse_line, text_field
+from megatron_prior.data.writer import WeightedDatasetWriter
+from megatron_prior.files import atomic_write_text
 from megatron_prior.scoring import load_reference
 from megatron_prior.tokenizer import Tokenizer, load_tokenizer
 
@@ -156,7 +157,6 @@ def run(args: argparse.Namespace) -> int:
     pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
     previous_handler = signal.signal(signal.SIGTERM, _terminate_as_exit)
     writers: dict[str, WeightedDatasetWriter] = {}
-    image_writer: Optional[ImageStoreWriter] = None
     progress = _Progress(args.log_interval)
     bad: list[BadRecord] = []
     try:
@@ -165,14 +165,11 @@ def run(args: argparse.Namespace) -> int:
         scorer, reference = load_reference(args.reference_type, args.reference_load, tokenizer,
                                            args.reference_window, args.score_batch_tokens)
         unigram = reference["type"] == "unigram"
-        for key in args.json_keys:
+        for i, key in enumerate(args.json_keys):
+            # The images go with the first (with --image-key, the only) key's dataset.
             writers[key] = WeightedDatasetWriter(output_prefix(args, key), token_dtype,
-                                                 with_kinds=bool(args.kinds_key))
-        if args.image_key:
-            files = AtomicFiles()
-            image_writer = ImageStoreWriter(images_path(output_prefix(args, args.json_keys[0])),
-                                            *args.image_size, files)
-            writers[args.json_keys[0]].attach(files)
+                                                 with_kinds=bool(args.kinds_key),
+                                                 image_size=args.image_size if args.image_key and i == 0 else None)
         pending: list[Processed] = []
 
         def flush() -> None:
@@ -184,9 +181,8 @@ def run(args: argparse.Namespace) -> int:
             for i, p in enumerate(pending):
                 for key in args.json_keys:
                     writers[key].add_document(p.tokens[key], None if unigram else scores[key][i],
-                                              p.kinds.get(key) if args.kinds_key else None)
-                if image_writer is not None:
-                    image_writer.add(p.image)
+                                              p.kinds.get(key) if args.kinds_key else None,
+                                              p.image if writers[key].images is not None else None)
             progress.update(len(pending), sum(len(t) for p in pending for t in p.tokens.values()))
             pending.clear()
 
@@ -214,8 +210,6 @@ def run(args: argparse.Namespace) -> int:
             print("error: no documents to write" + (f" ({len(bad)} bad records skipped)" if bad else ""),
                   file=sys.stderr)
             raise _Failed()
-        if image_writer is not None:
-            image_writer.close()
         for key, writer in writers.items():
             if unigram:
                 writer.fill_logprobs(scorer)
@@ -229,8 +223,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         progress.close()
-        if image_writer is not None:
-            image_writer.abort()
         for writer in writers.values():
             writer.abort()  # a no-op for committed writers
         if pool is not None:
@@ -251,8 +243,4 @@ class _Failed(Exception):
 
 
 def _write_bad_record_log(path: str, bad: list[BadRecord]) -> None:
-    files = AtomicFiles()
-    with open(files.temp(path), "w", encoding="utf-8") as f:
-        for record in bad:
-            f.write(f"{record}\n")
-    files.commit()
+    atomic_write_text(path, "".join(f"{record}\n" for record in bad))

@@ -9,8 +9,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 
 from megatron_prior.data import FormatError, ImageStore
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
-from megatron_prior.data.formats import AtomicFiles, WeightedDatasetWriter
 from megatron_prior.data.images import ImageStoreWriter, images_path
+from megatron_prior.data.writer import WeightedDatasetWriter
 
 EOD, PAD, IMAGE, VOCAB, H, W = 2, 1, 3, 100, 6, 5
 
@@ -23,24 +23,18 @@ class Tok:
 
 def write_captions(prefix, n=40, seed=0, with_images=True, end_in_eod=True):
     rng = np.random.default_rng(seed)
-    files = AtomicFiles()
     images = []
-    with WeightedDatasetWriter(str(prefix), np.uint16, with_kinds=True) as w:
-        if with_images:
-            store = ImageStoreWriter(images_path(str(prefix)), H, W, files)
-            w.attach(files)
+    with WeightedDatasetWriter(str(prefix), np.uint16, with_kinds=True,
+                               image_size=(H, W) if with_images else None) as w:
         for _ in range(n):
             k = int(rng.integers(2, 20))
             doc = rng.integers(4, VOCAB, k)
             if end_in_eod:
                 doc[-1] = EOD
             lp = -rng.exponential(1.0, k).astype(np.float32)
-            w.add_document(doc, lp, rng.integers(0, 4, k).astype(np.uint8))
             if with_images:
                 images.append(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
-                store.add(images[-1])
-        if with_images:
-            store.close()
+            w.add_document(doc, lp, rng.integers(0, 4, k).astype(np.uint8), images[-1] if with_images else None)
         w.finalize(Tok.fingerprint, {"type": "unigram"})
     return str(prefix), images
 
@@ -100,7 +94,7 @@ def test_splits_and_more_samples_than_captions(tmp_path):
 
 def test_refusals(tmp_path):
     no_images, _ = write_captions(tmp_path / "N", with_images=False)
-    with pytest.raises(FormatError, match=r"N\.images: missing file"):
+    with pytest.raises(FormatError, match=r"N\.images: missing file \(.*N\.logprobs\.json binds no images"):
         build(no_images, tmp_path)
     no_eod, _ = write_captions(tmp_path / "E", end_in_eod=False)
     with pytest.raises(ValueError, match="a caption dataset needs documents that end in EOD"):
@@ -110,14 +104,41 @@ def test_refusals(tmp_path):
     import shutil
 
     shutil.copy(other + ".images", prefix + ".images")
-    with pytest.raises(FormatError, match="7 images for 9 documents"):
+    with pytest.raises(FormatError, match=r"C\.images: header disagrees with the dataset's metadata: count 7 "
+                                          r"\(bound: 9\)$"):
         build(prefix, tmp_path)
+
+
+def test_token_ids_outside_the_vocabulary(tmp_path):
+    """An id between the tokenizer's vocabulary and the model's padded one would train silently."""
+    class Small(Tok):
+        vocab_size = 50
+
+    prefix, _ = write_captions(tmp_path / "C")  # ids up to VOCAB = 100
+    config = CaptionDatasetConfig(random_seed=3, sequence_length=12, blend=([prefix], None), split="1,0,0",
+                                  tokenizer=Small(), path_to_cache=str(tmp_path / "cache"))
+    with pytest.raises(FormatError, match=r"C\.bin: token id \d+ at token \d+ \(sequence \d+\) outside the "
+                                          r"tokenizer's vocabulary \[0, 50\)$"):
+        BlendedMegatronDatasetBuilder(CaptionDataset, [None] * 3, lambda: True, config).build()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), -0.5, float("inf")])
+def test_prior_alpha_must_be_finite_and_not_negative(tmp_path, alpha):
+    prefix, _ = write_captions(tmp_path / "C", n=4)
+    with pytest.raises(ValueError, match=rf"alpha must be a finite number >= 0, got {alpha!r}$"):
+        build(prefix, tmp_path, prior_alpha=alpha)
+
+
+def _set_header(path, n, h, w, c=3):
+    data = bytearray(open(path, "rb").read())
+    data[16:48] = np.asarray([n, h, w, c], dtype="<u8").tobytes()
+    open(path, "wb").write(bytes(data))
 
 
 def test_image_store_refusals(tmp_path):
     prefix, images = write_captions(tmp_path / "C", n=4)
     path = images_path(prefix)
-    store = ImageStore(path, expected_count=4)
+    store = ImageStore(path, expected={"count": 4, "height": H, "width": W})
     np.testing.assert_array_equal(store[2], images[2])
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-1])
@@ -127,14 +148,31 @@ def test_image_store_refusals(tmp_path):
     with pytest.raises(FormatError, match="not an image store"):
         ImageStore(path)
     # An unfinished writer (count still 0 in the header) is refused.
-    files = AtomicFiles()
-    writer = ImageStoreWriter(str(tmp_path / "x.images"), H, W, files)
+    writer = ImageStoreWriter(str(tmp_path / "x.images.tmp"), H, W)
     writer.add(images[0])
     writer._file.flush()
-    tmp_name = files._pairs[0][0]
-    with pytest.raises(FormatError, match="truncated or unfinished"):
-        ImageStore(tmp_name)
+    with pytest.raises(FormatError, match=r"x\.images\.tmp: \d+ bytes, expected 64 for 0 images of 6x5x3 "
+                                          r"\(truncated or unfinished\)$"):
+        ImageStore(writer.path)
     with pytest.raises(ValueError, match="expected"):
         writer.add(np.zeros((H + 1, W, 3), np.uint8))
     writer.abort()
-    files.abort()
+
+
+def test_image_header_with_a_huge_empty_layout(tmp_path):
+    """n = 0 with H x W beyond what numpy can address: named, not numpy's 'array is too big'."""
+    writer = ImageStoreWriter(str(tmp_path / "e.images"), H, W)
+    writer.close()
+    _set_header(writer.path, 0, 2**40, 2**40)
+    with pytest.raises(FormatError, match=r"e\.images: unsupported image layout H=1099511627776 W=1099511627776 C=3"):
+        ImageStore(writer.path)
+
+
+def test_image_header_that_lies_about_the_shape(tmp_path):
+    """A header saying 10x3 for a 6x5 store (as 16x4 for 8x8): the same byte count, other images."""
+    prefix, _ = write_captions(tmp_path / "C", n=4)
+    _set_header(images_path(prefix), 4, 10, 3)
+    assert ImageStore(images_path(prefix)).shape == (4, 10, 3, 3)  # alone, the header is all there is
+    with pytest.raises(FormatError, match=r"C\.images: header disagrees with the dataset's metadata: "
+                                          rf"height 10 \(bound: {H}\), width 3 \(bound: {W}\)$"):
+        build(prefix, tmp_path)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, _IndexWriter
 
 from megatron_prior.data import FormatError, WeightedIndexedDataset
-from megatron_prior.data.formats import WeightedDatasetWriter, metadata_path
+from megatron_prior.data.formats import metadata_path
+from megatron_prior.files import sha256_file
+from megatron_prior.data.writer import WeightedDatasetWriter
 
 FP = "sha256:tok"
 
@@ -22,8 +25,12 @@ def make_docs(seed=0, n=25, vocab=300):
     return docs, lps, kinds
 
 
-def write_dataset(prefix, seed=0, with_kinds=True, fingerprint=FP):
+def write_dataset(prefix, seed=0, with_kinds=True, fingerprint=FP, edit=None):
+    """A dataset of ``make_docs(seed)``; ``edit(docs, lps, kinds)`` may change them in place first
+    (values a writer does not judge, which only the reader's checks can refuse)."""
     docs, lps, kinds = make_docs(seed)
+    if edit is not None:
+        edit(docs, lps, kinds)
     with WeightedDatasetWriter(str(prefix), np.uint16, with_kinds=with_kinds) as w:
         for d, lp, k in zip(docs, lps, kinds):
             w.add_document(d, lp, k if with_kinds else None)
@@ -65,9 +72,16 @@ def test_round_trip_and_metadata(tmp_path):
             np.testing.assert_array_equal(ds.get(i, 1, 2), docs[i][1:3])
     np.testing.assert_array_equal(ds.document_indices, np.arange(len(docs) + 1))
     meta = json.loads(open(metadata_path(str(tmp_path / "T"))).read())
-    assert meta["values"] == "log p_ref(t_i | t_<i)" and meta["format_version"] == 1
+    assert meta["values"] == "log p_ref(t_i | t_<i)" and meta["format_version"] == 2
     assert meta["token_count"] == sum(map(len, docs)) and meta["reference"] == {"type": "unigram"}
-    assert meta["tokenizer_fingerprint"] == FP and len(meta["tokens_idx_sha256"]) == 64
+    assert (meta["sequence_count"], meta["document_count"]) == (len(docs), len(docs))
+    assert meta["tokenizer_fingerprint"] == FP
+    suffixes = {"tokens.bin": ".bin", "tokens.idx": ".idx", "logprobs.bin": ".logprobs.bin",
+                "logprobs.idx": ".logprobs.idx", "kinds.bin": ".kinds.bin", "kinds.idx": ".kinds.idx"}
+    assert set(meta["files"]) == set(suffixes)
+    for role, suffix in suffixes.items():
+        path = str(tmp_path / "T") + suffix
+        assert meta["files"][role] == {"size": os.path.getsize(path), "sha256": sha256_file(path)}
     import pickle
 
     clone = pickle.loads(pickle.dumps(ds))
@@ -134,11 +148,15 @@ def test_scores_stored_as_another_dtype(tmp_path):
     _expect(tmp_path / "T", r"T\.logprobs\.idx: dtype code 6 \(float64\), expected 7 \(float32\)")
 
 
-def test_metadata_bound_to_another_token_file(tmp_path):
-    write_dataset(tmp_path / "T", seed=0)
-    write_dataset(tmp_path / "U", seed=1)
+def _reverse_tokens(docs, lps, kinds):
+    docs[:] = [d[::-1].copy() for d in docs]
+
+
+def test_metadata_of_another_dataset_of_the_same_shape(tmp_path):
+    write_dataset(tmp_path / "T")
+    write_dataset(tmp_path / "U", edit=_reverse_tokens)  # same sizes everywhere, other tokens
     os.replace(tmp_path / "U.logprobs.json", tmp_path / "T.logprobs.json")
-    _expect(tmp_path / "T", r"T\.logprobs\.json: bound to another token file")
+    _expect(tmp_path / "T", r"T\.bin: content differs from what .*T\.logprobs\.json binds")
 
 
 def test_token_count_and_tokenizer_mismatch(tmp_path):
@@ -150,26 +168,28 @@ def test_token_count_and_tokenizer_mismatch(tmp_path):
     meta_path.write_text(json.dumps(meta))
     _expect(tmp_path / "T", "token_count")
     meta_path.write_text("{not json")
-    _expect(tmp_path / "T", "not valid JSON")
+    _expect(tmp_path / "T", r"T\.logprobs\.json: invalid JSON \(Expecting property name")
     meta_path.write_text(json.dumps(dict(meta, values="p_ref")))
     _expect(tmp_path / "T", "values 'p_ref'")
 
 
-@pytest.mark.parametrize("value,match", [(np.nan, "NaN"), (0.25, "positive"), (np.inf, "infinite")])
+@pytest.mark.parametrize("value,match", [(np.nan, "NaN log-prob nan"),
+                                         (0.25, "positive log-prob 0.25"), (np.inf, "infinite log-prob inf")])
 def test_bad_values(tmp_path, value, match):
-    docs, lps, _ = write_dataset(tmp_path / "T")
-    flat = np.concatenate(lps)
-    flat[len(docs[0]) + 1] = value
-    (tmp_path / "T.logprobs.bin").write_bytes(flat.tobytes())
-    _expect(tmp_path / "T", rf"T\.logprobs\.bin: {match} .* at token {len(docs[0]) + 1} \(sequence 1\)")
+    def edit(docs, lps, kinds):
+        lps[1][1] = value
+
+    docs, _, _ = write_dataset(tmp_path / "T", edit=edit)
+    _expect(tmp_path / "T", rf"T\.logprobs\.bin: {match} at token {len(docs[0]) + 1} \(sequence 1\)")
 
 
 def test_bad_kinds(tmp_path):
-    docs, _, kinds = write_dataset(tmp_path / "T")
-    flat = np.concatenate(kinds)
-    flat[4] = 9
-    (tmp_path / "T.kinds.bin").write_bytes(flat.tobytes())
-    _expect(tmp_path / "T", r"T\.kinds\.bin: unknown kind id 9 at token 4")
+    def edit(docs, lps, kinds):
+        kinds[2][0] = 9
+
+    docs, _, _ = write_dataset(tmp_path / "T", edit=edit)
+    at = len(docs[0]) + len(docs[1])
+    _expect(tmp_path / "T", rf"T\.kinds\.bin: unknown kind id 9 at token {at} \(sequence 2\)$")
     os.remove(tmp_path / "T.kinds.idx")
     _expect(tmp_path / "T", r"T\.kinds\.idx: missing file")
 
@@ -181,3 +201,120 @@ def test_not_an_index(tmp_path):
     data[:4] = b"JUNK"
     path.write_bytes(bytes(data))
     _expect(tmp_path / "T", r"T\.idx: not an MMIDIDX index")
+
+
+def test_token_ids_outside_the_vocabulary(tmp_path):
+    docs, _, _ = write_dataset(tmp_path / "T")  # ids in [0, 300)
+    flat = np.concatenate(docs)
+    assert len(WeightedIndexedDataset(str(tmp_path / "T"), vocab_size=int(flat.max()) + 1)) == len(docs)
+    vocab = 200
+    first = int(np.flatnonzero(flat >= vocab)[0])
+    seq = int(np.searchsorted(np.cumsum([len(d) for d in docs]), first, side="right"))
+    _expect(tmp_path / "T", rf"T\.bin: token id {flat[first]} at token {first} \(sequence {seq}\) outside the "
+                            rf"tokenizer's vocabulary \[0, {vocab}\)$", vocab_size=vocab)
+
+
+def _edit_metadata(prefix, **changes):
+    path = metadata_path(str(prefix))
+    meta = json.loads(open(path).read())
+    meta.update(changes)
+    open(path, "w").write(json.dumps(meta))
+    return meta
+
+
+@pytest.mark.parametrize("key", ["sequence_count", "document_count"])
+def test_counts_that_disagree_with_the_files(tmp_path, key):
+    docs, _, _ = write_dataset(tmp_path / "T")
+    _edit_metadata(tmp_path / "T", **{key: len(docs) + 1})
+    _expect(tmp_path / "T", rf"T\.logprobs\.json: {key} {len(docs) + 1}, but .*T\.idx holds {len(docs)}$")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[" * 200_000 + "]" * 200_000, r"invalid JSON \(nested too deeply\)"),
+    ('{"token_count": ' + "7" * 5000 + "}", r"invalid JSON \(Exceeds the limit \(4300 digits\)"),
+    ('{"a": "\\ud800"}', r"format_version None, expected 2"),
+    (b"\xff{}", r"not valid UTF-8"),
+])
+def test_metadata_that_is_no_json(tmp_path, text, match):
+    write_dataset(tmp_path / "T")
+    path = tmp_path / "T.logprobs.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    _expect(tmp_path / "T", r"T\.logprobs\.json: " + match)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(token_count=True), "'token_count' missing or not a natural number"),
+    (dict(document_count=-1), "'document_count' missing or not a natural number"),
+    (dict(notes=[]), "'notes' missing or not a dict"),
+    (dict(files=[]), "'files' missing or not an object"),
+    (dict(files={"tokens.bin": {}}), r"'files' must bind \['tokens.bin', 'tokens.idx', 'logprobs.bin'"),
+    (dict(format_version=1), "format_version 1, expected 2"),
+])
+def test_metadata_fields(tmp_path, change, match):
+    write_dataset(tmp_path / "T")
+    _edit_metadata(tmp_path / "T", **change)
+    _expect(tmp_path / "T", r"T\.logprobs\.json: " + match)
+
+
+def test_metadata_file_entries(tmp_path):
+    write_dataset(tmp_path / "T")
+    meta = json.loads(open(metadata_path(str(tmp_path / "T"))).read())
+    files = dict(meta["files"], **{"kinds.bin": dict(meta["files"]["kinds.bin"], sha256="XYZ")})
+    _edit_metadata(tmp_path / "T", files=files)
+    _expect(tmp_path / "T", r"'files' entry 'kinds.bin' must hold a 64-digit hex 'sha256'")
+    files = {k: v for k, v in meta["files"].items() if k != "kinds.idx"}
+    _edit_metadata(tmp_path / "T", files=files)
+    _expect(tmp_path / "T", "both or neither of the kinds files")
+    _edit_metadata(tmp_path / "T", files=dict(meta["files"], extra=meta["files"]["tokens.bin"]))
+    _expect(tmp_path / "T", r"'files' binds unknown roles \['extra'\]")
+
+
+def _flip(data: bytes, itemsize: int) -> bytes:
+    """The same items in reverse order: same size, other content."""
+    return np.frombuffer(data, dtype=f"V{itemsize}")[::-1].tobytes()
+
+
+@pytest.mark.parametrize("suffix,itemsize", [(".bin", 2), (".logprobs.bin", 4), (".kinds.bin", 1)])
+def test_same_size_replacement_is_refused(tmp_path, suffix, itemsize):
+    """Shuffled values pass every structural check: only the content hash can tell."""
+    write_dataset(tmp_path / "T")
+    path = tmp_path / f"T{suffix}"
+    before = os.stat(path)
+    path.write_bytes(_flip(path.read_bytes(), itemsize))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old mtime
+    _expect(tmp_path / "T", rf"T{re.escape(suffix)}: content differs from what .*T\.logprobs\.json binds")
+
+
+def test_a_companion_not_bound_is_refused(tmp_path):
+    write_dataset(tmp_path / "K", with_kinds=True)
+    write_dataset(tmp_path / "T", with_kinds=False)
+    for suffix in (".kinds.bin", ".kinds.idx"):
+        os.link(tmp_path / f"K{suffix}", tmp_path / f"T{suffix}")
+    _expect(tmp_path / "T", r"T\.kinds\.bin: not bound by .*T\.logprobs\.json: left over from another write")
+
+
+def test_hashes_are_remembered_by_stat(tmp_path, monkeypatch):
+    """Opening hashes nothing the writer or an earlier open hashed, unless a file's stat moved."""
+    from megatron_prior.data import formats
+
+    write_dataset(tmp_path / "T")
+    hashed = []
+    real = formats.sha256_file
+    monkeypatch.setattr(formats, "sha256_file", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    WeightedIndexedDataset(str(tmp_path / "T"))
+    assert hashed == []  # seeded by the writer
+    os.utime(tmp_path / "T.logprobs.bin")  # touched: same bytes, new mtime/ctime
+    WeightedIndexedDataset(str(tmp_path / "T"))
+    assert hashed == ["T.logprobs.bin"]
+    WeightedIndexedDataset(str(tmp_path / "T"))
+    assert hashed == ["T.logprobs.bin"]  # remembered again
+    # A damaged cache is only a cold one.
+    (tmp_path / "T.verified.json").write_text("[[[")
+    ds = WeightedIndexedDataset(str(tmp_path / "T"))
+    assert len(hashed) == 1 + 6
+    # A pickled copy (a DataLoader worker) trusts the stat its parent verified, cache or not.
+    os.remove(tmp_path / "T.verified.json")
+    import pickle
+
+    pickle.loads(pickle.dumps(ds))
+    assert len(hashed) == 7

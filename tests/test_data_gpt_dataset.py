@@ -9,7 +9,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_prior.data import FormatError, WeightedGPTDataset, WeightedGPTDatasetConfig, packing
-from megatron_prior.data.formats import WeightedDatasetWriter
+from megatron_prior.data.writer import WeightedDatasetWriter
 
 EOD, PAD, VOCAB = 2, 1, 200
 

@@ -6,9 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_prior.data import FormatError, ImageStore, WeightedIndexedDataset
-from megatron_prior.data.formats import AtomicFiles, WeightedDatasetWriter
-from megatron_prior.data.images import ImageStoreWriter, images_path
+from megatron_prior.data import FormatError, WeightedDatasetWriter, WeightedIndexedDataset
 from tools.merge_weighted_datasets import main as merge_main
 
 FP = "sha256:tok"
@@ -25,17 +23,9 @@ def _docs(seed, n):
 
 
 def write(prefix, docs, fingerprint=FP, reference=None, kinds=True, image_size=(4, 3)):
-    files = AtomicFiles()
-    with WeightedDatasetWriter(str(prefix), np.uint16, with_kinds=kinds) as w:
-        store = ImageStoreWriter(images_path(str(prefix)), *image_size, files) if image_size else None
-        if store:
-            w.attach(files)
+    with WeightedDatasetWriter(str(prefix), np.uint16, with_kinds=kinds, image_size=image_size) as w:
         for tokens, lp, k, image in docs:
-            w.add_document(tokens, lp, k if kinds else None)
-            if store:
-                store.add(np.resize(image, (*image_size, 3)))
-        if store:
-            store.close()
+            w.add_document(tokens, lp, k if kinds else None, np.resize(image, (*image_size, 3)) if image_size else None)
         w.finalize(fingerprint, reference or {"type": "unigram"})
     return str(prefix)
 
@@ -52,7 +42,7 @@ def test_merge_equals_single_run(tmp_path):
     assert meta["token_count"] == sum(len(d[0]) for p in parts for d in p)
     assert [m["prefix"] for m in meta["notes"]["merged_from"]] == shards
     ds = WeightedIndexedDataset(merged, tokenizer_fingerprint=FP)
-    assert len(ds) == 20 and len(ImageStore(images_path(merged), expected_count=20)) == 20
+    assert len(ds) == 20 and len(ds.open_images()) == 20
     # A folder merges its datasets in name order.
     os.makedirs(tmp_path / "dir")
     for i, p in enumerate(parts):

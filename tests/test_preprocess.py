@@ -125,7 +125,7 @@ def test_unigram_end_to_end(corpus, tmp_path):
     for (begin, end, name) in r["kinds"]:
         inside = [k for k, s in zip(kinds, starts) if begin <= s < end]
         assert inside and all(k == KIND_IDS[name] for k in inside)
-    images = ImageStore(prefix + ".images", expected_count=len(records))
+    images = ds.open_images()
     assert images.shape == (len(records), 8, 8, 3)
     for i in (0, 17, 59):
         np.testing.assert_array_equal(images[i], load_image(str(folder / "img" / f"{i}.png"), 8, 8))
@@ -175,7 +175,8 @@ def test_gpt_scorer_equals_float64_reference_and_is_batching_invariant():
 @pytest.mark.slow
 def test_gpt_reference_end_to_end(corpus, reference, tmp_path):
     from megatron_prior import parallel
-    from megatron_prior.training.checkpointing import checkpoint_hash, load_inference_model
+    from megatron_prior.checkpoint import checkpoint_hash
+    from megatron_prior.models.pretrained import load_inference_model
 
     _, jsonl, tok_path = corpus
     tok = load_tokenizer(tok_path)

@@ -42,19 +42,24 @@ def shard_prefixes(inputs: list[str]) -> list[str]:
     return list(inputs)
 
 
-def merge(prefixes: list[str], output_prefix: str) -> dict:
-    from megatron_prior.data import FormatError, ImageStore, WeightedIndexedDataset
-    from megatron_prior.data.formats import AtomicFiles, WeightedDatasetWriter
-    from megatron_prior.data.images import ImageStoreWriter, images_path
+def _check_output_is_no_input(prefixes: list[str], output_prefix: str) -> None:
+    """Refuse an output whose files are (after resolving ``.``, ``..`` and links) an input's."""
+    from megatron_prior.data.formats import all_files
 
-    if output_prefix in prefixes:
-        raise ValueError(f"--output-prefix {output_prefix} is one of the inputs")
+    inputs = {os.path.realpath(path): prefix for prefix in prefixes for path in all_files(prefix)}
+    for path in all_files(output_prefix):
+        if os.path.realpath(path) in inputs:
+            raise ValueError(f"--output-prefix {output_prefix} would overwrite {path}, a file of the input "
+                             f"{inputs[os.path.realpath(path)]}")
+
+
+def merge(prefixes: list[str], output_prefix: str) -> dict:
+    from megatron_prior.data import FormatError, ImageStore, WeightedDatasetWriter, WeightedIndexedDataset
+
+    _check_output_is_no_input(prefixes, output_prefix)
     shards = [WeightedIndexedDataset(p) for p in prefixes]
     first = shards[0]
-    stores: list[Optional[ImageStore]] = [
-        ImageStore(images_path(p), expected_count=len(s)) if os.path.exists(images_path(p)) else None
-        for p, s in zip(prefixes, shards)
-    ]
+    stores: list[Optional[ImageStore]] = [s.open_images() if s.has_images else None for s in shards]
     for prefix, shard, store in zip(prefixes[1:], shards[1:], stores[1:]):
         checks = [
             ("token dtype", shard.token_array.dtype, first.token_array.dtype),
@@ -67,20 +72,12 @@ def merge(prefixes: list[str], output_prefix: str) -> dict:
             if mine != theirs:
                 raise FormatError(prefix, f"{what} {mine} differs from {prefixes[0]}'s {theirs}")
 
-    with WeightedDatasetWriter(output_prefix, first.token_array.dtype.type, with_kinds=first.has_kinds) as writer:
-        image_writer = None
-        if stores[0] is not None:
-            files = AtomicFiles()
-            _, height, width, _ = stores[0].shape
-            image_writer = ImageStoreWriter(images_path(output_prefix), height, width, files)
-            writer.attach(files)
+    image_size = stores[0].shape[1:3] if stores[0] is not None else None
+    with WeightedDatasetWriter(output_prefix, first.token_array.dtype.type, with_kinds=first.has_kinds,
+                               image_size=image_size) as writer:
         for prefix, store in zip(prefixes, stores):
-            writer.add_shard(prefix, with_kinds=first.has_kinds)
-            if image_writer is not None:
-                image_writer.add_store(store)
-        if image_writer is not None:
-            image_writer.close()
-        notes = {"merged_from": [{"prefix": p, "tokens_idx_sha256": s.metadata.tokens_idx_sha256,
+            writer.add_shard(prefix, store)
+        notes = {"merged_from": [{"prefix": p, "tokens_sha256": s.metadata.files["tokens.bin"]["sha256"],
                                   "token_count": s.metadata.token_count} for p, s in zip(prefixes, shards)]}
         meta = writer.finalize(first.metadata.tokenizer_fingerprint, first.metadata.reference, notes)
     # Open the result as training will, so a bad merge fails here and not in a job.

@@ -18,6 +18,7 @@ import os
 import sys
 
 from megatron_prior.data.records import iter_texts
+from megatron_prior.files import remove_stale_temps, temp_path
 from megatron_prior.tokenizer import SPECIAL_PIECES, load_tokenizer
 
 
@@ -46,7 +47,8 @@ def train(args: argparse.Namespace) -> str:
     import sentencepiece
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    tmp_prefix = f"{args.output_prefix}.tmp{os.getpid()}"
+    remove_stale_temps([args.output_prefix])
+    tmp_prefix = temp_path(args.output_prefix)
     # <pad> and <eod> take SentencePiece's own pad/eos slots; the rest are control symbols.
     control = [piece for name, piece in SPECIAL_PIECES.items() if name not in ("eod", "pad")]
     # Validate every record first: an exception raised inside SentencePiece's iterator

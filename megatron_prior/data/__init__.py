@@ -1,11 +1,12 @@
 """Weighted indexed datasets, GPT/caption datasets and the packer that feeds PRIOR's weights."""
 
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
-from megatron_prior.data.formats import FormatError, ScoreMetadata, WeightedDatasetWriter
+from megatron_prior.data.formats import FormatError, ScoreMetadata
 from megatron_prior.data.gpt_dataset import WeightedGPTDataset, WeightedGPTDatasetConfig
 from megatron_prior.data.images import ImageStore
 from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
+from megatron_prior.data.writer import WeightedDatasetWriter
 
 __all__ = [
     "CaptionDataset",

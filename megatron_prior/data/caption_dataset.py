@@ -30,7 +30,6 @@ from megatron.core.datasets.utils import Split
 
 from megatron_prior.data import packing
 from megatron_prior.data.gpt_dataset import check_documents_end_in_eod
-from megatron_prior.data.images import ImageStore, images_path
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 
 
@@ -51,8 +50,7 @@ class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
         super().__post_init__()
         if self.tokenizer is None or getattr(self.tokenizer, "image_token_id", None) is None:
             raise ValueError("CaptionDatasetConfig needs a tokenizer with an image_token_id")
-        if self.prior_alpha < 0:
-            raise ValueError(f"prior_alpha must be >= 0, got {self.prior_alpha}")
+        packing.check_alpha(self.prior_alpha)
         if self.sequence_length < 2:
             raise ValueError("sequence_length must be at least 2 (the image placeholder and a token)")
 
@@ -65,7 +63,7 @@ class CaptionDataset(MegatronDataset):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         tok = config.tokenizer
         check_documents_end_in_eod(dataset, tok.eod, "a caption dataset")
-        self.images = ImageStore(images_path(dataset.path_prefix), expected_count=len(dataset))
+        self.images = dataset.open_images()
         # Every caption token is a loss token (c0 is predicted from the image): no EOD masking.
         self.scales = dataset.document_scales(config.prior_alpha, tok.eod, False, self._pad_token_id)
         self.sample_documents = self._sample_documents()
@@ -92,7 +90,8 @@ class CaptionDataset(MegatronDataset):
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: CaptionDatasetConfig) -> WeightedIndexedDataset:
         return WeightedIndexedDataset(dataset_path,
-                                      tokenizer_fingerprint=getattr(config.tokenizer, "fingerprint", None))
+                                      tokenizer_fingerprint=getattr(config.tokenizer, "fingerprint", None),
+                                      vocab_size=config.tokenizer.vocab_size)
 
     def __len__(self) -> int:
         return len(self.sample_documents)

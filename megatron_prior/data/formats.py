@@ -1,46 +1,58 @@
-"""On-disk formats of the per-token companions of a Megatron token file, and their writer.
+"""On-disk formats of a PRIOR dataset, how its files are bound together, and their checks.
 
 For a token prefix ``T`` (``T.bin``/``T.idx``, megatron-core's MMIDIDX, written by its own
 ``IndexedDatasetBuilder``):
 
 - ``T.logprobs.bin/.idx``: float32 MMIDIDX (dtype code 7) with the same sequence lengths
   and document indices, holding ``log p_ref(t_i | t_<i)`` per token;
-- ``T.logprobs.json``: what binds them (format version, what the values are, the tokenizer
-  fingerprint, the reference model, the sha256 of ``T.idx``, the token count);
-- ``T.kinds.bin/.idx`` (optional): uint8 MMIDIDX of token kind ids (``kinds.KIND_NAMES``).
+- ``T.kinds.bin/.idx`` (optional): uint8 MMIDIDX of token kind ids (``kinds.KIND_NAMES``);
+- ``T.images`` (optional): the image store of ``images.py``, image ``i`` for document ``i``;
+- ``T.logprobs.json``: what binds them: format version, what the values are, the tokenizer
+  fingerprint, the reference model, the counts, and the size and sha256 of *every* file
+  above (``files``), so a file replaced, reordered or left over from another write onto the
+  same prefix is refused, whatever its size. A companion file on disk that the metadata does
+  not bind is refused too.
+
+Hashing a large dataset on every open would cost minutes per job start (and per rank), so a
+verified hash is remembered in ``T.verified.json`` together with the file's
+``(device, inode, size, mtime_ns, ctime_ns)``: a file whose stat is unchanged is the file
+that was hashed (writing to it moves mtime and ctime, replacing it moves the inode, and no
+ordinary tool can set ctime back), so it is not read again. The writer seeds that cache at
+commit, so only a dataset copied or touched since is hashed on its first open. The cache is a
+hint: a missing, damaged or unwritable one only costs a full hash.
 
 The companions' ``.idx`` files are written by megatron-core's own ``_IndexWriter`` from the
 token builder's lengths and document indices, so stock ``IndexedDataset`` reads all three.
-Everything is written under temporary names and renamed when complete, the token ``.idx``
-last, so an interrupted run leaves nothing that looks finished.
+``formats`` also holds the header checks shared by the MMIDIDX and image-store readers.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDatasetBuilder,
-    _IndexReader,
-    _IndexWriter,
-    get_bin_path,
-    get_idx_path,
-)
+from megatron.core.datasets.indexed_dataset import DType, _IndexReader, get_bin_path, get_idx_path
 
-from megatron_prior.files import sha256_file
+from megatron_prior.files import atomic_write_json, parse_json, sha256_file
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 LOGPROB_VALUES = "log p_ref(t_i | t_<i)"
 INDEX_HEADER = b"MMIDIDX\x00\x00"
-# magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8)
+# magic (9), then version (8), dtype code (1), sequence count (8), document count (8)
 INDEX_HEADER_SIZE = 34
+_INDEX_FIELDS = struct.Struct("<QBQQ")
 TOKEN_DTYPE_CODES = {1, 2, 3, 4, 5, 8}  # the integer codes of megatron-core's DType
+# Every file a dataset may have, by role; the metadata binds each one present.
+REQUIRED_ROLES = ("tokens.bin", "tokens.idx", "logprobs.bin", "logprobs.idx")
+OPTIONAL_ROLES = ("kinds.bin", "kinds.idx", "images")
+_SHA256_HEX = set("0123456789abcdef")
 
 
 class FormatError(ValueError):
@@ -64,6 +76,61 @@ def kinds_prefix(prefix: str) -> str:
 
 def metadata_path(prefix: str) -> str:
     return prefix + ".logprobs.json"
+
+
+def images_path(prefix: str) -> str:
+    return prefix + ".images"
+
+
+def verified_path(prefix: str) -> str:
+    """The cache of verified hashes (see the module docstring)."""
+    return prefix + ".verified.json"
+
+
+def dataset_files(prefix: str) -> dict[str, str]:
+    """Role -> path of every file the metadata of ``prefix`` may bind."""
+    return {
+        "tokens.bin": get_bin_path(prefix), "tokens.idx": get_idx_path(prefix),
+        "logprobs.bin": get_bin_path(scores_prefix(prefix)), "logprobs.idx": get_idx_path(scores_prefix(prefix)),
+        "kinds.bin": get_bin_path(kinds_prefix(prefix)), "kinds.idx": get_idx_path(kinds_prefix(prefix)),
+        "images": images_path(prefix),
+    }
+
+
+def all_files(prefix: str) -> list[str]:
+    """Every path a write of ``prefix`` creates or replaces (bound files and the metadata)."""
+    return list(dataset_files(prefix).values()) + [metadata_path(prefix)]
+
+
+def read_header(path: str, magic: bytes, fields: struct.Struct, header_size: int, what: str) -> tuple[int, tuple]:
+    """(file size, header fields after ``magic``) of a regular file that starts with ``magic``."""
+    if not os.path.exists(path):
+        raise FormatError(path, "missing file")
+    if not os.path.isfile(path):
+        raise FormatError(path, "not a regular file")
+    size = os.path.getsize(path)
+    if size < header_size:
+        raise FormatError(path, f"truncated: {size} bytes, shorter than the {header_size}-byte header")
+    with open(path, "rb") as f:
+        header = f.read(len(magic) + fields.size)
+    if header[:len(magic)] != magic:
+        raise FormatError(path, f"not {what} (magic {header[:len(magic)]!r})")
+    return size, fields.unpack(header[len(magic):])
+
+
+def check_header(path: str, what: str, version: int, expected_version: int, code: int,
+                 dtype_codes: set[int], size: int, expected_size: int, holding: str) -> np.dtype:
+    """The checks every header here shares: version, dtype code, and the file size the header
+    implies (``holding`` says what for); returns the dtype."""
+    if version != expected_version:
+        raise FormatError(path, f"{what} version {version}, expected {expected_version}")
+    if code not in dtype_codes:
+        names = ", ".join(f"{c} ({DType(c).name})" for c in sorted(dtype_codes))
+        known = f" ({DType(code).name})" if code in {d.value for d in DType} else " (unknown)"
+        raise FormatError(path, f"dtype code {code}{known}, expected {names}")
+    if size != expected_size:
+        raise FormatError(path, f"{size} bytes, expected {expected_size} for {holding} (truncated or unfinished)")
+    return np.dtype(DType.dtype_from_code(code))
 
 
 @dataclass
@@ -95,31 +162,15 @@ class IndexInfo:
 def read_index(prefix: str, expected_dtype_codes: Optional[set[int]] = None) -> IndexInfo:
     """Open and validate ``prefix.idx``/``prefix.bin`` (header, sizes, pointers, documents)."""
     idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
-    for path in (idx_path, bin_path):
-        if not os.path.isfile(path):
-            raise FormatError(path, "missing file")
-    size = os.path.getsize(idx_path)
-    if size < INDEX_HEADER_SIZE:
-        raise FormatError(idx_path, f"truncated: {size} bytes, shorter than the {INDEX_HEADER_SIZE}-byte header")
-    with open(idx_path, "rb") as f:
-        header = f.read(INDEX_HEADER_SIZE)
-    if header[:9] != INDEX_HEADER:
-        raise FormatError(idx_path, f"not an MMIDIDX index (magic {header[:9]!r})")
-    version, code, n_seq, n_doc = struct.unpack("<QBQQ", header[9:])
-    if version != 1:
-        raise FormatError(idx_path, f"index version {version}, expected 1")
-    if code not in {d.value for d in DType}:
-        raise FormatError(idx_path, f"unknown dtype code {code}")
-    if expected_dtype_codes is not None and code not in expected_dtype_codes:
-        names = ", ".join(f"{c} ({DType(c).name})" for c in sorted(expected_dtype_codes))
-        raise FormatError(idx_path, f"dtype code {code} ({DType(code).name}), expected {names}")
-    expected = INDEX_HEADER_SIZE + 12 * n_seq + 8 * n_doc
-    if size != expected:
-        raise FormatError(idx_path, f"{size} bytes, expected {expected} for {n_seq} sequences and "
-                                    f"{n_doc} document indices (truncated or not a plain token index)")
+    size, (version, code, n_seq, n_doc) = read_header(idx_path, INDEX_HEADER, _INDEX_FIELDS, INDEX_HEADER_SIZE,
+                                                      "an MMIDIDX index")
+    if not os.path.isfile(bin_path):
+        raise FormatError(bin_path, "missing file" if not os.path.exists(bin_path) else "not a regular file")
+    dtype = check_header(idx_path, "index", version, 1, code, expected_dtype_codes or {d.value for d in DType},
+                         size, INDEX_HEADER_SIZE + 12 * n_seq + 8 * n_doc,
+                         f"{n_seq} sequences and {n_doc} document indices")
     index = _IndexReader(idx_path, multimodal=False)
     lengths, pointers, docs = index.sequence_lengths, index.sequence_pointers, index.document_indices
-    dtype = np.dtype(DType.dtype_from_code(code))
     if (lengths < 0).any():
         raise FormatError(idx_path, "negative sequence length")
     total = int(lengths.sum(dtype=np.int64))
@@ -135,13 +186,39 @@ def read_index(prefix: str, expected_dtype_codes: Optional[set[int]] = None) -> 
     return IndexInfo(prefix, dtype, lengths, pointers, docs, index)
 
 
+def _natural(data: dict, key: str) -> bool:
+    value = data.get(key)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_files(path: str, files: object) -> dict:
+    """The ``files`` entry of the metadata: role -> {"size", "sha256"} (+ image shape)."""
+    if not isinstance(files, dict):
+        raise FormatError(path, "'files' missing or not an object")
+    unknown = sorted(set(files) - set(REQUIRED_ROLES) - set(OPTIONAL_ROLES))
+    if unknown:
+        raise FormatError(path, f"'files' binds unknown roles {unknown}")
+    missing = [role for role in REQUIRED_ROLES if role not in files]
+    if missing or ("kinds.bin" in files) != ("kinds.idx" in files):
+        raise FormatError(path, f"'files' must bind {list(REQUIRED_ROLES)} and both or neither of the kinds "
+                                f"files, got {sorted(files)}")
+    for role, entry in files.items():
+        keys = ("size", "count", "height", "width") if role == "images" else ("size",)
+        if (not isinstance(entry, dict) or not all(_natural(entry, k) for k in keys)
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64
+                or not set(entry["sha256"]) <= _SHA256_HEX):
+            raise FormatError(path, f"'files' entry {role!r} must hold a 64-digit hex 'sha256' and "
+                                    f"natural numbers {list(keys)}")
+    return files
+
+
 @dataclass
 class ScoreMetadata:
     """The contents of ``T.logprobs.json``."""
 
     tokenizer_fingerprint: str
     reference: dict  # {"type": "gpt", "path": ..., "checkpoint_sha256": ...} or {"type": "unigram"}
-    tokens_idx_sha256: str
+    files: dict  # role -> {"size": bytes, "sha256": hex} (+ "count", "height", "width" for images)
     token_count: int
     sequence_count: int
     document_count: int
@@ -152,173 +229,127 @@ class ScoreMetadata:
 
     @classmethod
     def load(cls, path: str) -> "ScoreMetadata":
-        if not os.path.isfile(path):
+        """Read and check ``path``; every problem is a FormatError naming it."""
+        if not os.path.exists(path):
             raise FormatError(path, "missing file")
+        if not os.path.isfile(path):
+            raise FormatError(path, "not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FormatError(path, f"not valid JSON ({err})") from None
+            data = parse_json(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise FormatError(path, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        except ValueError as err:
+            raise FormatError(path, str(err)) from None
         if not isinstance(data, dict):
             raise FormatError(path, "metadata must be a JSON object")
         if data.get("format_version") != FORMAT_VERSION:
-            raise FormatError(path, f"format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise FormatError(path, f"format_version {data.get('format_version')!r}, expected {FORMAT_VERSION} "
+                                    "(written by another version: preprocess the data again)")
         if data.get("values") != LOGPROB_VALUES or data.get("dtype") != "float32":
-            raise FormatError(path, f"values {data.get('values')!r} ({data.get('dtype')}), "
+            raise FormatError(path, f"values {data.get('values')!r} ({data.get('dtype')!r}), "
                                     f"expected {LOGPROB_VALUES!r} (float32)")
-        types = {"tokenizer_fingerprint": str, "reference": dict, "tokens_idx_sha256": str,
-                 "token_count": int, "sequence_count": int, "document_count": int}
-        for key, kind in types.items():
-            if not isinstance(data.get(key), kind):
+        for key, kind in {"tokenizer_fingerprint": str, "reference": dict, "notes": dict}.items():
+            if not isinstance(data.get(key, {} if key == "notes" else None), kind):
                 raise FormatError(path, f"{key!r} missing or not a {kind.__name__}")
-        if "type" not in data["reference"]:
+        for key in ("token_count", "sequence_count", "document_count"):
+            if not _natural(data, key):
+                raise FormatError(path, f"{key!r} missing or not a natural number")
+        if not isinstance(data["reference"].get("type"), str):
             raise FormatError(path, "'reference' has no 'type'")
+        _check_files(path, data.get("files"))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=2, sort_keys=True)
-            f.write("\n")
+        atomic_write_json(path, asdict(self))
 
 
-class AtomicFiles:
-    """Files written under temporary names, renamed in registration order on commit."""
-
-    def __init__(self) -> None:
-        self._pairs: list[tuple[str, str]] = []
-
-    def temp(self, final: str) -> str:
-        tmp = f"{final}.tmp{os.getpid()}"
-        self._pairs.append((tmp, final))
-        return tmp
-
-    def commit(self) -> None:
-        for tmp, final in self._pairs:
-            os.replace(tmp, final)
-        self._pairs = []
-
-    def abort(self) -> None:
-        for tmp, _ in self._pairs:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        self._pairs = []
+def _stat_key(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-class WeightedDatasetWriter:
-    """Writes ``T.bin/.idx`` (through megatron-core's builder) and its companions.
+class _VerifiedHashes:
+    """The ``T.verified.json`` cache: role -> {"stat": _stat_key, "sha256": hex}."""
 
-    One sequence per document, as megatron's ``preprocess_data.py`` writes without sentence
-    splitting. Log-probs are given per document, or all at the end through
-    ``fill_logprobs`` (for references that need the whole corpus first, like the unigram).
-    Use as a context manager: leaving it by an exception removes every temporary file.
+    def __init__(self, prefix: str) -> None:
+        self.path = verified_path(prefix)
+        self.entries: dict = {}
+        self.dirty = False
+        try:
+            with open(self.path, "rb") as f:
+                entries = parse_json(f.read())
+            self.entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):  # absent or damaged: a cold cache, nothing is trusted
+            pass
+
+    def sha256(self, role: str, path: str) -> str:
+        key, entry = _stat_key(path), self.entries.get(role)
+        if isinstance(entry, dict) and entry.get("stat") == key and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        digest = sha256_file(path)
+        # The stat from before the read: a file changed while it was hashed no longer matches it.
+        self.record(role, key, digest)
+        return digest
+
+    def record(self, role: str, key: list[int], digest: str) -> None:
+        self.entries[role] = {"stat": key, "sha256": digest}
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            atomic_write_json(self.path, self.entries)
+        except OSError as err:  # a read-only dataset folder: correct, only slower to open
+            log.warning("cannot write %s (%s): each open hashes the dataset files again", self.path,
+                        err.strerror or err)
+        self.dirty = False
+
+
+def record_verified(prefix: str, digests: dict[str, str]) -> None:
+    """Seed the hash cache with the hashes a writer computed, for its files now in place."""
+    cache = _VerifiedHashes(prefix)
+    cache.entries = {}
+    for role, digest in digests.items():
+        cache.record(role, _stat_key(dataset_files(prefix)[role]), digest)
+    cache.save()
+
+
+def verify_files(prefix: str, meta: ScoreMetadata, known: Optional[dict[str, list[int]]] = None
+                 ) -> dict[str, list[int]]:
+    """Check that every file ``meta`` binds is the one it was written with, and that no companion
+    it does not bind lies beside it; returns each bound file's stat key.
+
+    ``known`` holds stat keys verified earlier in this job (a pickled dataset): an unchanged
+    stat needs no hash.
     """
-
-    def __init__(self, prefix: str, token_dtype: type, with_kinds: bool = False,
-                 files: Optional[AtomicFiles] = None) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self.prefix = prefix
-        self.files = files or AtomicFiles()
-        self._extra_commits: list[AtomicFiles] = []
-        self._lp_bin = self.files.temp(get_bin_path(scores_prefix(prefix)))
-        self._lp_idx = self.files.temp(get_idx_path(scores_prefix(prefix)))
-        self._kinds_bin = self._kinds_idx = None
-        if with_kinds:
-            self._kinds_bin = self.files.temp(get_bin_path(kinds_prefix(prefix)))
-            self._kinds_idx = self.files.temp(get_idx_path(kinds_prefix(prefix)))
-        self._meta = self.files.temp(metadata_path(prefix))
-        # The token files go last: their presence is what says "finished" to megatron-core.
-        self._tok_bin = self.files.temp(get_bin_path(prefix))
-        self._tok_idx = self.files.temp(get_idx_path(prefix))
-        self.builder = IndexedDatasetBuilder(self._tok_bin, dtype=token_dtype)
-        self._lp_file = open(self._lp_bin, "wb")
-        self._kinds_file = open(self._kinds_bin, "wb") if with_kinds else None
-        self._logprobs_written = 0
-        self.token_count = 0
-
-    def __enter__(self) -> "WeightedDatasetWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-
-    def add_document(self, tokens: np.ndarray, logprobs: Optional[np.ndarray] = None,
-                     kinds: Optional[np.ndarray] = None) -> None:
-        n = len(tokens)
-        if logprobs is not None:
-            if len(logprobs) != n or self._logprobs_written != self.token_count:
-                raise ValueError("log-probs must come with every document, one per token")
-            self._lp_file.write(np.asarray(logprobs, dtype=np.float32).tobytes())
-            self._logprobs_written += n
-        if (kinds is not None) != (self._kinds_file is not None):
-            raise ValueError("kinds must be given for every document iff the writer has kinds")
-        if kinds is not None:
-            if len(kinds) != n:
-                raise ValueError(f"{len(kinds)} kinds for {n} tokens")
-            self._kinds_file.write(np.asarray(kinds, dtype=np.uint8).tobytes())
-        self.builder.add_document(np.asarray(tokens), [n])
-        self.token_count += n
-
-    def add_shard(self, prefix: str, with_kinds: bool) -> None:
-        """Append a whole finished dataset (tokens via megatron-core's ``add_index``)."""
-        self.builder.add_index(prefix)
-        for src, dst in [(get_bin_path(scores_prefix(prefix)), self._lp_file)] + (
-            [(get_bin_path(kinds_prefix(prefix)), self._kinds_file)] if with_kinds else []
-        ):
-            with open(src, "rb") as f:
-                while block := f.read(1 << 24):
-                    dst.write(block)
-        self.token_count = int(np.sum(self.builder.sequence_lengths, dtype=np.int64))
-        self._logprobs_written = self.token_count
-
-    def fill_logprobs(self, score: Callable[[np.ndarray], np.ndarray], chunk: int = 1 << 24) -> None:
-        """Write every log-prob at once, ``score`` mapping a flat token chunk to its log-probs."""
-        if self._logprobs_written:
-            raise ValueError("log-probs were already written per document")
-        self.builder.data_file.flush()
-        if self.token_count:
-            tokens = np.memmap(self._tok_bin, dtype=self.builder.dtype, mode="r")
-            for start in range(0, self.token_count, chunk):
-                self._lp_file.write(np.asarray(score(tokens[start:start + chunk]), np.float32).tobytes())
-            del tokens
-        self._logprobs_written = self.token_count
-
-    def attach(self, files: AtomicFiles) -> None:
-        """Commit (and abort) ``files`` together with this dataset, before the token files."""
-        self._extra_commits.append(files)
-
-    def finalize(self, tokenizer_fingerprint: str, reference: dict, notes: Optional[dict] = None) -> ScoreMetadata:
-        if self._logprobs_written != self.token_count:
-            raise ValueError(f"{self._logprobs_written} log-probs for {self.token_count} tokens")
-        self.builder.finalize(self._tok_idx)
-        self._lp_file.close()
-        lengths, docs = self.builder.sequence_lengths, self.builder.document_indices
-        with _IndexWriter(self._lp_idx, np.float32) as writer:
-            writer.write(lengths, None, docs)
-        if self._kinds_file is not None:
-            self._kinds_file.close()
-            with _IndexWriter(self._kinds_idx, np.uint8) as writer:
-                writer.write(lengths, None, docs)
-        meta = ScoreMetadata(
-            tokenizer_fingerprint=tokenizer_fingerprint,
-            reference=reference,
-            tokens_idx_sha256=sha256_file(self._tok_idx),
-            token_count=self.token_count,
-            sequence_count=len(lengths),
-            document_count=len(docs) - 1,
-            notes=notes or {},
-        )
-        meta.save(self._meta)
-        for extra in self._extra_commits:
-            extra.commit()
-        self.files.commit()
-        return meta
-
-    def abort(self) -> None:
-        for handle in (self.builder.data_file, self._lp_file, self._kinds_file):
-            if handle is not None and not handle.closed:
-                handle.close()
-        for extra in self._extra_commits:
-            extra.abort()
-        self.files.abort()
+    meta_path = metadata_path(prefix)
+    paths = dataset_files(prefix)
+    for role, path in paths.items():
+        if role not in meta.files and os.path.lexists(path):
+            raise FormatError(path, f"not bound by {meta_path}: left over from another write onto this prefix "
+                                    "(remove it, or write the dataset again)")
+    cache = _VerifiedHashes(prefix)
+    stats = {}
+    for role, entry in meta.files.items():
+        path = paths[role]
+        if not os.path.exists(path):
+            raise FormatError(path, f"missing file (bound by {meta_path})")
+        if not os.path.isfile(path):
+            raise FormatError(path, "not a regular file")
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            raise FormatError(path, f"{size} bytes, but {meta_path} binds a file of {entry['size']}")
+        stats[role] = _stat_key(path)
+        if known is not None and known.get(role) == stats[role]:
+            continue
+        digest = cache.sha256(role, path)
+        if digest != entry["sha256"]:
+            raise FormatError(path, f"content differs from what {meta_path} binds (sha256 {digest[:16]}..., "
+                                    f"expected {entry['sha256'][:16]}...): changed or replaced after it was "
+                                    "written, or left by a write that did not finish")
+    cache.save()
+    return stats

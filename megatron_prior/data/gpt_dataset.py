@@ -38,8 +38,7 @@ class WeightedGPTDatasetConfig(GPTDatasetConfig):
         if not self.add_extra_token_to_sequence:
             raise ValueError("WeightedGPTDatasetConfig needs add_extra_token_to_sequence=True "
                              "(loss weights are aligned with labels = tokens shifted by one)")
-        if self.prior_alpha < 0:
-            raise ValueError(f"prior_alpha must be >= 0, got {self.prior_alpha}")
+        packing.check_alpha(self.prior_alpha)
 
 
 def check_documents_end_in_eod(dataset: WeightedIndexedDataset, eod: int, why: str) -> None:
@@ -72,7 +71,8 @@ class WeightedGPTDataset(GPTDataset):
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: WeightedGPTDatasetConfig) -> WeightedIndexedDataset:
         return WeightedIndexedDataset(dataset_path,
-                                      tokenizer_fingerprint=getattr(config.tokenizer, "fingerprint", None))
+                                      tokenizer_fingerprint=getattr(config.tokenizer, "fingerprint", None),
+                                      vocab_size=config.tokenizer.vocab_size)
 
     def _pack(self, rows: np.ndarray, threads: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Loss weights ``[b, s]`` (and kinds ``[b, s]``) of shuffled sample rows, labels-aligned."""

@@ -12,73 +12,86 @@ array ``[n, H, W, C]``.
     offset 48  u8       dtype code (megatron-core's DType: 1 = uint8)
     offset 49  zeros up to 64
 
-Image ``i`` belongs to document ``i`` of the token file beside it. The writer streams images
-to a temporary name and writes the count into the header when it finishes.
+Image ``i`` belongs to document ``i`` of the token file beside it; the dataset's metadata
+binds the store by content hash and records its shape (``formats``). The writer streams
+images to a temporary name and writes the count into the header when it finishes.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
+import warnings
 from typing import Optional
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from megatron_prior.data.formats import AtomicFiles, FormatError
+from megatron_prior.data.formats import FormatError, check_header, images_path, read_header
+
+__all__ = ["ImageStore", "ImageStoreWriter", "images_path", "load_image"]
 
 MAGIC = b"MPIMGST\x00"
 VERSION = 1
 HEADER_SIZE = 64
-_HEADER = struct.Struct("<8sQQQQQB")
+_FIELDS = struct.Struct("<QQQQQB")  # after the magic: version, n, H, W, C, dtype code
 UINT8_CODE = 1
-
-
-def images_path(prefix: str) -> str:
-    return prefix + ".images"
+# numpy cannot even describe a larger array; one image beyond it is a damaged header.
+_MAX_ARRAY_BYTES = np.iinfo(np.intp).max
 
 
 def load_image(path: str, height: int, width: int) -> np.ndarray:
     """An image file as uint8 ``[height, width, 3]`` (RGB, resized with bicubic filtering).
 
-    Raises OSError (missing or unreadable file) or ValueError (not an image PIL can read).
+    Raises OSError (missing or unreadable file) or ValueError (not a regular file, not an
+    image PIL can read, or more pixels than PIL's decompression-bomb limit).
     """
-    from PIL import Image, UnidentifiedImageError
-
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; the
+    # type is checked on the opened descriptor, so the file cannot change in between.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BICUBIC)
-            return np.asarray(img, dtype=np.uint8)
-    except UnidentifiedImageError as err:
-        raise ValueError(f"not an image file PIL can read: {path}") from err
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        with f, warnings.catch_warnings():
+            # Past MAX_IMAGE_PIXELS PIL only warns (it raises at twice that): refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as img:
+                img = img.convert("RGB")
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.Resampling.BICUBIC)
+                return np.asarray(img, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError("not an image file PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb limit)") from None
 
 
 class ImageStore:
-    """Read-only view of a validated image store; ``store[i]`` is uint8 ``[H, W, C]``."""
+    """Read-only view of a validated image store; ``store[i]`` is uint8 ``[H, W, C]``.
 
-    def __init__(self, path: str, expected_count: Optional[int] = None) -> None:
+    ``expected`` (from the dataset's metadata: ``count``, ``height``, ``width``) must agree
+    with the header.
+    """
+
+    def __init__(self, path: str, expected: Optional[dict] = None) -> None:
         self.path = path
-        if not os.path.isfile(path):
-            raise FormatError(path, "missing file")
-        size = os.path.getsize(path)
-        if size < HEADER_SIZE:
-            raise FormatError(path, f"truncated: {size} bytes, shorter than the {HEADER_SIZE}-byte header")
-        with open(path, "rb") as f:
-            magic, version, n, h, w, c, code = _HEADER.unpack(f.read(_HEADER.size))
-        if magic != MAGIC:
-            raise FormatError(path, f"not an image store (magic {magic!r})")
-        if version != VERSION:
-            raise FormatError(path, f"image store version {version}, expected {VERSION}")
-        if code != UINT8_CODE or c != 3 or h == 0 or w == 0:
-            raise FormatError(path, f"unsupported image layout H={h} W={w} C={c} dtype code {code} "
-                                    f"(expected uint8 RGB, code {UINT8_CODE}, C=3)")
-        expected = HEADER_SIZE + n * h * w * c
-        if size != expected:
-            raise FormatError(path, f"{size} bytes, expected {expected} for {n} images of {h}x{w}x{c} "
-                                    "(truncated or unfinished)")
-        if expected_count is not None and n != expected_count:
-            raise FormatError(path, f"{n} images for {expected_count} documents")
+        size, (version, n, h, w, c, code) = read_header(path, MAGIC, _FIELDS, HEADER_SIZE, "an image store")
+        if c != 3 or h == 0 or w == 0 or h * w * c > _MAX_ARRAY_BYTES:
+            raise FormatError(path, f"unsupported image layout H={h} W={w} C={c} (expected RGB, C=3, "
+                                    "non-empty images numpy can address)")
+        check_header(path, "image store", version, VERSION, code, {UINT8_CODE}, size,
+                     HEADER_SIZE + n * h * w * c, f"{n} images of {h}x{w}x{c}")
+        if expected is not None:
+            said = {"count": n, "height": h, "width": w}
+            differ = [f"{k} {said[k]} (bound: {expected[k]})" for k in said if said[k] != expected[k]]
+            if differ:
+                raise FormatError(path, "header disagrees with the dataset's metadata: " + ", ".join(differ))
         self.shape = (int(n), int(h), int(w), int(c))
         self._array = (np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_SIZE, shape=self.shape)
                        if n else np.zeros(self.shape, dtype=np.uint8))
@@ -97,16 +110,15 @@ class ImageStore:
 
 
 class ImageStoreWriter:
-    """Appends images of one size to a store, written under a temporary name."""
+    """Appends images of one size to a store at ``path`` (the caller renames it into place)."""
 
-    def __init__(self, path: str, height: int, width: int, files: AtomicFiles) -> None:
-        self.height, self.width, self.count = height, width, 0
-        self._tmp = files.temp(path)
-        self._file = open(self._tmp, "wb")
+    def __init__(self, path: str, height: int, width: int) -> None:
+        self.path, self.height, self.width, self.count = path, height, width, 0
+        self._file = open(path, "wb")
         self._file.write(self._header())
 
     def _header(self) -> bytes:
-        header = _HEADER.pack(MAGIC, VERSION, self.count, self.height, self.width, 3, UINT8_CODE)
+        header = MAGIC + _FIELDS.pack(VERSION, self.count, self.height, self.width, 3, UINT8_CODE)
         return header + b"\x00" * (HEADER_SIZE - len(header))
 
     def add(self, image: np.ndarray) -> None:
@@ -127,7 +139,7 @@ class ImageStoreWriter:
             self.count += len(chunk)
 
     def close(self) -> None:
-        """Write the final count into the header (the store is renamed by its AtomicFiles)."""
+        """Write the final count into the header."""
         self._file.seek(0)
         self._file.write(self._header())
         self._file.close()

@@ -24,6 +24,7 @@ Semantics (DESIGN.md sections 1 and 5):
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Optional
 
@@ -42,6 +43,23 @@ HAVE_EXTENSION = _ext is not None
 
 def default_threads() -> int:
     return min(8, os.cpu_count() or 1)
+
+
+def check_alpha(alpha: float) -> None:
+    """PRIOR's exponent must be a finite number >= 0 (NaN would silently weigh every token 1)."""
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {float(alpha)!r}")
+
+
+def check_pad_value(pad_value: float, dtype: np.dtype) -> None:
+    """The pad value must be a value of ``dtype``: not NaN, and for integers integral and in range."""
+    pad_value, dtype = float(pad_value), np.dtype(dtype)
+    ok = not math.isnan(pad_value)
+    if ok and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        ok = pad_value == math.floor(pad_value) and info.min <= pad_value <= info.max
+    if not ok:
+        raise ValueError(f"pad_value {pad_value!r} is not a value of dtype {dtype}")
 
 
 def token_weights(logprobs: np.ndarray, alpha: float) -> np.ndarray:
@@ -67,6 +85,7 @@ def _previous_tokens(tokens: np.ndarray, doc_start: int, lo: int, hi: int, eod_i
 
 def document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id) -> np.ndarray:
     """``n_doc / sum w`` per document, or -1 where the weights sum to zero (fallback m = 1)."""
+    check_alpha(alpha)
     doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
     n_docs = len(doc_offsets) - 1
     lo, hi = int(doc_offsets[0]), int(doc_offsets[-1])
@@ -98,6 +117,7 @@ def _sample_pieces(doc_offsets, document_index, sample_index, s):
 def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples,
                      seq_len, alpha, eod_id, mask_eod, pad_id):
     """Token rows ``[b, seq_len + 1]`` (int64) and weight rows ``[b, seq_len]`` (float32)."""
+    check_alpha(alpha)
     out_tokens = np.full((len(samples), seq_len + 1), pad_id, dtype=np.int64)
     out_weights = np.zeros((len(samples), seq_len), dtype=np.float32)
     for row, s in enumerate(samples):
@@ -121,6 +141,7 @@ def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, samp
 
 def pack_values_numpy(values, doc_offsets, document_index, sample_index, samples, seq_len, pad_value):
     """Rows ``[b, seq_len + 1]`` of any per-token array, cut like the token rows."""
+    check_pad_value(pad_value, values.dtype)
     out = np.full((len(samples), seq_len + 1), pad_value, dtype=values.dtype)
     for row, s in enumerate(samples):
         v = np.concatenate([values[lo:hi] for _, lo, hi in _sample_pieces(doc_offsets, document_index,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
+
+from megatron_prior.files import parse_json
 
 
 class BadRecord(ValueError):
@@ -41,16 +42,20 @@ def parse_line(path: str, line: int, raw: bytes) -> Record:
     except UnicodeDecodeError as err:
         raise BadRecord(path, line, f"invalid UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadRecord(path, line, f"invalid JSON ({err.msg}, column {err.colno})") from None
+        data = parse_json(text)
+    except ValueError as err:
+        raise BadRecord(path, line, str(err)) from None
     if not isinstance(data, dict):
         raise BadRecord(path, line, f"a record must be a JSON object, not {type(data).__name__}")
     return Record(path, line, data)
 
 
 def text_field(record: Record, key: str) -> str:
-    """The non-empty string under ``key``, or BadRecord."""
+    """The non-empty string under ``key``, or BadRecord.
+
+    JSON's ``\\uXXXX`` escapes can spell a lone UTF-16 surrogate, which is not a character:
+    tokenizers (SentencePiece's UTF-8 conversion) fail on it, so it is refused here.
+    """
     if key not in record.data:
         raise BadRecord(record.path, record.line, f"missing key {key!r}")
     value = record.data[key]
@@ -58,6 +63,11 @@ def text_field(record: Record, key: str) -> str:
         raise BadRecord(record.path, record.line, f"{key!r} is {type(value).__name__}, not a string")
     if not value.strip():
         raise BadRecord(record.path, record.line, f"empty {key!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRecord(record.path, record.line, f"{key!r} holds a lone surrogate "
+                                                  f"({value[err.start]!r} at character {err.start}), not text") from None
     return value
 
 

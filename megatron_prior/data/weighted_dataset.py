@@ -1,8 +1,10 @@
 """A Megatron token dataset opened together with its reference log-probs (and token kinds).
 
 ``WeightedIndexedDataset(T)`` validates ``T.bin/.idx``, ``T.logprobs.bin/.idx/.json`` and,
-when present, ``T.kinds.bin/.idx`` (see ``formats``), and refuses anything inconsistent
-with a ``FormatError`` that names the file and the problem. It is also the low-level
+when the metadata binds them, ``T.kinds.bin/.idx`` and ``T.images`` (see ``formats``): their
+structure, their content hashes, and, on the first open, their values (log-probs, kinds, and
+token ids against the tokenizer's vocabulary). Anything inconsistent is refused with a
+``FormatError`` that names the file and the problem. It is also the low-level
 dataset of ``WeightedGPTDataset``: it offers what megatron-core's ``GPTDataset`` uses of an
 ``IndexedDataset`` (``sequence_lengths``, ``document_indices``, ``get``, ``path_prefix``),
 read through megatron-core's own ``IndexedDataset``, plus the flat memory-mapped arrays the
@@ -12,7 +14,7 @@ packer works on.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
@@ -23,13 +25,15 @@ from megatron_prior.data.formats import (
     FormatError,
     IndexInfo,
     ScoreMetadata,
+    images_path,
     kinds_prefix,
     metadata_path,
     read_index,
     scores_prefix,
+    verify_files,
 )
+from megatron_prior.data.images import ImageStore
 from megatron_prior.data.kinds import KIND_NAMES
-from megatron_prior.files import sha256_file
 
 _CHECK_CHUNK = 1 << 24
 
@@ -54,29 +58,35 @@ def _check_same_structure(tokens: IndexInfo, other: IndexInfo) -> None:
 
 
 class WeightedIndexedDataset:
-    """Tokens + per-token reference log-probs (+ kinds) of one preprocessed corpus.
+    """Tokens + per-token reference log-probs (+ kinds, + images) of one preprocessed corpus.
 
     Args:
         path_prefix: the token prefix ``T`` (without ``.bin``/``.idx``).
         tokenizer_fingerprint: when given, the scores must have been made with this tokenizer.
-        check_values: scan every log-prob for NaN, infinities and positive values (and every
-            kind for unknown ids). Done on the first open; a pickled copy (a DataLoader
-            worker) re-checks the structure only.
+        vocab_size: when given, every token id must lie in ``[0, vocab_size)``.
+        check_values: scan every log-prob for NaN, infinities and positive values, every kind
+            for unknown ids, and every token id against ``vocab_size``. Done on the first
+            open; a pickled copy (a DataLoader worker) re-checks the structure, and the files'
+            stat against the one verified, only.
     """
 
     def __init__(self, path_prefix: str, tokenizer_fingerprint: Optional[str] = None,
-                 check_values: bool = True) -> None:
+                 vocab_size: Optional[int] = None, check_values: bool = True,
+                 _verified: Optional[dict] = None) -> None:
         self.path_prefix = path_prefix
-        self._tokenizer_fingerprint = tokenizer_fingerprint
+        self._tokenizer_fingerprint, self._vocab_size = tokenizer_fingerprint, vocab_size
         tokens = read_index(path_prefix, TOKEN_DTYPE_CODES)
         scores = read_index(scores_prefix(path_prefix), {7})
         _check_same_structure(tokens, scores)
         self.metadata = self._check_metadata(tokens, tokenizer_fingerprint)
         kinds = None
-        k = kinds_prefix(path_prefix)
-        if os.path.exists(get_idx_path(k)) or os.path.exists(get_bin_path(k)):
-            kinds = read_index(k, {1})
+        if "kinds.bin" in self.metadata.files:
+            kinds = read_index(kinds_prefix(path_prefix), {1})
             _check_same_structure(tokens, kinds)
+        self._image_shape = self.metadata.files.get("images")
+        if self._image_shape is not None:
+            self.open_images()  # the header against the metadata, before any hashing
+        self._verified = verify_files(path_prefix, self.metadata, _verified)
 
         self.sequence_offsets = tokens.offsets()
         self.token_array = tokens.data()
@@ -95,42 +105,61 @@ class WeightedIndexedDataset:
         path = metadata_path(self.path_prefix)
         meta = ScoreMetadata.load(path)
         idx_path = get_idx_path(self.path_prefix)
-        if meta.tokens_idx_sha256 != sha256_file(idx_path):
-            raise FormatError(path, f"bound to another token file: its tokens_idx_sha256 does not "
-                                    f"match {idx_path}")
-        total = int(tokens.sequence_lengths.sum(dtype=np.int64))
-        if meta.token_count != total:
-            raise FormatError(path, f"token_count {meta.token_count}, but {idx_path} holds {total}")
+        counts = {"token_count": int(tokens.sequence_lengths.sum(dtype=np.int64)),
+                  "sequence_count": len(tokens.sequence_lengths),
+                  "document_count": len(tokens.document_indices) - 1}
+        for key, actual in counts.items():
+            if getattr(meta, key) != actual:
+                raise FormatError(path, f"{key} {getattr(meta, key)}, but {idx_path} holds {actual}")
         if tokenizer_fingerprint is not None and meta.tokenizer_fingerprint != tokenizer_fingerprint:
             raise FormatError(path, f"scored with tokenizer {meta.tokenizer_fingerprint}, not with "
                                     f"the tokenizer in use ({tokenizer_fingerprint})")
         return meta
 
-    def _check_values(self) -> None:
-        path = get_bin_path(scores_prefix(self.path_prefix))
-        for start in range(0, len(self.logprob_array), _CHECK_CHUNK):
-            chunk = np.asarray(self.logprob_array[start:start + _CHECK_CHUNK])
-            for problem, bad in (("NaN", np.isnan(chunk)), ("infinite", np.isinf(chunk)),
-                                 ("positive (a log-probability is <= 0)", chunk > 0)):
+    def _scan(self, array: np.ndarray, path: str, problems: Callable[[np.ndarray], list]) -> None:
+        """Raise at the first element that ``problems(chunk)`` flags (a list of (what, mask,
+        why)), in chunks of the memory map, so a corpus of any size is read once in bounded
+        memory."""
+        for start in range(0, len(array), _CHECK_CHUNK):
+            chunk = np.asarray(array[start:start + _CHECK_CHUNK])
+            for what, bad, why in problems(chunk):
                 where = np.flatnonzero(bad)
                 if len(where):
                     element = start + int(where[0])
-                    raise FormatError(path, f"{problem} log-prob {chunk[where[0]]} at token {element} "
-                                            f"(sequence {_first_sequence_of(self.sequence_offsets, element)})")
+                    raise FormatError(path, f"{what} {chunk[where[0]]} at token {element} (sequence "
+                                            f"{_first_sequence_of(self.sequence_offsets, element)}){why}")
+
+    def _check_values(self) -> None:
+        self._scan(self.logprob_array, get_bin_path(scores_prefix(self.path_prefix)), lambda c: [
+            ("NaN log-prob", np.isnan(c), ""), ("infinite log-prob", np.isinf(c), ""),
+            ("positive log-prob", c > 0, ": a log-probability is <= 0")])
         if self.kind_array is not None:
-            path = get_bin_path(kinds_prefix(self.path_prefix))
-            for start in range(0, len(self.kind_array), _CHECK_CHUNK):
-                chunk = np.asarray(self.kind_array[start:start + _CHECK_CHUNK])
-                where = np.flatnonzero(chunk >= len(KIND_NAMES))
-                if len(where):
-                    raise FormatError(path, f"unknown kind id {chunk[where[0]]} at token {start + int(where[0])}")
+            self._scan(self.kind_array, get_bin_path(kinds_prefix(self.path_prefix)),
+                       lambda c: [("unknown kind id", c >= len(KIND_NAMES), "")])
+        if self._vocab_size is not None:
+            vocab = self._vocab_size
+            self._scan(self.token_array, get_bin_path(self.path_prefix), lambda c: [
+                ("token id", (c < 0) | (c >= vocab), f" outside the tokenizer's vocabulary [0, {vocab})")])
+
+    @property
+    def has_images(self) -> bool:
+        return self._image_shape is not None
+
+    def open_images(self) -> ImageStore:
+        """The image store the metadata binds (image ``i`` for sequence ``i``)."""
+        path = images_path(self.path_prefix)
+        if self._image_shape is None:
+            raise FormatError(path, f"missing file ({metadata_path(self.path_prefix)} binds no images: "
+                                    "preprocess with --image-key)")
+        return ImageStore(path, expected=self._image_shape)
 
     def __getstate__(self) -> dict:
         return {"path_prefix": self.path_prefix, "tokenizer_fingerprint": self._tokenizer_fingerprint,
-                "scales": self._scales_cache}
+                "vocab_size": self._vocab_size, "verified": self._verified, "scales": self._scales_cache}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path_prefix"], state["tokenizer_fingerprint"], check_values=False)
+        self.__init__(state["path_prefix"], state["tokenizer_fingerprint"], state["vocab_size"],
+                      check_values=False, _verified=state["verified"])
         self._scales_cache = state["scales"]
 
     def __len__(self) -> int:
