@@ -7,6 +7,8 @@ Variants (each measured in its own fresh process, one per tensor-parallel rank):
      (TP=1 only: it needs the whole vocabulary)
   d  ours: fused_linear_weighted_cross_entropy (output layer + loss, chunked)
   e  the output layer (hidden @ weight.T) followed by (b)
+  f  Liger-Kernel's fused linear cross-entropy, unweighted, summed (CUDA, TP=1, liger_kernel
+     installed): what (d) is measured against on a GPU
 
 Memory is the peak above what the process holds right before the call, from a first step
 (which also warms up): on a GPU torch.cuda.max_memory_allocated minus memory_allocated before;
@@ -19,7 +21,7 @@ and on CPU also the process's CPU time (1 thread per rank), which the time ratio
 as it does not count the time other processes on a shared machine take. For
 (a)-(c) the logits exist before the call (they are in the baseline) and are handed over so
 that only the autograd graph holds them, as the output layer's product is in a model; for
-(d)/(e) the inputs are the hidden states and the output weight.
+(d)-(f) the inputs are the hidden states and the output weight.
 
     .venv/bin/python benchmarks/bench_loss.py                       # the defaults: ~5 min on 2 idle cores
     .venv/bin/python benchmarks/bench_loss.py --vocab-sizes 32768 --dtypes bf16 --variants a b
@@ -43,7 +45,7 @@ import torch
 
 from megatron_prior.testing import run_on_ranks
 
-VARIANTS = "abcde"
+VARIANTS = "abcdef"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -147,6 +149,10 @@ def _measure(variant: str, tokens: int, vocab: int, hidden_size: int, dtype_name
     weight = (torch.rand(tokens // 4, 4, generator=g) * 2).to(dev)
     memory = _Memory(dev)
     anchor = torch.zeros(1, device=dev, requires_grad=True)
+    if variant == "f":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     if variant in "abc":
         rows = []
         for lo in range(0, tokens // 4, 64):  # filled in slices: no full-size fp32 temporary
@@ -170,6 +176,8 @@ def _measure(variant: str, tokens: int, vocab: int, hidden_size: int, dtype_name
             t0, c0 = time.perf_counter(), time.process_time()
             if variant == "d":
                 loss = fused_linear_weighted_cross_entropy(hidden, out_weight, target, weight)
+            elif variant == "f":
+                loss = liger(out_weight, hidden.view(-1, hidden_size), target.view(-1))
             else:
                 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
@@ -222,22 +230,24 @@ def _ratio(x: float, y: float) -> str:
     return f"{x / y:.2f}" if y > 0 else "-"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked against each other (what the machine has is checked by main)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch (s * b, b = 4)")
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[32768, 65536],
                         help="global vocabulary sizes (each divisible by every TP size)")
     parser.add_argument("--hidden-size", type=int, default=32,
-                        help="hidden size for (d)/(e): small on CPU, where the matmuls would take minutes")
+                        help="hidden size for (d)-(f): small on CPU, where the matmuls would take minutes")
     parser.add_argument("--tensor-model-parallel-sizes", type=int, nargs="+", default=[1, 2],
                         help="TP sizes (gloo ranks on CPU; 1 on a single GPU)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
                         help="logits (and hidden/weight) dtype")
     parser.add_argument("--fused-dtypes", nargs="+", choices=sorted(DTYPES),
                         default=["fp32", "bf16"] if torch.cuda.is_available() else ["fp32"],
-                        help="dtypes for (d)/(e) (default on CPU: fp32 only; CPUs without native bf16 "
+                        help="dtypes for (d)-(f) (default on CPU: fp32 only; CPUs without native bf16 "
                              "matmuls run them at ~1 GFLOP/s, minutes per step)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS[:5]),
+                        help="(f) only when asked for: it needs a GPU and liger_kernel")
     parser.add_argument("--iters", type=int, default=2,
                         help="timed steps per run (the fastest is reported), after the memory step that warms up")
     args = parser.parse_args(argv)
@@ -247,13 +257,26 @@ def main(argv=None) -> int:
         for tp in args.tensor_model_parallel_sizes:
             if v % tp:
                 parser.error(f"--vocab-sizes {v} is not divisible by TP size {tp}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if "f" in args.variants:
+        if not torch.cuda.is_available():
+            sys.exit("bench_loss.py: --variants f (Liger-Kernel's Triton kernels) needs a CUDA device")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as err:
+            sys.exit(f"bench_loss.py: --variants f needs liger_kernel, which does not import here ({err}): "
+                     "pip install liger-kernel")
 
     from tqdm import tqdm
 
     configs = [(v, tp, d, var) for v in args.vocab_sizes for tp in args.tensor_model_parallel_sizes
                for d in sorted(set(args.dtypes) | set(args.fused_dtypes), reverse=True) for var in args.variants
-               if not (var == "c" and tp > 1)
-               and d in (args.fused_dtypes if var in "de" else args.dtypes)]
+               if not (var in "cf" and tp > 1)
+               and d in (args.fused_dtypes if var in "def" else args.dtypes)]
     results = {}
     started = time.perf_counter()
     for v, tp, d, var in tqdm(configs, desc="bench_loss", unit="run", file=sys.stderr):
@@ -261,18 +284,19 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - started
 
     print(f"bench_loss, {datetime.date.today().isoformat()}, {_device_name()}, {args.tokens} tokens, "
-          f"hidden {args.hidden_size} for (d)/(e), 1 memory step + {args.iters} timed; "
+          f"hidden {args.hidden_size} for (d)-(f), 1 memory step + {args.iters} timed; "
           f"total {elapsed:.0f} s; time ratios use {'wall' if torch.cuda.is_available() else 'CPU'} time\n")
     print("| vocab | TP | dtype | variant | wall s | CPU s | peak MiB above inputs | time / (a) | mem / (a) "
-          "| time / (e) | mem / (e) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| time / (e) | mem / (e) | time / (f) | mem / (f) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (v, tp, d, var), r in results.items():
-        a, e = results.get((v, tp, d, "a")), results.get((v, tp, d, "e"))
-        vs_a = (_ratio(r["time"], a["time"]), _ratio(r["peak_mib"], a["peak_mib"])) if a and var in "bc" else ("", "")
-        vs_e = (_ratio(r["time"], e["time"]), _ratio(r["peak_mib"], e["peak_mib"])) if e and var == "d" else ("", "")
-        print(f"| {v} | {tp} | {d} | {var} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['peak_mib']:.1f} "
-              f"| {vs_a[0]} | {vs_a[1]} "
-              f"| {vs_e[0]} | {vs_e[1]} |")
+        cells = []
+        for anchor, compared in (("a", "bc"), ("e", "d"), ("f", "d")):
+            x = results.get((v, tp, d, anchor))
+            cells += ([_ratio(r["time"], x["time"]), _ratio(r["peak_mib"], x["peak_mib"])] if x and var in compared
+                      else ["", ""])
+        print(f"| {v} | {tp} | {d} | {var} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['peak_mib']:.1f} | "
+              + " | ".join(cells) + " |")
     print("\nTargets:")
     for (v, tp, d, var), r in results.items():
         if var == "b" and d == "bf16" and (v, tp, d, "a") in results:
@@ -286,6 +310,11 @@ def main(argv=None) -> int:
             print(f"- (d) vs (e), {d}, V={v}, TP={tp}: memory {r['peak_mib'] / e['peak_mib']:.2f} (<= 0.25: "
                   f"{'met' if r['peak_mib'] <= 0.25 * e['peak_mib'] else 'MISSED'}), time "
                   f"{r['time'] / e['time']:.2f} (<= 1.3: {'met' if r['time'] <= 1.3 * e['time'] else 'MISSED'})")
+        if var == "d" and (v, tp, d, "f") in results:
+            f = results[v, tp, d, "f"]
+            print(f"- (d) weighted vs (f) Liger unweighted, {d}, V={v}: time {r['time'] / f['time']:.2f} (<= 1: "
+                  f"{'met' if r['time'] <= f['time'] else 'MISSED'}), memory {r['peak_mib'] / f['peak_mib']:.2f} "
+                  f"(<= 1: {'met' if r['peak_mib'] <= f['peak_mib'] else 'MISSED'})")
     return 0
 
 

@@ -1,7 +1,9 @@
 """The SLURM launchers and the sweep's job-array script: the commands they would run (DRY_RUN=1,
 or stubs for sbatch, srun and torchrun), with every argument intact through the shells; the log
-directory exists before sbatch is called; the optional pyxis container flags."""
+directory exists before sbatch is called; the optional pyxis container flags. And the GPU check
+script's commands, which parse on this CPU machine as they must on the GPU one."""
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -137,8 +139,8 @@ def _sweep_script(tmp_path: Path) -> tuple[Path, Path]:
     writes eval.json."""
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
-        "name": "tiny", "model": "gpt", "sizes": ["tiny"], "token_budgets": [4096, 8192, 16384], "losses": ["ntp", "prior"],
-        "seeds": [1], "seq_length": 32, "global_batch_size": 8,
+        "name": "tiny", "model": "gpt", "sizes": ["tiny"], "token_budgets": [4096, 8192, 16384],
+        "losses": ["ntp", "prior"], "seeds": [1], "seq_length": 32, "global_batch_size": 8,
         "data": {"data-path": "/data/caps/train_document", "tokenizer-model": "/tok/tok.model"},
         "eval": {"command": "touch {eval_json}"},
         "slurm": {"nodes": 1, "gpus_per_node": 2, "time": "10", "torchrun": str(tmp_path / "bin" / "torchrun")},
@@ -193,3 +195,53 @@ def test_sweep_array_task_container_flags(tmp_path, container):
     training, evaluation = srun
     assert training[:5] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", *flags] and training[5] == "bash"
     assert evaluation[:5] == ["--nodes=1", "--ntasks=1", *flags] and evaluation[5:7] == ["bash", "-c"]
+
+
+def _bench_module(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_check_dry_run(wheels: Path) -> list[str]:
+    return subprocess.run(["bash", str(EXAMPLES / "gpu_check.sh")],
+                          env=_env(DRY_RUN="1", PYTHON=sys.executable, WHEELS=str(wheels)),
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def test_gpu_check_installs_carried_wheels_without_an_index(tmp_path):
+    assert _gpu_check_dry_run(tmp_path)[0] == f"wheels: SKIPPED (no {tmp_path}/*.whl: using what " \
+                                              f"{sys.executable} has installed)"
+    wheel = tmp_path / "megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl"
+    wheel.touch()
+    assert shlex.split(_gpu_check_dry_run(tmp_path)[0]) == [
+        sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(tmp_path), str(wheel)]
+
+
+def test_gpu_check_commands_parse_here(tmp_path):
+    """Every benchmark command of examples/gpu_check.sh passes its script's own parser, and the
+    trainer flags it builds pass the trainer's, so no option renamed since breaks the GPU run."""
+    assert subprocess.run(["bash", "-n", str(EXAMPLES / "gpu_check.sh")]).returncode == 0
+    commands = [shlex.split(line) for line in _gpu_check_dry_run(tmp_path) if line.startswith(sys.executable + " ")]
+    assert [c[1:3] for c in commands[:2]] == [["setup.py", "build_ext"], ["-m", "pytest"]]
+    assert (REPO / commands[1][-1]).is_file()
+    benches = [c[1:] for c in commands if c[1].startswith("benchmarks/")]
+    assert [b[0] for b in benches][:4] == ["benchmarks/bench_train.py", "benchmarks/bench_loss.py",
+                                           "benchmarks/bench_train.py", "benchmarks/bench_train.py"]
+    from megatron_prior.training.arguments import build_parser
+
+    for path, *argv in benches:
+        opts = _bench_module(path).parse_args(argv)
+        if path.endswith("bench_train.py"):
+            for arch in opts.archs.split(","):
+                for loss in opts.losses:
+                    build_parser().parse_args(_bench_module(path).trainer_argv(
+                        {"data": "/data/prefix", "tokenizer": "/data/tok.model"}, arch, loss, opts))
+    # The Llama-shaped GPT: its shape flags reach the trainer.
+    gpt = _bench_module(benches[0][0]).parse_args(benches[0][1:])
+    args = build_parser().parse_args(_bench_module(benches[0][0]).trainer_argv({"data": "d", "tokenizer": "t"},
+                                                                                "gpt", "prior", gpt))
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.ffn_hidden_size, args.normalization,
+            args.untie_embeddings_and_output_weights, args.bf16) == (16, 2048, 32, 8192, "RMSNorm", True, True)
+    assert "--variants" in benches[1] and benches[1][benches[1].index("--variants") + 1:] == list("abdef")
