@@ -74,3 +74,19 @@ def test_damaged_shard_is_named(tmp_path, capsys):
     assert f"{b}.logprobs.bin: " in capsys.readouterr().err
     with pytest.raises(FormatError):
         WeightedIndexedDataset(b)
+
+
+def test_output_that_resolves_to_an_input_is_refused(tmp_path, capsys, monkeypatch):
+    """``./dir/a`` is ``dir/a``: comparing resolved paths, not strings, keeps the input intact."""
+    os.makedirs(tmp_path / "dir")
+    a = write(tmp_path / "dir" / "a", _docs(0, 3))
+    b = write(tmp_path / "b", _docs(1, 3))
+    before = {f: open(tmp_path / "dir" / f, "rb").read() for f in os.listdir(tmp_path / "dir")}
+    monkeypatch.chdir(tmp_path)
+    assert merge_main(["--input", "dir/a", b, "--output-prefix", "./dir/a"]) == 1
+    assert capsys.readouterr().err == ("error: --output-prefix ./dir/a would overwrite ./dir/a.bin, a file of the "
+                                       "input dir/a\n")
+    os.symlink(tmp_path / "dir", tmp_path / "link")
+    assert merge_main(["--input", a, b, "--output-prefix", "link/a"]) == 1
+    assert "would overwrite link/a.bin, a file of the input " in capsys.readouterr().err
+    assert {f: open(tmp_path / "dir" / f, "rb").read() for f in os.listdir(tmp_path / "dir")} == before

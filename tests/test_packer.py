@@ -183,3 +183,91 @@ def test_weights_of_near_certain_tokens_are_exact():
                               np.array([[0, 0], [0, 3]], dtype=np.int32), [0], 3, 1.0, EOD, False, PAD)
     w_all = -np.expm1(logprobs.astype(np.float64))
     np.testing.assert_allclose(w[0], (4 * w_all / w_all.sum())[1:], rtol=1e-6)
+
+
+def _both_paths(call):
+    """The message of ``call(numpy_fn)`` and ``call(cpp_fn)`` for each packer entry point."""
+    from megatron_prior import _packer
+
+    messages = []
+    for module, suffix in ((packing, "_numpy"), (_packer, "")):
+        with pytest.raises(ValueError) as info:
+            call(lambda name: getattr(module, name + suffix))
+        messages.append(str(info.value))
+    return messages
+
+
+@needs_ext
+@pytest.mark.parametrize("alpha", [float("nan"), -0.5, float("inf"), float("-inf")])
+def test_alpha_must_be_finite_and_not_negative_in_both_paths(alpha):
+    rng = np.random.default_rng(0)
+    tokens, logprobs, offsets = _corpus(rng)
+    document_index, sample_index = _sample_index(rng, offsets, 16)
+    scales = packing.document_scales(tokens, logprobs, offsets, 1.0, EOD, True, PAD)
+    samples = np.arange(4, dtype=np.int64)
+    expected = f"alpha must be a finite number >= 0, got {alpha!r}"
+    assert _both_paths(lambda fn: fn("document_scales")(
+        tokens, logprobs, offsets, alpha, EOD, True, PAD)) == [expected] * 2
+    assert _both_paths(lambda fn: fn("pack_batch")(
+        tokens, logprobs, offsets, scales, document_index, sample_index, samples, 16, alpha, EOD, True,
+        PAD)) == [expected] * 2
+
+
+@needs_ext
+@pytest.mark.parametrize("values_dtype,pad,name", [
+    (np.float32, float("nan"), "float32"), (np.uint8, float("nan"), "uint8"), (np.uint8, -1.0, "uint8"),
+    (np.uint8, 256.0, "uint8"), (np.uint8, 0.5, "uint8"), (np.int32, 2.0**31, "int32"),
+])
+def test_pad_value_must_be_a_value_of_the_dtype_in_both_paths(values_dtype, pad, name):
+    rng = np.random.default_rng(0)
+    _, _, offsets = _corpus(rng)
+    values = np.zeros(int(offsets[-1]), dtype=values_dtype)
+    document_index, sample_index = _sample_index(rng, offsets, 16)
+    samples = np.arange(4, dtype=np.int64)
+    assert _both_paths(lambda fn: fn("pack_values")(
+        values, offsets, document_index, sample_index, samples, 16, pad)) == [
+        f"pad_value {pad!r} is not a value of dtype {name}"] * 2
+
+
+_THREAD_LIMIT_CHILD = r"""
+import re, resource
+import numpy as np
+from megatron_prior import _packer
+
+n = 64
+tokens, logprobs = np.zeros(4 * n, np.uint16), np.full(4 * n, -1.0, np.float32)
+offsets = np.arange(0, 4 * n + 1, 4, dtype=np.int64)
+vm = int(re.search(r"VmSize:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+# Room for two 8 MiB thread stacks (RLIMIT_STACK, set by the parent), not for a third.
+resource.setrlimit(resource.RLIMIT_AS, (vm + 20 * 2**20, resource.RLIM_INFINITY))
+try:
+    _packer.document_scales(tokens, logprobs, offsets, 1.0, 2, False, 1, 8)
+except RuntimeError as err:
+    print("raised:", err)
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("after:", _packer.document_scales(tokens, logprobs, offsets, 1.0, 2, False, 1, 8)[0])
+"""
+
+
+@needs_ext
+def test_a_thread_that_cannot_start_is_an_error_not_an_abort():
+    """Under an address-space limit the third thread's stack cannot be mapped: the two already
+    running are joined and Python gets the error (the interpreter used to abort with
+    'terminate called without an active exception')."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_stack():  # glibc sizes thread stacks from RLIMIT_STACK at process start
+        resource.setrlimit(resource.RLIMIT_STACK, (8 * 2**20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+    proc = subprocess.run([sys.executable, "-c", _THREAD_LIMIT_CHILD], capture_output=True, text=True,
+                          preexec_fn=limit_stack, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("raised: packer: could not start thread 3 of 8 (Resource temporarily unavailable); "
+                        "use fewer threads"), proc.stdout
+    # The process carries on: 4 tokens of weight w = 1 - e^-1 give scale 4 / (w + w + w + w), within a
+    # few roundings (the sum's and C's exp against numpy's) of 1 / w.
+    assert lines[1].startswith("after: ")
+    assert float(lines[1][len("after: "):]) == pytest.approx(1 / (1 - np.exp(-1.0)), rel=4 * np.finfo(float).eps)

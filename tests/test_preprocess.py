@@ -215,10 +215,38 @@ BAD_LINES = [
     (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [[0, 5, "fancy"]]}', "unknown token kind 'fancy'"),
     (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [[0, 99, "grounded"]]}', "outside the text"),
     (b'["a list"]', "a record must be a JSON object"),
+    (b'{"caption": "a red \\ud800 cube", "image": "img/0.png", "kinds": []}',
+     "'caption' holds a lone surrogate ('\\ud800' at character 6), not text"),
+    (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [], "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+     "invalid JSON (nested too deeply)"),
+    (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [], "n": ' + b"7" * 5000 + b"}",
+     "invalid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits)"),
+    (b'{"caption": "a red cube", "image": "img/bomb.png", "kinds": []}',
+     "image img/bomb.png: more than 89478485 pixels (PIL's decompression-bomb limit)"),
+    (b'{"caption": "a red cube", "image": "img/fifo", "kinds": []}', "image img/fifo: not a regular file"),
 ]
 
 
+def _png_claiming(path, width, height):
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature, length, type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
 def _bad_jsonl(folder):
+    _png_claiming(folder / "img" / "bomb.png", 20_000, 20_000)
+    if not (folder / "img" / "fifo").exists():
+        os.mkfifo(folder / "img" / "fifo")  # opening it for reading would wait for a writer forever
     good = open(folder / "data.jsonl", "rb").read().splitlines()[:5]
     lines = good[:2] + [line for line, _ in BAD_LINES] + good[2:]
     path = folder / "bad.jsonl"
@@ -252,6 +280,10 @@ def test_refused_arguments_and_references(corpus, reference, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_tool(*_base_args(jsonl, tok_path, tmp_path / "o"), "--image-key", "image")
     assert "--image-key needs --image-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_tool(*_base_args(jsonl, tok_path, tmp_path / "o"), "--json-keys", "k/../../x")
+    assert ("--json-keys 'k/../../x': a key names output files, so it must be a plain file name"
+            in capsys.readouterr().err)
     from tools.train_tokenizer import main as train
 
     assert train(["--input", str(jsonl), "--json-keys", "caption", "--vocab-size", "50",

@@ -1,6 +1,7 @@
 """tools/train_tokenizer.py and the tokenizer wrapper: special tokens, offsets, fingerprints."""
 
 import json
+import os
 import pickle
 import shutil
 
@@ -86,6 +87,24 @@ def test_bad_inputs(model_path, tmp_path):
     assert main(["--input", str(bad), "--json-keys", "caption", "--vocab-size", "30",
                  "--output-prefix", str(tmp_path / "t")]) == 1
     assert not (tmp_path / "t.model").exists()
+
+
+@pytest.mark.parametrize("line,reason", [
+    ('{"caption": "a \\ud800 b"}', "'caption' holds a lone surrogate ('\\ud800' at character 2), not text"),
+    ('{"caption": "a", "x": ' + "[" * 200_000 + "]" * 200_000 + "}", "invalid JSON (nested too deeply)"),
+    ('{"caption": "a", "n": ' + "7" * 5000 + "}", "invalid JSON (Exceeds the limit (4300 digits) for integer "
+                                                 "string conversion: value has 5000 digits)"),
+])
+def test_train_tokenizer_names_the_bad_record(tmp_path, capsys, line, reason):
+    """Not SentencePiece's RuntimeError or Python's RecursionError: file:line: reason."""
+    from tools.train_tokenizer import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "ok"}\n' + line + "\n")
+    assert main(["--input", str(bad), "--json-keys", "caption", "--vocab-size", "30",
+                 "--output-prefix", str(tmp_path / "t")]) == 1
+    assert capsys.readouterr().err == f"error: {bad}:2: {reason}\n"
+    assert os.listdir(tmp_path) == ["bad.jsonl"]
 
 
 def test_huggingface_tokenizer(tmp_path):

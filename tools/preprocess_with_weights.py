@@ -88,6 +88,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.image_size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
     elif args.image_size:
         parser.error("--image-size is for --image-key")
+    for key in args.json_keys:
+        # A key names output files ({output_prefix}_{key}_document.*): "k/../../x" would write
+        # outside the output folder.
+        if not key or key in (".", "..") or "/" in key or os.sep in key or "\0" in key:
+            parser.error(f"--json-keys {key!r}: a key names output files, so it must be a plain file name "
+                         "(not empty, '.' or '..', no '/')")
     if (args.image_key or args.kinds_key) and len(args.json_keys) != 1:
         parser.error("--image-key and --kinds-key refer to one caption: give exactly one --json-keys")
     for path in args.input:

@@ -334,8 +334,8 @@ def verify_files(prefix: str, meta: ScoreMetadata, known: Optional[dict[str, lis
                                     "(remove it, or write the dataset again)")
     cache = _VerifiedHashes(prefix)
     stats = {}
-    for role, entry in meta.files.items():
-        path = paths[role]
+    for role in [r for r in REQUIRED_ROLES + OPTIONAL_ROLES if r in meta.files]:  # tokens first
+        entry, path = meta.files[role], paths[role]
         if not os.path.exists(path):
             raise FormatError(path, f"missing file (bound by {meta_path})")
         if not os.path.isfile(path):

@@ -27,8 +27,8 @@ from megatron_prior.data.formats import (
 from megatron_prior.data.images import ImageStore, ImageStoreWriter
 from megatron_prior.files import remove_stale_temps, sha256_file, temp_path
 
-# Rename order: companions first, the token files last (stock megatron-core only looks at
-# those); the content hashes make any prefix of this order refuse to open, not just this one.
+# Rename order: the metadata, then companions, the token files last (stock megatron-core only
+# looks at those); the content hashes make any prefix of this order refuse to open.
 _COMMIT_ORDER = ("images", "kinds.bin", "kinds.idx", "logprobs.bin", "logprobs.idx", "tokens.bin", "tokens.idx")
 
 
@@ -170,12 +170,12 @@ class WeightedDatasetWriter:
             notes=notes or {},
         )
         meta.save(self._meta_temp)
+        os.replace(self._meta_temp, metadata_path(self.prefix))
         # Companions of an earlier write that this set does not have would be refused as
-        # unbound leftovers: they go first.
+        # unbound leftovers; until the metadata above is in place they are still the old set's.
         for role, final in dataset_files(self.prefix).items():
             if role not in self._finals and os.path.lexists(final):
                 os.remove(final)
-        os.replace(self._meta_temp, metadata_path(self.prefix))
         for role in _COMMIT_ORDER:
             if role in self._temps:
                 os.replace(self._temps[role], self._finals[role])
