@@ -193,7 +193,8 @@ def bench_preprocessing(args) -> dict:
     from megatron_prior.models.config import ModelConfig
     from megatron_prior.scoring import GPTScorer
     from megatron_prior.tokenizer import load_tokenizer
-    from megatron_prior.training.checkpointing import load_inference_model, save_checkpoint
+    from megatron_prior.models.pretrained import load_inference_model
+    from megatron_prior.training.checkpointing import save_checkpoint
     from tools.preprocess_with_weights import build_parser, validate_args
     from tools.train_tokenizer import main as train_tokenizer
 

@@ -25,8 +25,9 @@ import os
 import numpy as np
 import torch
 
+from megatron_prior.checkpoint import checkpoint_dir, checkpoint_hash
+from megatron_prior.models.pretrained import load_inference_model
 from megatron_prior.tokenizer import Tokenizer
-from megatron_prior.training.checkpointing import checkpoint_dir, checkpoint_hash, load_inference_model
 
 
 @dataclass(frozen=True)

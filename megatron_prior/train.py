@@ -19,9 +19,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     # megatron-core is chatty about optional accelerators it falls back from.
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
+    from megatron_prior.checkpoint import CheckpointError
     from megatron_prior.training.loop import run
 
-    summary = run(args)
+    try:
+        summary = run(args)
+    except CheckpointError as err:
+        # A refused --load / --vit-load checkpoint is bad input: one line, as a bad flag is.
+        raise SystemExit(f"python -m megatron_prior.train: error: {err}") from None
     from megatron_prior.parallel import launch_info
 
     info = launch_info()

@@ -18,7 +18,9 @@ class _Evil:
 def _save_and_check(tmp: str):
     from megatron_prior import parallel
     from megatron_prior.models.builder import build_model
+    from megatron_prior.checkpoint import CheckpointError
     from megatron_prior.models.config import ModelConfig
+    from megatron_prior.models.pretrained import load_inference_model
     from megatron_prior.training import checkpointing as ck
 
     parallel.initialize(seed=5)
@@ -28,7 +30,7 @@ def _save_and_check(tmp: str):
     assert ck.load_checkpoint(tmp, [model], cfg) is None, "an empty directory holds no checkpoint"
     ck.save_checkpoint(tmp, 3, [model], cfg, extra={"consumed_samples": 24})
     ck.save_checkpoint(tmp, 7, [model], cfg, extra={"consumed_samples": 56})
-    loaded, loaded_cfg = ck.load_inference_model(tmp)
+    loaded, loaded_cfg = load_inference_model(tmp)
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values())
                if isinstance(a, torch.Tensor))
     state = ck.load_checkpoint(tmp, [build_model(cfg)], cfg)
@@ -36,12 +38,12 @@ def _save_and_check(tmp: str):
     other = ModelConfig(**{**cfg.to_dict(), "hidden_size": 64})
     try:
         ck.load_checkpoint(tmp, [build_model(other)], other)
-    except ck.CheckpointError as err:
+    except CheckpointError as err:
         errors["mismatch"] = str(err)
     other_tok = ModelConfig(**{**cfg.to_dict(), "tokenizer_fingerprint": "tok-b"})
     try:
         ck.load_checkpoint(tmp, [build_model(other_tok)], other_tok)
-    except ck.CheckpointError as err:
+    except CheckpointError as err:
         errors["tokenizer"] = str(err)
     return same, loaded_cfg == cfg, state["iteration"], state["consumed_samples"], state["rng_restored"], errors
 
@@ -70,15 +72,16 @@ def test_mismatched_model_and_tokenizer_refused(saved):
 
 def _load_each(dirs: list) -> list:
     from megatron_prior import parallel
-    from megatron_prior.training import checkpointing as ck
+    from megatron_prior.checkpoint import CheckpointError
+    from megatron_prior.models.pretrained import load_inference_model
 
     parallel.initialize()
     messages = []
     for d in dirs:
         try:
-            ck.load_inference_model(d)
+            load_inference_model(d)
             messages.append(None)
-        except ck.CheckpointError as err:
+        except CheckpointError as err:
             messages.append(str(err))
     return messages
 
@@ -103,7 +106,7 @@ def _damage(ckpt: str, damage: str) -> None:
 DAMAGES = {
     "pickle": "refusing to unpickle posix.system",
     "tracker": "expected an iteration number",
-    "truncate": "cannot load",
+    "truncate": "__0_0.distcp: truncated: entry ",
     "config": "missing model_config.json",
     "missing_iter": "has no directory iter_0000009",
 }

@@ -30,6 +30,7 @@ from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
 from megatron_prior.eval.probe import PROBE_SPLITS, ProbeItem, probe_accuracy
 from megatron_prior.models.config import ModelConfig
+from megatron_prior.models.pretrained import load_inference_model
 
 
 def _caption_defaults(name: str) -> tuple[float, float, float]:
@@ -195,7 +196,6 @@ def load_scorer(load_dir: str | os.PathLike, tokenizer_model: str, batch_size: i
     """Load a checkpoint (latest iteration unless given) and its tokenizer into a scorer;
     ``megatron_prior.parallel`` must be initialised."""
     from megatron_prior.tokenizer import load_tokenizer
-    from megatron_prior.training.checkpointing import load_inference_model
 
     model, model_config = load_inference_model(load_dir, iteration)
     return LVLMScorer(model, model_config, load_tokenizer(tokenizer_model), batch_size)

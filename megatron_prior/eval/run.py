@@ -59,20 +59,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from megatron_prior import parallel
     from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer
     from megatron_prior.eval.probe import load_probe_items
-    from megatron_prior.training.checkpointing import resolve_iteration
+    from megatron_prior.checkpoint import CheckpointError, resolve_iteration
 
-    iteration = args.iteration if args.iteration is not None else resolve_iteration(args.load)
-    if iteration is None:
-        raise SystemExit(f"megatron_prior.eval.run: --load {args.load} holds no checkpoint")
-    items = load_probe_items(args.probe) if args.probe else None
-    start = time.perf_counter()
-    parallel.initialize()
     try:
-        scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration)
-        result = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
-        arch = scorer.config.arch
-    finally:
-        parallel.destroy()
+        iteration = args.iteration if args.iteration is not None else resolve_iteration(args.load)
+        if iteration is None:
+            raise SystemExit(f"megatron_prior.eval.run: --load {args.load} holds no checkpoint")
+        items = load_probe_items(args.probe) if args.probe else None
+        start = time.perf_counter()
+        parallel.initialize()
+        try:
+            scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration)
+            result = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
+            arch = scorer.config.arch
+        finally:
+            parallel.destroy()
+    except CheckpointError as err:
+        raise SystemExit(f"megatron_prior.eval.run: --load {err}") from None
     result.update(load=str(args.load), iteration=int(iteration), arch=arch, data_path=args.data_path,
                   probe=args.probe, wall_time_s=time.perf_counter() - start)
     atomic_write_json(args.output, result)

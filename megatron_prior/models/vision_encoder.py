@@ -1,8 +1,9 @@
 """Loading an H-LVLM's vision encoder from another checkpoint.
 
 Any checkpoint whose model holds ``vision_model.*`` (an H-LVLM trained earlier, e.g. a
-warm-up run) can supply the ViT of a new run: only those tensors are read, through
-dist_checkpointing, so the source may have another tensor-parallel layout. The projector
+warm-up run) can supply the ViT of a new run: only those tensors are read, by the safe
+loader of ``megatron_prior.checkpoint`` (megatron-core's resharding), so the source may have
+another tensor-parallel layout. The projector
 and the language model keep their fresh initialisation.
 """
 
@@ -14,14 +15,13 @@ import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from megatron_prior.checkpoint import CheckpointError, checkpoint_dir, load_state, load_weights, unwrap
+
 
 def load_vision_encoder(model: torch.nn.Module, load_dir: str | os.PathLike) -> int:
     """Copy the vision encoder's weights from ``load_dir`` into ``model`` (an LLaVAModel
     chunk); returns the number of tensors loaded. Chunks without the encoder load nothing."""
-    from megatron_prior.training.checkpointing import _load, checkpoint_dir
-
-    while hasattr(model, "module"):
-        model = model.module
+    model = unwrap(model)
     if getattr(model, "vision_model", None) is None:
         return 0
     ckpt = checkpoint_dir(load_dir)
@@ -29,9 +29,9 @@ def load_vision_encoder(model: torch.nn.Module, load_dir: str | os.PathLike) -> 
     wanted = {k: v for k, v in full.items() if k.startswith("vision_model.")}
     if not any(isinstance(v, ShardedTensor) for v in nested_values(wanted)):
         raise ValueError("the model's sharded state dict has no vision_model.* tensors")
-    state = _load(ckpt, {"model": wanted})["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = load_state(ckpt, {"model": wanted})["model"]
+    _, unexpected = load_weights(model, state, ckpt, strict=False)
     loaded = [k for k in state if k not in unexpected]
     if unexpected:
-        raise ValueError(f"{ckpt}: unexpected vision encoder keys {sorted(unexpected)[:5]}")
+        raise CheckpointError(f"{ckpt}: unexpected vision encoder keys {sorted(unexpected)[:5]}")
     return len(loaded)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
+import re
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megatron_prior.loss import LOSSES
@@ -19,8 +22,87 @@ class ArgumentError(ValueError):
     """A bad flag or flag combination; the message names the flags."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, whatever went wrong: the usage of ~80 flags would bury the message.
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric flag accepts: finite numbers from ``low`` to ``high``."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (math.isfinite(value)
+                and (value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def describe(self, integer: bool) -> str:
+        lo, hi = (str(int(b)) if math.isfinite(b) and b == int(b) else str(b) for b in (self.low, self.high))
+        if math.isinf(self.high):
+            bound = f"{'>' if self.low_open else '>='} {lo}"
+        else:
+            bound = f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        return bound if integer else f"finite and {bound}"
+
+
+AT_LEAST_1 = Domain(low=1)
+NON_NEGATIVE = Domain(low=0)
+POSITIVE = Domain(low=0, low_open=True)
+FRACTION = Domain(low=0, high=1, high_open=True)  # dropout, Adam betas: 1 would never update
+
+# Every int and float flag, by dest (tests/test_arguments.py checks none is missing). A value
+# outside its domain fails later, far from the flag: --seq-length 0 kills the interpreter with
+# SIGFPE in megatron-core's sample-index helper, a zero size divides by zero, a NaN alpha makes
+# every PRIOR weight fall back to 1 (plain NTP) without a word.
+DOMAINS: dict[str, Domain] = {
+    **dict.fromkeys(["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "max_position_embeddings", "patch_size", "vit_num_layers", "vit_hidden_size",
+                     "vit_num_attention_heads", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "num_layers_per_virtual_pipeline_stage", "micro_batch_size", "global_batch_size",
+                     "seq_length", "train_iters", "lr_decay_iters", "save_interval", "eval_interval",
+                     "log_interval", "exit_interval"], AT_LEAST_1),
+    **dict.fromkeys(["lr_warmup_iters", "eval_iters", "num_workers"], NON_NEGATIVE),
+    **dict.fromkeys(["lr", "min_lr", "weight_decay", "clip_grad", "prior_alpha"], NON_NEGATIVE),
+    **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], FRACTION),
+    "init_method_std": POSITIVE,
+    "exit_duration_in_mins": POSITIVE,  # 0 makes every weight matrix zero: no symmetry to break
+    "seed": Domain(low=0, high=2 ** 32 - 1),  # numpy's RandomState (megatron-core's datasets)
+}
+
+
+def _check_domains(args: argparse.Namespace) -> None:
+    for dest, domain in DOMAINS.items():
+        value = getattr(args, dest)
+        if value is not None and value not in domain:
+            raise ArgumentError(f"--{dest.replace('_', '-')} must be {domain.describe(isinstance(value, int))}, "
+                                f"got {value}")
+
+
+_SHARE = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)\s*")
+
+
+def split_shares(split: str) -> list[float]:
+    """``--split`` as three shares (train, valid, test; missing ones are 0), refused where
+    megatron-core, which reads every run of digits and dots as a number, would divide by a
+    zero sum ("0,0,0"), see no numbers at all ("a,b") or misread one ("1e-3" as 1 and 3)."""
+    parts = re.split(r"[,/]", split)
+    if len(parts) > 3 or not all(_SHARE.fullmatch(part) for part in parts):
+        raise ArgumentError(f"--split {split!r}: give up to three non-negative numbers train,valid,test "
+                            "(e.g. 969,30,1)")
+    shares = [float(part) for part in parts] + [0.0] * (3 - len(parts))
+    if shares[0] == 0:
+        raise ArgumentError(f"--split {split!r} leaves no training data (its first share is 0)")
+    return shares
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m megatron_prior.train",
         description="Train a reference LM (gpt), an H-LVLM (LLaVA-style) or a U-LVLM (encoder-free) "
         "with next-token prediction (--loss ntp) or PRIOR (--loss prior) on megatron-core, with "
@@ -112,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (default: W&B picks one)")
     g.add_argument("--wandb-save-dir", default=None, help="W&B's local files (default: LOG_DIR/wandb)")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (SLURM's walltime or preemption notice): finish the iteration, save a "
+                        "checkpoint, exit 0; every rank stops at the same iteration; resume with --load")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop, save and exit 0 after the first iteration that ends past this many minutes "
+                        "of wall time (the slowest rank's clock); resume with --load")
     return p
 
 
@@ -133,6 +221,18 @@ def _blend_prefixes(data_path: Sequence[str]) -> list[str]:
     return prefixes
 
 
+def _check_tokenizer(path: str) -> None:
+    from megatron_prior.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(path)
+    # SentencePiece raises RuntimeError for a file it cannot parse, HuggingFace's tokenizers
+    # a bare Exception, a missing special piece ValueError: whatever it is, the file is wrong.
+    except Exception as err:  # noqa: BLE001
+        raise ArgumentError(f"--tokenizer-model {path}: not a tokenizer this trainer can use (a SentencePiece "
+                            f".model from tools/train_tokenizer.py or a HuggingFace tokenizer.json): {err}") from None
+
+
 def world_size_from_env() -> int:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
@@ -152,13 +252,15 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                if getattr(args, k) is None]
     if missing:
         raise ArgumentError(f"{', '.join(missing)} not set: give them or a --model-size preset")
-    if args.train_iters is None or args.train_iters <= 0:
-        raise ArgumentError("--train-iters must be a positive number of iterations")
-    if args.num_workers < 0:
-        raise ArgumentError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.train_iters is None:
+        raise ArgumentError("--train-iters is required")
+    _check_domains(args)
+    if split_shares(args.split)[1] == 0 and args.eval_iters > 0:
+        raise ArgumentError(f"--split {args.split!r} leaves no validation data for --eval-iters {args.eval_iters}: "
+                            "give it a validation share or pass --eval-iters 0")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ArgumentError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if world_size % (tp * pp):
         raise ArgumentError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
                             f"x --pipeline-model-parallel-size {pp}")
@@ -193,8 +295,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                             f"--micro-batch-size {args.micro_batch_size} x data parallel size "
                             f"{args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-    if args.prior_alpha < 0:
-        raise ArgumentError("--prior-alpha must be >= 0")
     if args.fp8_format is not None:
         from megatron_prior.compat import have_transformer_engine
 
@@ -211,10 +311,16 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--tokenizer-model is required")
     if not os.path.exists(args.tokenizer_model):
         raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    _check_tokenizer(args.tokenizer_model)
     for prefix in _blend_prefixes(args.data_path):
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
                 raise ArgumentError(f"--data-path {prefix}: missing {prefix + ext}")
+        images = prefix + ".images"
+        if args.model != "gpt" and not os.path.exists(images):
+            raise ArgumentError(f"--model {args.model} trains on captions with images, but --data-path {prefix} "
+                                f"has no image store ({images} missing): text-only data trains --model gpt, "
+                                "or preprocess with --image-key")
         if args.loss == "prior":
             scores = prefix + ".logprobs.idx"
             if not os.path.exists(scores):
@@ -228,8 +334,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             except ImportError as err:
                 raise ArgumentError(f"{flag} needs {package}, which does not import here ({err}): "
                                     f"pip install {package}") from None
-    if args.save_interval is not None and args.save is None:
-        raise ArgumentError("--save-interval needs --save")
+    for flag, value in (("--save-interval", args.save_interval), ("--exit-signal-handler", args.exit_signal_handler),
+                        ("--exit-duration-in-mins", args.exit_duration_in_mins)):
+        if value not in (None, False) and args.save is None:
+            raise ArgumentError(f"{flag} needs --save (the checkpoint to resume from)")
     if args.log_dir is None:
         args.log_dir = args.save
     if args.lr_decay_iters is None:

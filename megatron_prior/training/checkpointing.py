@@ -1,59 +1,40 @@
-"""Checkpoints on megatron-core ``dist_checkpointing``: atomic, resharding, safe to open.
+"""What resuming a run needs on top of ``megatron_prior.checkpoint``: optimizer, LR
+scheduler, every rank's RNG states and the train state.
 
-Layout (Megatron-LM's): ``{save}/iter_{N:07d}/`` is a dist_checkpointing directory holding
-the model (``model`` or ``model0..`` with virtual pipeline stages), the optimizer and every
-rank's RNG states as tensors; beside them, written by rank 0, ``model_config.json`` (the
-architecture) and ``train_state.json`` (iteration, consumed samples, LR scheduler, parallel
-layout, arguments). ``{save}/latest_checkpointed_iteration.txt`` names the newest complete one.
-
-Atomicity: everything is written into ``iter_N.tmp`` and renamed when complete, then the
-tracker file is replaced by rename, so a kill at any moment leaves the previous checkpoint
-as the latest. A checkpoint is untrusted input: the JSON files are parsed as JSON, megatron's
-common state goes through torch's weights-only loader, and the one plain pickle in the format
-(torch.distributed.checkpoint's ``.metadata``) is first read with an unpickler that admits
-only checkpoint-metadata classes.
+A training checkpoint is a ``megatron_prior.checkpoint`` checkpoint whose sharded state holds,
+beside the model, the optimizer (``optimizer``) and every rank's RNG states as tensors
+(``rng_state``, no pickles), with ``train_state.json`` (iteration, consumed samples, LR
+scheduler, parallel layout, arguments) beside ``model_config.json``. It is read with the same
+safe loader as every other checkpoint.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import random
-import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_prior.files import atomic_write_text
+from megatron_prior.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    load_state,
+    model_state,
+    read_json,
+    read_model_config,
+    resolve_iteration,
+    restore_model,
+    save,
+)
 from megatron_prior.models.config import ModelConfig
 
-TRACKER = "latest_checkpointed_iteration.txt"
-MODEL_CONFIG = "model_config.json"
 TRAIN_STATE = "train_state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, mismatched or unsafe; the message says which."""
-
-
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # --- RNG states as tensors (no pickles) --------------------------------------------------
@@ -113,22 +94,10 @@ def _rng_sharded(states: dict[str, torch.Tensor]) -> dict[str, ShardedTensor]:
     }
 
 
-# --- the state dict ------------------------------------------------------------------------
+# --- the training state dict ------------------------------------------------------------------
 
-def _model_key(i: int, n: int) -> str:
-    return "model" if n == 1 else f"model{i}"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer, with_rng: bool, is_loading: bool) -> dict:
-    state: dict[str, Any] = {}
-    for i, chunk in enumerate(model_chunks):
-        state[_model_key(i, len(model_chunks))] = _unwrap(chunk).sharded_state_dict()
+def _training_state(model_chunks: Sequence[torch.nn.Module], optimizer, with_rng: bool, is_loading: bool) -> dict:
+    state = model_state(model_chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
     if with_rng:
@@ -146,119 +115,21 @@ def save_checkpoint(
     extra: Optional[dict] = None,
 ) -> Path:
     """Save on every rank (collective); returns the final iteration directory."""
-    root = Path(save_dir)
-    final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an interrupted save
-        tmp.mkdir()
-    _barrier()
-    state = _sharded_state(model_chunks, optimizer, with_rng=True, is_loading=False)
-    dist_checkpointing.save(state, str(tmp))
-    if _rank() == 0:
-        train_state = dict(
-            iteration=iteration,
-            layout=_layout(),
-            scheduler=scheduler.state_dict() if scheduler is not None else None,
-            **(extra or {}),
-        )
-        atomic_write_text(tmp / MODEL_CONFIG, model_config.to_json(), fsync=True)
-        atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=2, sort_keys=True, default=str), fsync=True)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(root / TRACKER, str(iteration), fsync=True)
-    _barrier()
-    return final
+    train_state = dict(
+        iteration=iteration,
+        layout=_layout(),
+        scheduler=scheduler.state_dict() if scheduler is not None else None,
+        **(extra or {}),
+    )
+    state = _training_state(model_chunks, optimizer, with_rng=True, is_loading=False)
+    return save(save_dir, iteration, state, model_config,
+                {TRAIN_STATE: json.dumps(train_state, indent=2, sort_keys=True, default=str)})
 
 
 # --- loading ---------------------------------------------------------------------------------
 
-_DCP = "torch.distributed.checkpoint."
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits exactly the classes torch.distributed.checkpoint writes into ``.metadata``
-    (dataclasses, enums, dtypes): nothing callable with side effects."""
-
-    ALLOWED = {
-        (_DCP + "metadata", name) for name in (
-            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-    } | {
-        (_DCP + "planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
-    } | {
-        (_DCP + "filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
-        ("torch", "Size"), ("collections", "OrderedDict"),
-    } | {
-        ("torch", name) for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32",
-                                     "int16", "int8", "uint8", "bool")
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise CheckpointError(f"refusing to unpickle {module}.{name}")
-
-
-def _check_metadata_safe(ckpt: Path) -> None:
-    meta = ckpt / ".metadata"
-    if not meta.exists():
-        raise CheckpointError(f"{ckpt}: no .metadata file (incomplete or not a torch_dist checkpoint)")
-    try:
-        with open(meta, "rb") as f:
-            _MetadataUnpickler(io.BytesIO(f.read())).load()
-    except CheckpointError as err:
-        raise CheckpointError(f"{meta}: {err}") from None
-    except Exception as err:  # truncated / corrupt pickle
-        raise CheckpointError(f"{meta}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
-
-
-def resolve_iteration(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> Optional[int]:
-    """The iteration to load: the given one, else the tracker's; None if nothing was saved."""
-    root = Path(load_dir)
-    if iteration is not None:
-        return iteration
-    tracker = root / TRACKER
-    if not tracker.exists():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
-
-
-def read_model_config(ckpt: Path) -> ModelConfig:
-    path = ckpt / MODEL_CONFIG
-    if not path.exists():
-        raise CheckpointError(f"{ckpt}: missing {MODEL_CONFIG}")
-    try:
-        return ModelConfig.from_dict(json.loads(path.read_text()), source=str(path))
-    except (json.JSONDecodeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: {err}") from None
-
-
 def read_train_state(ckpt: Path) -> dict:
-    path = ckpt / TRAIN_STATE
-    if not path.exists():
-        raise CheckpointError(f"{ckpt}: missing {TRAIN_STATE}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-
-
-def checkpoint_dir(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> Path:
-    it = resolve_iteration(load_dir, iteration)
-    if it is None:
-        raise CheckpointError(f"{load_dir}: no {TRACKER} (nothing saved there)")
-    ckpt = iteration_dir(load_dir, it)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{load_dir}: iteration {it} has no directory {ckpt.name}")
-    _check_metadata_safe(ckpt)
-    return ckpt
+    return read_json(ckpt, TRAIN_STATE)
 
 
 def _compare_configs(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
@@ -274,17 +145,6 @@ def _compare_configs(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> No
             saved.tokenizer_fingerprint != current.tokenizer_fingerprint:
         raise CheckpointError(f"{ckpt}: saved with another tokenizer ({saved.tokenizer_fingerprint[:12]} "
                               f"vs {current.tokenizer_fingerprint[:12]})")
-
-
-def _load(ckpt: Path, sharded: dict) -> dict:
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-    try:
-        return dist_checkpointing.load(sharded, str(ckpt))
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as err:
-        raise CheckpointError(f"{ckpt}: cannot load ({type(err).__name__}: {err})") from err
 
 
 def load_checkpoint(
@@ -307,10 +167,8 @@ def load_checkpoint(
     _compare_configs(read_model_config(ckpt), model_config, ckpt)
     train_state = read_train_state(ckpt)
     same_layout = train_state.get("layout") == _layout()
-    sharded = _sharded_state(model_chunks, optimizer, with_rng=same_layout, is_loading=True)
-    state = _load(ckpt, sharded)
-    for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(state[_model_key(i, len(model_chunks))], strict=True)
+    state = load_state(ckpt, _training_state(model_chunks, optimizer, with_rng=same_layout, is_loading=True))
+    restore_model(model_chunks, state, ckpt)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and train_state.get("scheduler") is not None:
@@ -320,36 +178,3 @@ def load_checkpoint(
     train_state["rng_restored"] = same_layout
     train_state["checkpoint"] = str(ckpt)
     return train_state
-
-
-def load_inference_model(load_dir: str | os.PathLike, iteration: Optional[int] = None, bf16: bool = False):
-    """Build the saved architecture for the current parallel layout and load its weights.
-
-    Returns ``(model, model_config)`` with the model in eval mode; for scoring and evaluation.
-    Pipeline parallelism is not supported here (scoring runs the whole model per rank).
-    """
-    from megatron_prior.models.builder import build_model
-
-    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("load_inference_model needs pipeline parallel size 1")
-    ckpt = checkpoint_dir(load_dir, iteration)
-    model_config = read_model_config(ckpt)
-    model = build_model(model_config, bf16=bf16)
-    state = _load(ckpt, {"model": model.sharded_state_dict()})
-    model.load_state_dict(state["model"], strict=True)
-    model.eval()
-    return model, model_config
-
-
-def checkpoint_hash(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> str:
-    """A content hash of a checkpoint's files (for binding scores to the model that made them)."""
-    import hashlib
-
-    ckpt = checkpoint_dir(load_dir, iteration)
-    h = hashlib.sha256()
-    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
-        h.update(path.relative_to(ckpt).as_posix().encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()

@@ -12,6 +12,7 @@ with every checkpoint, so a resumed run sees exactly the batches it would have s
 from __future__ import annotations
 
 import argparse
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -62,6 +63,14 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 WORKER_START_METHOD = "spawn"
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # SLURM signals every process of a job step at the walltime, DataLoader workers included.
+    # The training process decides when to stop (--exit-signal-handler: after the iteration it
+    # is in) and shuts its workers down itself; a worker that died first would make torch raise
+    # in the middle of that iteration. Workers still exit when the training process dies.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class BatchStream:
     """Micro-batches of one dataset, in order, from any sample position.
 
@@ -93,8 +102,8 @@ class BatchStream:
     def _restart(self, start: int, dp: int) -> None:
         sampler = MicroBatchSampler(self.length, start, self.micro_batch_size, dp,
                                     parallel_state.get_data_parallel_rank())
-        workers = (dict(num_workers=self.num_workers, multiprocessing_context=WORKER_START_METHOD)
-                   if self.num_workers else {})
+        workers = (dict(num_workers=self.num_workers, multiprocessing_context=WORKER_START_METHOD,
+                        worker_init_fn=_ignore_sigterm) if self.num_workers else {})
         self._loader = iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=stack,
             pin_memory=parallel.device().type == "cuda", **workers))

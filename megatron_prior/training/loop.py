@@ -33,6 +33,7 @@ from megatron_prior.models.init import initialize_weights
 from megatron_prior.training import checkpointing
 from megatron_prior.training.data import TrainingData, build_training_data
 from megatron_prior.training.metrics import MetricsLogger, flops_per_iteration, reduce_logs
+from megatron_prior.training.signals import EarlyExit
 from megatron_prior.training.steps import combined_seq_length, make_forward_step
 
 log = logging.getLogger("megatron_prior.train")
@@ -237,7 +238,10 @@ class Trainer:
         )
 
     # --- the loop ---------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, early_exit: Optional[EarlyExit] = None) -> Optional[dict]:
+        """Train to --train-iters (or --exit-interval) and return the summary; None when
+        ``early_exit`` stopped the run (after saving): it is not finished, so no summary.json,
+        which is what tells a sweep or a resubmitted job that the run still needs --load."""
         args = self.args
         metrics = MetricsLogger(args, self.model_config)
         params = count_parameters([m.module for m in self.model])
@@ -267,8 +271,17 @@ class Trainer:
                 window_start, window_iters, window = time.perf_counter(), 0, {}
             if args.eval_iters > 0 and args.eval_interval and self.iteration % args.eval_interval == 0:
                 last_eval = metrics.log_eval(self.iteration, self.evaluate())
-            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+            saved = bool(args.save and args.save_interval and self.iteration % args.save_interval == 0)
+            if saved:
                 self.save()
+            reason = early_exit.reason() if early_exit is not None else None
+            if reason is not None:
+                if not saved:
+                    self.save()
+                metrics.info(f"{reason}: stopped at iteration {self.iteration} of {args.train_iters} after saving "
+                             f"a checkpoint to {args.save}; resume with --load {args.save}")
+                metrics.close()
+                return None
             if args.exit_interval and self.iteration % args.exit_interval == 0:
                 metrics.info(f"exit interval reached at iteration {self.iteration}")
                 break
@@ -284,14 +297,21 @@ class Trainer:
         )
 
 
-def run(args: argparse.Namespace) -> dict:
-    parallel.initialize(
-        tensor_parallel=args.tensor_model_parallel_size,
-        pipeline_parallel=args.pipeline_model_parallel_size,
-        virtual_pipeline_parallel=args.virtual_pipeline_model_parallel_size,
-        seed=args.seed,
-    )
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """Train on this rank; the summary, or None for a run stopped early (see Trainer.train)."""
+    # Installed first, as Megatron-LM does: a SIGTERM during set-up stops after one iteration.
+    early_exit = EarlyExit(args.exit_signal_handler, args.exit_duration_in_mins)
+    early_exit.install()
     try:
-        return Trainer.build(args).train()
+        parallel.initialize(
+            tensor_parallel=args.tensor_model_parallel_size,
+            pipeline_parallel=args.pipeline_model_parallel_size,
+            virtual_pipeline_parallel=args.virtual_pipeline_model_parallel_size,
+            seed=args.seed,
+        )
+        try:
+            return Trainer.build(args).train(early_exit)
+        finally:
+            parallel.destroy()
     finally:
-        parallel.destroy()
+        early_exit.release()

@@ -207,10 +207,14 @@ class MetricsLogger:
             # A diverged run still gets its summary (NaN losses included), as before.
             atomic_write_json(os.path.join(self.log_dir, "summary.json"), summary, sort_keys=False,
                               allow_nan=True)
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Flush and close every sink (a run stopped early closes them without a summary)."""
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
-        return summary
