@@ -308,13 +308,18 @@ def test_hashes_are_remembered_by_stat(tmp_path, monkeypatch):
     assert hashed == ["T.logprobs.bin"]
     WeightedIndexedDataset(str(tmp_path / "T"))
     assert hashed == ["T.logprobs.bin"]  # remembered again
-    # A damaged cache is only a cold one.
+    # A damaged cache is only a cold one, and one that contradicts the metadata is read past.
+    cache = json.loads((tmp_path / "T.verified.json").read_text())
+    cache["tokens.bin"]["sha256"] = "0" * 64
+    (tmp_path / "T.verified.json").write_text(json.dumps(cache))
+    WeightedIndexedDataset(str(tmp_path / "T"))
+    assert hashed == ["T.logprobs.bin", "T.bin"]
     (tmp_path / "T.verified.json").write_text("[[[")
     ds = WeightedIndexedDataset(str(tmp_path / "T"))
-    assert len(hashed) == 1 + 6
+    assert len(hashed) == 2 + 6
     # A pickled copy (a DataLoader worker) trusts the stat its parent verified, cache or not.
     os.remove(tmp_path / "T.verified.json")
     import pickle
 
     pickle.loads(pickle.dumps(ds))
-    assert len(hashed) == 7
+    assert len(hashed) == 8

@@ -215,6 +215,8 @@ BAD_LINES = [
     (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [[0, 5, "fancy"]]}', "unknown token kind 'fancy'"),
     (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [[0, 99, "grounded"]]}', "outside the text"),
     (b'["a list"]', "a record must be a JSON object"),
+    (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [[0, 5, ["grounded"]]]}',
+     "unknown token kind ['grounded']"),
     (b'{"caption": "a red \\ud800 cube", "image": "img/0.png", "kinds": []}',
      "'caption' holds a lone surrogate ('\\ud800' at character 6), not text"),
     (b'{"caption": "a red cube", "image": "img/0.png", "kinds": [], "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",

@@ -285,10 +285,12 @@ class _VerifiedHashes:
         except (OSError, ValueError):  # absent or damaged: a cold cache, nothing is trusted
             pass
 
-    def sha256(self, role: str, path: str) -> str:
+    def sha256(self, role: str, path: str, expected: str) -> str:
+        """The file's sha256: ``expected`` when the cache vouches for it, else read in full (so a
+        damaged cache can only cost time, never refuse a good file)."""
         key, entry = _stat_key(path), self.entries.get(role)
-        if isinstance(entry, dict) and entry.get("stat") == key and isinstance(entry.get("sha256"), str):
-            return entry["sha256"]
+        if isinstance(entry, dict) and entry.get("stat") == key and entry.get("sha256") == expected:
+            return expected
         digest = sha256_file(path)
         # The stat from before the read: a file changed while it was hashed no longer matches it.
         self.record(role, key, digest)
@@ -346,7 +348,7 @@ def verify_files(prefix: str, meta: ScoreMetadata, known: Optional[dict[str, lis
         stats[role] = _stat_key(path)
         if known is not None and known.get(role) == stats[role]:
             continue
-        digest = cache.sha256(role, path)
+        digest = cache.sha256(role, path, entry["sha256"])
         if digest != entry["sha256"]:
             raise FormatError(path, f"content differs from what {meta_path} binds (sha256 {digest[:16]}..., "
                                     f"expected {entry['sha256'][:16]}...): changed or replaced after it was "

@@ -30,9 +30,9 @@ def kinds_from_spans(
         if not isinstance(span, (list, tuple)) or len(span) != 3:
             raise ValueError(f"kind span {span!r} is not [char_start, char_end, kind]")
         begin, end, name = span
-        if name not in KIND_IDS:
+        if not isinstance(name, str) or name not in KIND_IDS:
             raise ValueError(f"unknown token kind {name!r} (known: {', '.join(KIND_NAMES)})")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= text_length):
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= text_length):  # no bools
             raise ValueError(f"kind span {span!r} lies outside the text of {text_length} characters")
         kinds[(starts >= begin) & (starts < end)] = KIND_IDS[name]
     return kinds
