@@ -61,6 +61,7 @@ def _refused(argv: list, capsys) -> str:
     (["--lr", "nan"], "--lr must be finite and >= 0, got nan"),
     (["--lr", "-1"], "--lr must be finite and >= 0, got -1.0"),
     (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is larger than --lr 0.01"),
+    (["--lr-warmup-iters", "2"], "--lr-warmup-iters 2 must be smaller than --lr-decay-iters 2 (default: --train-iters)"),
     (["--split", "0,0,0"], "--split '0,0,0' leaves no training data (its first share is 0)"),
     (["--split", "a,b"], "--split 'a,b': give up to three non-negative numbers train,valid,test"),
     (["--split", "1e-3,1"], "--split '1e-3,1': give up to three non-negative numbers"),

@@ -18,6 +18,12 @@ degrees of freedom the fit used. Resampling points instead would, with the 4-6 b
 has, often drop whole budgets and leave too few distinct ones to fit. Like every bootstrap of a
 nonlinear fit from a dozen points, the intervals run somewhat narrow (a nominal 95 % covers
 the true exponent about 85-90 % of the time on synthetic curves; see tests/test_sweeps_fit.py).
+
+Precision: the profiled error is computed as |y|^2 - (projection), a difference of float64
+sums, so near its minimum it is flat to within ~n * eps of the data's scale and the exponent
+of even an exact law is pinned to ~sqrt(eps) times the fit's conditioning (1e-6 relative on
+typical budgets), not to eps; which point of that window the search returns depends on the
+BLAS kernel's summation order. tests/test_sweeps_fit.py derives its tolerances from this.
 """
 
 from __future__ import annotations

@@ -342,6 +342,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.log_dir = args.save
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        # megatron-core's scheduler asserts it once the model is built.
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+                            f"{args.lr_decay_iters} (default: --train-iters)")
     return args
 
 
