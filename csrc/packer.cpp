@@ -329,8 +329,9 @@ py::array pack_values_typed(const py::array& values, const py::array& doc_offset
     parallel_for(n_rows, num_threads, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         V* row = o + r * (seq_len + 1);
-        const int64_t filled = walk.fill_row(
-            r, [&](int64_t, int64_t start, int64_t at, int64_t n) { std::copy(val + start, val + start + n, row + at); });
+        const int64_t filled = walk.fill_row(r, [&](int64_t, int64_t start, int64_t at, int64_t n) {
+          std::copy(val + start, val + start + n, row + at);
+        });
         std::fill(row + filled, row + seq_len + 1, pad);
       }
     });

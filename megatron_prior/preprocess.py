@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
+from tqdm import tqdm
 
 from megatron_prior import parallel
 from megatron_prior.data.images import load_image
@@ -123,8 +124,6 @@ class _Progress:
     """A tqdm bar over documents, with tokens/s beside the docs/s tqdm shows."""
 
     def __init__(self, interval: int) -> None:
-        from tqdm import tqdm
-
         self.bar = tqdm(unit="doc", desc="preprocess", mininterval=1.0, file=sys.stderr,
                         disable=None)  # disabled when stderr is not a terminal
         self.interval, self.docs, self.tokens, self.start = interval, 0, 0, time.perf_counter()

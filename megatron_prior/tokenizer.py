@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence
 
+import sentencepiece
+
 from megatron_prior.files import sha256_file
 
 # Attribute name -> the piece that holds it in the vocabulary.
@@ -97,8 +99,6 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model whose vocabulary holds the pieces of ``SPECIAL_PIECES``."""
 
     def __init__(self, path: str, special_pieces: Optional[Mapping[str, str]] = None) -> None:
-        import sentencepiece
-
         self._special_pieces = dict(SPECIAL_PIECES, **(special_pieces or {}))
         self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
         special_ids = {}

@@ -23,6 +23,12 @@ import sys
 import warnings
 from typing import Optional
 
+# megatron-core warns on import that Transformer Engine and Apex are missing; this tool uses neither.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+
+from megatron_prior.data import FormatError, ImageStore, WeightedDatasetWriter, WeightedIndexedDataset  # noqa: E402
+from megatron_prior.data.formats import all_files  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +50,6 @@ def shard_prefixes(inputs: list[str]) -> list[str]:
 
 def _check_output_is_no_input(prefixes: list[str], output_prefix: str) -> None:
     """Refuse an output whose files are (after resolving ``.``, ``..`` and links) an input's."""
-    from megatron_prior.data.formats import all_files
-
     inputs = {os.path.realpath(path): prefix for prefix in prefixes for path in all_files(prefix)}
     for path in all_files(output_prefix):
         if os.path.realpath(path) in inputs:
@@ -54,8 +58,6 @@ def _check_output_is_no_input(prefixes: list[str], output_prefix: str) -> None:
 
 
 def merge(prefixes: list[str], output_prefix: str) -> dict:
-    from megatron_prior.data import FormatError, ImageStore, WeightedDatasetWriter, WeightedIndexedDataset
-
     _check_output_is_no_input(prefixes, output_prefix)
     shards = [WeightedIndexedDataset(p) for p in prefixes]
     first = shards[0]
@@ -87,7 +89,6 @@ def merge(prefixes: list[str], output_prefix: str) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
     try:
         summary = merge(shard_prefixes(args.input), args.output_prefix)
     except (ValueError, OSError) as err:  # FormatError included: names the file and the problem

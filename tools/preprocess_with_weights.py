@@ -32,7 +32,11 @@ import os
 import sys
 import warnings
 
-from megatron_prior.tokenizer import TOKENIZER_TYPES
+# megatron-core warns on import that Transformer Engine and Apex are missing; this tool uses neither.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+
+from megatron_prior.preprocess import run  # noqa: E402
+from megatron_prior.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +111,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def main(argv=None) -> int:
     parser = build_parser()
     args = validate_args(parser, parser.parse_args(argv))
-    # megatron-core says so on import; this tool uses neither.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
-    from megatron_prior.preprocess import run
-
     try:
         return run(args)
     except (ValueError, OSError) as err:

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+import sentencepiece
+
 from megatron_prior.data.records import iter_texts
 from megatron_prior.files import remove_stale_temps, temp_path
 from megatron_prior.tokenizer import SPECIAL_PIECES, load_tokenizer
@@ -44,8 +46,6 @@ def get_args(argv=None) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> str:
-    import sentencepiece
-
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     remove_stale_temps([args.output_prefix])
     tmp_prefix = temp_path(args.output_prefix)

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, _IndexReader, get_bin_path, get_idx_path

@@ -66,8 +66,8 @@ def text_field(record: Record, key: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise BadRecord(record.path, record.line, f"{key!r} holds a lone surrogate "
-                                                  f"({value[err.start]!r} at character {err.start}), not text") from None
+        where = f"{value[err.start]!r} at character {err.start}"
+        raise BadRecord(record.path, record.line, f"{key!r} holds a lone surrogate ({where}), not text") from None
     return value
 
 

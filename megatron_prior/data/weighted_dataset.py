@@ -13,7 +13,6 @@ packer works on.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import numpy as np
