@@ -17,10 +17,9 @@ metadata that binds the scores to it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
-
-import os
 
 import numpy as np
 import torch
