@@ -17,8 +17,8 @@ class _Evil:
 
 def _save_and_check(tmp: str):
     from megatron_prior import parallel
-    from megatron_prior.models.builder import build_model
     from megatron_prior.checkpoint import CheckpointError
+    from megatron_prior.models.builder import build_model
     from megatron_prior.models.config import ModelConfig
     from megatron_prior.models.pretrained import load_inference_model
     from megatron_prior.training import checkpointing as ck
@@ -68,6 +68,40 @@ def test_mismatched_model_and_tokenizer_refused(saved):
     errors = saved[1][5]
     assert "hidden_size: checkpoint 32 vs run 64" in errors["mismatch"]
     assert "another tokenizer" in errors["tokenizer"]
+
+
+def _vision_encoder_round_trip(tmp: str) -> tuple:
+    from megatron_prior import parallel
+    from megatron_prior.models.builder import build_model
+    from megatron_prior.models.config import ModelConfig
+    from megatron_prior.models.init import initialize_weights
+    from megatron_prior.models.vision_encoder import load_vision_encoder
+    from megatron_prior.training.checkpointing import save_checkpoint
+
+    parallel.initialize(seed=5)
+    cfg = ModelConfig(arch="hlvlm", num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128,
+                      max_position_embeddings=24, image_size=16, patch_size=8, image_token_id=5,
+                      vit_hidden_size=32, vit_num_attention_heads=4)
+    source, target = build_model(cfg), build_model(cfg)
+    initialize_weights(source, seed=1, std=0.02, num_layers=cfg.num_layers)
+    initialize_weights(target, seed=2, std=0.02, num_layers=cfg.num_layers)
+    save_checkpoint(tmp, 1, [source], cfg)
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    count = load_vision_encoder(target, tmp)
+    src, dst = source.state_dict(), target.state_dict()
+    vision = [k for k in dst if k.startswith("vision_model.")]
+    tensors = [k for k in vision if isinstance(dst[k], torch.Tensor)]
+    rest = [k for k in before if not k.startswith("vision_model.") and not torch.equal(before[k], src[k])]
+    return (count, len(vision), len(tensors) > 0 and all(torch.equal(dst[k], src[k]) for k in tensors),
+            len(rest) > 0 and all(torch.equal(dst[k], before[k]) for k in rest))
+
+
+def test_vision_encoder_loads_only_the_vit(tmp_path):
+    """--vit-load through the safe loader: every vision_model tensor equals the source's, the
+    projector and language model keep their own initialisation."""
+    (result,) = run_on_ranks(_vision_encoder_round_trip, 1, str(tmp_path))
+    count, n_vision, vision_equal, rest_untouched = result
+    assert count == n_vision and vision_equal and rest_untouched, result
 
 
 def _load_each(dirs: list) -> list:
