@@ -5,18 +5,22 @@ For each --json-keys KEY it writes, beside Megatron's usual {output_prefix}_{KEY
 .bin/.idx (stock megatron-core reads them):
 
   *.logprobs.bin/.idx   float32, log p_ref(t_i | t_<i) for every token
-  *.logprobs.json       what binds them: tokenizer, reference model, token file hash
+  *.logprobs.json       what binds them: tokenizer, reference model, counts, and the size
+                        and sha256 of every file here (a replaced or half-written one is refused)
   *.kinds.bin/.idx      uint8 token kinds, with --kinds-key
   *.images              the images, resized, memory-mapped, with --image-key
+  *.verified.json       hashes already checked, by file stat (opening skips re-hashing them)
 
 The reference is a text-only GPT saved by megatron-prior's training (--reference-type gpt
 --reference-load DIR; it sees each document after an EOD, in windows of its sequence
 length) or the corpus's own unigram frequencies (--reference-type unigram).
 
-A bad record (invalid JSON or UTF-8, missing or empty key, unreadable image, bad kind
-span) stops the run with file:line: reason; --skip-bad-records skips, counts and lists
+A bad record (invalid JSON or UTF-8, JSON nested too deeply or with a number too long,
+missing or empty key, a lone surrogate in a text, an image that is unreadable, not a
+regular file or over PIL's decompression-bomb limit, a bad kind span) stops the run with file:line: reason; --skip-bad-records skips, counts and lists
 them in {output_prefix}_bad_records.log. Outputs are written under temporary names and
-renamed at the end, so an interrupted run leaves nothing that looks finished.
+renamed at the end, so an interrupted run leaves nothing that opens; temporary files of a
+killed run are removed by the next run onto the same prefix.
 
 Example:
   python tools/preprocess_with_weights.py --input captions.jsonl --json-keys caption \\
