@@ -123,3 +123,21 @@ def test_huggingface_tokenizer(tmp_path):
     ids, starts = tok.tokenize_with_offsets("red  cube")
     assert ids == tok.tokenize("red  cube") and starts[0] == 0 and 5 in starts
     assert tok.fingerprint != load_tokenizer(str(path), special_pieces={"pad": "<unk>"}).fingerprint
+
+
+def test_a_killed_runs_temporary_files_are_removed(tmp_path, caplog):
+    import logging
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = [f"tok.tmp-{socket.gethostname()}-{dead}{ext}" for ext in (".model", ".vocab")]
+    for name in left:
+        (tmp_path / name).write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="megatron_prior.files"):
+        train(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "tok.model", "tok.vocab"]
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"removed {tmp_path / name}, left by an interrupted writer (process {dead} is gone)" for name in left]
