@@ -25,11 +25,11 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron_prior.checkpoint import CheckpointError, checkpoint_dir, load_weights, read_metadata, read_model_config
 from megatron_prior.testing import run_on_ranks
-from tests.test_preprocess import _save_reference
 from tests.test_training import _argv, _train
 
-pytestmark = pytest.mark.slow  # trains two H-LVLM iterations, then starts each tool once
+pytestmark = pytest.mark.slow  # trains two GPT iterations, then starts each tool once
 ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 16  # make_caption_corpus's images (the tiny_corpus fixture)
 REFUSAL = ("refusing to load a pickled object that is not tensors and plain data "
            "(Trying to load unsupported GLOBAL posix.system whose module posix is blocked.)")
 
@@ -63,20 +63,30 @@ def craft(load_dir: Path, marker: Path) -> Path:
     return shard
 
 
-def _save_gpt(load_dir: str, tokenizer_model: str) -> None:
+def _save_hlvlm(load_dir: str, argv: list) -> None:
+    """The H-LVLM the trainer builds from ``argv``, saved untrained (model part only): enough
+    for --vit-load and evaluation, and no forward pass (megatron-core 0.19's LLaVAModel needs
+    CUDA in its forward)."""
     from megatron_prior import parallel
+    from megatron_prior.checkpoint import model_state, save
+    from megatron_prior.models.builder import build_model
     from megatron_prior.tokenizer import load_tokenizer
+    from megatron_prior.training.arguments import parse_args
+    from megatron_prior.training.loop import model_config_from_args
 
-    parallel.initialize(seed=5)
-    _save_reference(load_dir, load_tokenizer(tokenizer_model))
+    args = parse_args(argv)
+    parallel.initialize(seed=args.seed)
+    cfg = model_config_from_args(args, load_tokenizer(args.tokenizer_model), IMAGE_SIZE)
+    save(load_dir, 2, model_state([build_model(cfg)]), cfg)
 
 
 @pytest.fixture(scope="module")
 def crafted(tiny_corpus, tmp_path_factory) -> dict:
+    """Clean runs (a trained GPT: optimizer, RNG, train state; an H-LVLM) and crafted copies."""
     root = tmp_path_factory.mktemp("crafted")
-    runs = {"hlvlm": root / "hlvlm", "gpt": root / "gpt"}
-    run_on_ranks(_train, 1, _argv(tiny_corpus, "hlvlm", str(runs["hlvlm"]), "--save", str(runs["hlvlm"]), iters=2))
-    run_on_ranks(_save_gpt, 1, str(runs["gpt"]), tiny_corpus["tokenizer"])
+    runs = {"gpt": root / "gpt", "hlvlm": root / "hlvlm"}
+    run_on_ranks(_train, 1, _argv(tiny_corpus, "gpt", str(runs["gpt"]), "--save", str(runs["gpt"]), iters=2))
+    run_on_ranks(_save_hlvlm, 1, str(runs["hlvlm"]), _argv(tiny_corpus, "hlvlm", str(root / "unused"), iters=2))
     out = {"root": root, "marker": root / "PAYLOAD_RAN", "corpus": tiny_corpus}
     for name, run in runs.items():
         shutil.copytree(run, root / f"crafted_{name}")
@@ -124,11 +134,11 @@ def _load_each(crafted: dict) -> dict:
 
     parallel.initialize()
     hlvlm, gpt = crafted["hlvlm"][0], crafted["gpt"][0]
-    cfg = read_model_config(checkpoint_dir(hlvlm))
+    gpt_cfg, hlvlm_cfg = read_model_config(checkpoint_dir(gpt)), read_model_config(checkpoint_dir(hlvlm))
     tok = load_tokenizer(crafted["corpus"]["tokenizer"])
     paths = {
-        "--load": lambda: load_checkpoint(hlvlm, [build_model(cfg)], cfg),
-        "--vit-load": lambda: load_vision_encoder(build_model(cfg), hlvlm),
+        "--load": lambda: load_checkpoint(gpt, [build_model(gpt_cfg)], gpt_cfg),
+        "--vit-load": lambda: load_vision_encoder(build_model(hlvlm_cfg), hlvlm),
         "--reference-load": lambda: load_reference("gpt", str(gpt), tok),
         "eval": lambda: load_inference_model(hlvlm),
         "common.pt": lambda: load_inference_model(crafted["common.pt"][0]),
@@ -146,7 +156,7 @@ def _load_each(crafted: dict) -> dict:
 def test_every_load_path_refuses_it_with_checkpoint_error(crafted):
     (results,) = run_on_ranks(_load_each, 1, crafted)
     for name in ("--load", "--vit-load", "--reference-load", "eval"):
-        payload_file = crafted["hlvlm" if name != "--reference-load" else "gpt"][1]
+        payload_file = crafted["gpt" if name in ("--load", "--reference-load") else "hlvlm"][1]
         kind, message = results[name]
         assert kind == "CheckpointError", (name, results[name])
         assert re.fullmatch(re.escape(str(payload_file)) + r" \(entry [\w.]+/shard[\d_]+\): " + re.escape(REFUSAL),
@@ -174,8 +184,11 @@ def _assert_one_line_refusal(result: subprocess.CompletedProcess, prefix: str, p
 def test_each_command_reports_one_line_and_fails(crafted, tmp_path, path):
     corpus, (hlvlm, hlvlm_file), (gpt, gpt_file) = crafted["corpus"], crafted["hlvlm"], crafted["gpt"]
     out = str(tmp_path / "out")
-    if path in ("--load", "--vit-load"):
-        result = _cli("-m", "megatron_prior.train", *_argv(corpus, "hlvlm", out, path, str(hlvlm), iters=2))
+    if path == "--load":
+        result = _cli("-m", "megatron_prior.train", *_argv(corpus, "gpt", out, "--load", str(gpt), iters=4))
+        prefix, payload_file = "python -m megatron_prior.train: error: ", gpt_file
+    elif path == "--vit-load":
+        result = _cli("-m", "megatron_prior.train", *_argv(corpus, "hlvlm", out, "--vit-load", str(hlvlm), iters=2))
         prefix, payload_file = "python -m megatron_prior.train: error: ", hlvlm_file
     elif path == "--reference-load":
         result = _cli("tools/preprocess_with_weights.py", "--input", os.path.join(corpus["dir"], "gen/train.jsonl"),
