@@ -15,6 +15,9 @@
 // sample_index[s] = (doc position, offset) to sample_index[s + 1] inclusive of one extra
 // token, walking documents in document_index order; short samples are padded.
 //
+// Packed rows (pack_rows): a next-fit pass over per-sample costs in order, a row taking
+// samples while their costs sum to at most the budget (packing.pack_rows_numpy).
+//
 // Arrays are taken as they are (no silent dtype conversion, which would copy a whole
 // memory-mapped corpus per call): a wrong dtype or a non-contiguous array is an error.
 // Scalar arguments are checked with the numpy reference's exact messages (check_alpha,
@@ -352,6 +355,32 @@ py::array pack_values(const py::array& values, const py::array& doc_offsets, con
   });
 }
 
+py::array_t<int64_t> pack_rows(const py::array& costs, int64_t budget) {
+  const int64_t* c = data_of<int64_t>(costs, "costs");
+  const int64_t n = costs.shape(0);
+  if (budget < 1) throw std::invalid_argument("budget must be positive, got " + std::to_string(budget));
+  for (int64_t i = 0; i < n; ++i)
+    if (c[i] < 0 || c[i] > budget)
+      throw std::invalid_argument("item " + std::to_string(i) + " costs " + std::to_string(c[i]) +
+                                  ", outside [0, " + std::to_string(budget) + "]");
+  std::vector<int64_t> starts{0};
+  {
+    py::gil_scoped_release release;
+    int64_t used = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (used + c[i] > budget) {
+        starts.push_back(i);
+        used = 0;
+      }
+      used += c[i];
+    }
+    if (n > 0) starts.push_back(n);
+  }
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(starts.size()));
+  std::copy(starts.begin(), starts.end(), out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_packer, m) {
@@ -365,4 +394,5 @@ PYBIND11_MODULE(_packer, m) {
   m.def("pack_values", &pack_values, py::arg("values"), py::arg("doc_offsets"), py::arg("document_index"),
         py::arg("sample_index"), py::arg("samples"), py::arg("seq_len"), py::arg("pad_value"),
         py::arg("num_threads") = 1);
+  m.def("pack_rows", &pack_rows, py::arg("costs"), py::arg("budget"));
 }

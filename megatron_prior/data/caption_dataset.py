@@ -1,18 +1,32 @@
-"""Image-caption samples for the LVLMs: one caption a sample, padded, with PRIOR's weights.
+"""Image-caption samples for the LVLMs: one caption a row, or several packed, with PRIOR's weights.
 
 A ``CaptionDataset`` is a megatron-core ``MegatronDataset`` (built by
 ``BlendedMegatronDatasetBuilder``, so splits and blends work) over a
 ``WeightedIndexedDataset`` whose documents are captions ending in EOD, and the image store
-``T.images`` beside it (image ``i`` <-> caption ``i``). Sample layout (contracts):
+``T.images`` beside it (image ``i`` <-> caption ``i``). Row layout (contracts), for one
+caption ``c`` of ``n`` tokens cut to ``m = min(n, s)``:
 
-    tokens       = [<image>, c0, ..., c_{n-1}, <eod>, pad, ...][:s]
-    labels       = [c0, ..., c_{n-1}, <eod>, pad, ...][:s]
+    tokens       = [<image>, c0, ..., c_{m-1}, pad, ...][:s]
+    labels       = [c0, ..., c_{m-1}, pad, ...][:s]
     loss_mask    = 1 on caption labels, 0 on padding
     loss_weights = PRIOR multipliers over the whole caption (normalised over all its loss
                    tokens, even when the caption is cut at s), aligned with labels
     position_ids = 0 .. s-1
     images       = float32 [3, H, W], (pixel / 255 - mean) / std
     token_kinds  = per-label kind ids, when the corpus has a ``.kinds`` companion
+    padding_positions = how many of the row's combined (image + text) input positions are
+                   padding, when ``image_sequence_length`` is given
+
+With ``pack_samples`` a row holds several captions, each laid out as above one after the
+other (``[<image>, c..., <image>, c'..., pad, ...]``), each caption's position ids starting
+again at 0 at its ``<image>`` (the padding continues the last caption's), and ``images`` is
+``[k, 3, H, W]`` for its ``k`` captions in row order. The rows are each epoch's captions,
+shuffled, filled in order (``packing.shuffled_rows``), never cutting a caption: a caption
+costs ``m + image_sequence_length`` positions and a row has ``s + image_sequence_length``, the
+combined length of one unpacked row plus the one label-only position at its end, so a caption
+that fills an unpacked row fills a packed one. The language model sees the same
+``image_sequence_length - 1 + s`` positions packed or not (``megatron_prior.models.packed``
+keeps attention within each caption).
 
 No attention mask is produced: the models build theirs for the combined image + text length.
 """
@@ -35,7 +49,7 @@ from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 
 @dataclass
 class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
-    """BlendedMegatronDatasetConfig plus PRIOR's alpha and the image normalisation."""
+    """BlendedMegatronDatasetConfig plus PRIOR's alpha, the image normalisation and packing."""
 
     prior_alpha: float = 1.0
     """Exponent of the token weight ``(1 - p_ref) ** alpha``."""
@@ -46,6 +60,13 @@ class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
     image_std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     """Per-channel divisor after the mean (CLIP: 0.269, 0.261, 0.276)."""
 
+    image_sequence_length: Optional[int] = None
+    """Positions one image takes in the language model's sequence (the model's; it replaces the
+    one ``<image>`` token). Given, rows count their padding; ``pack_samples`` needs it."""
+
+    pack_samples: bool = False
+    """Several captions with their images per row (``--pack-samples``)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tokenizer is None or getattr(self.tokenizer, "image_token_id", None) is None:
@@ -53,6 +74,10 @@ class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
         packing.check_alpha(self.prior_alpha)
         if self.sequence_length < 2:
             raise ValueError("sequence_length must be at least 2 (the image placeholder and a token)")
+        if self.image_sequence_length is not None and self.image_sequence_length < 1:
+            raise ValueError(f"image_sequence_length must be positive, got {self.image_sequence_length}")
+        if self.pack_samples and self.image_sequence_length is None:
+            raise ValueError("pack_samples needs image_sequence_length (an image's positions count in a row)")
 
 
 class CaptionDataset(MegatronDataset):
@@ -66,22 +91,22 @@ class CaptionDataset(MegatronDataset):
         self.images = dataset.open_images()
         # Every caption token is a loss token (c0 is predicted from the image): no EOD masking.
         self.scales = dataset.document_scales(config.prior_alpha, tok.eod, False, self._pad_token_id)
-        self.sample_documents = self._sample_documents()
+        self.sample_documents, self.row_starts = self._rows()
         self._mean = np.asarray(config.image_mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(config.image_std, dtype=np.float32).reshape(3, 1, 1)
 
-    def _sample_documents(self) -> np.ndarray:
-        """The caption of each sample: shuffled epochs of this split's captions."""
-        n = len(self.indices)
-        wanted = n if self.num_samples is None else self.num_samples
-        if n == 0 and wanted:
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The captions in row order (shuffled epochs of this split's) and where rows start."""
+        if len(self.indices) == 0 and self.num_samples:
             raise ValueError(f"{self.dataset.path_prefix}: no captions in the {self.index_split.name} split")
-        if wanted == 0:
-            return np.zeros(0, dtype=np.int32)
-        rng = np.random.RandomState(self.config.random_seed)
-        epochs = -(-wanted // n)
-        order = np.concatenate([rng.permutation(self.indices) for _ in range(epochs)])
-        return order[:wanted].astype(np.int32 if len(self.dataset) < 2**31 else np.int64)
+        cfg = self.config
+        costs, budget = None, 0
+        if cfg.pack_samples:
+            lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)[self.indices]
+            costs = np.minimum(lengths, cfg.sequence_length) + cfg.image_sequence_length
+            budget = cfg.sequence_length + cfg.image_sequence_length
+        order, starts = packing.shuffled_rows(self.indices, self.num_samples, cfg.random_seed, costs, budget)
+        return order.astype(np.int32 if len(self.dataset) < 2**31 else np.int64), starts
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: WeightedIndexedDataset) -> int:
@@ -94,44 +119,59 @@ class CaptionDataset(MegatronDataset):
                                       vocab_size=config.tokenizer.vocab_size)
 
     def __len__(self) -> int:
-        return len(self.sample_documents)
+        return len(self.row_starts) - 1
+
+    def _image(self, doc: int) -> np.ndarray:
+        image = np.asarray(self.images[doc], dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (image - self._mean) / self._std
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
-        # idx None is megatron's batch-padding sample: any caption, no loss.
-        doc = int(self.sample_documents[0 if idx is None else idx])
-        caption, logprobs = self.dataset[doc]
-        s, pad = self.config.sequence_length, self._pad_token_id
-        n = min(len(caption), s)
+        # idx None is megatron's batch-padding sample: any row, no loss.
+        row = 0 if idx is None else idx
+        cfg, pad = self.config, self._pad_token_id
+        s = cfg.sequence_length
         text = np.full(s + 1, pad, dtype=np.int64)
-        text[0] = self.config.tokenizer.image_token_id
-        text[1:1 + n] = caption[:n]
+        keep = np.zeros(s + 1, dtype=bool)
+        weights = np.zeros(s + 1, dtype=np.float32)
+        kinds = np.zeros(s + 1, dtype=np.int64)
+        positions = np.arange(s + 1, dtype=np.int64)
+        images, at, used = [], 0, 0
+        for doc in self.sample_documents[self.row_starts[row]:self.row_starts[row + 1]].tolist():
+            caption, logprobs = self.dataset[doc]
+            m = min(len(caption), s)
+            end = at + 1 + m  # <= s + 1: the packing budget
+            text[at] = cfg.tokenizer.image_token_id
+            text[at + 1:end] = caption[:m]
+            positions[at:] = np.arange(s + 1 - at)
+            keep[at + 1:end] = caption[:m].astype(np.int64) != pad
+            scale = self.scales[doc]
+            w = np.ones(m) if scale < 0 else scale * packing.token_weights(logprobs[:m], cfg.prior_alpha)
+            weights[at + 1:end] = np.where(keep[at + 1:end], w, 0.0)
+            if self.dataset.has_kinds:
+                kinds[at + 1:end] = self.dataset.kinds[doc][:m]
+            images.append(self._image(doc))
+            used += m + (cfg.image_sequence_length or 0)
+            at = end
         tokens, labels = text[:-1], text[1:]
-
-        keep = caption[:n].astype(np.int64) != pad
-        loss_mask = np.zeros(s, dtype=np.float32)
-        loss_mask[:n] = keep
-        weights = np.zeros(s, dtype=np.float32)
-        scale = self.scales[doc]
-        m = np.ones(n) if scale < 0 else scale * packing.token_weights(logprobs[:n], self.config.prior_alpha)
-        weights[:n] = np.where(keep, m, 0.0)
+        loss_mask = keep[1:].astype(np.float32)
+        weights = weights[1:]
         if idx is None:
             loss_mask[:] = 0.0
             weights[:] = 0.0
         # As GPTDataset does: a pad id outside the vocabulary must still embed.
         tokens = np.where(tokens == pad, 0, tokens)
         labels = np.where(labels == pad, 0, labels)
-
-        image = np.asarray(self.images[doc], dtype=np.float32).transpose(2, 0, 1) / 255.0
         sample = {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "loss_weights": torch.from_numpy(weights),
-            "position_ids": torch.arange(s, dtype=torch.int64),
-            "images": torch.from_numpy((image - self._mean) / self._std),
+            "position_ids": torch.from_numpy(positions[:-1]),
+            "images": torch.from_numpy(np.stack(images) if cfg.pack_samples else images[0]),
         }
+        if cfg.image_sequence_length is not None:
+            combined = cfg.image_sequence_length - 1 + s
+            sample["padding_positions"] = torch.tensor(combined - min(combined, used))
         if self.dataset.has_kinds:
-            kinds = np.zeros(s, dtype=np.int64)
-            kinds[:n] = self.dataset.kinds[doc][:n]
-            sample["token_kinds"] = torch.from_numpy(kinds)
+            sample["token_kinds"] = torch.from_numpy(kinds[1:])
         return sample

@@ -5,7 +5,7 @@ call with the GIL released and rows split over threads; this module holds the re
 semantics it is tested against, and serves as the fallback when the extension is not built
 (said once, on import).
 
-Semantics (DESIGN.md sections 1 and 5):
+Semantics:
 
 - ``w_i = (1 - exp(logprob_i)) ** alpha``
 - ``m_i = n_doc * w_i / sum_{j in doc} w_j`` over the loss tokens of the *whole* document,
@@ -19,6 +19,11 @@ Semantics (DESIGN.md sections 1 and 5):
 - Samples are cut as megatron-core's GPTDataset cuts them: sample ``s`` runs from
   ``sample_index[s]`` to ``sample_index[s + 1]`` plus one extra token; short samples are
   padded with ``pad_id``. Weight ``j`` belongs to label ``j``, i.e. token ``j + 1``.
+- Sample packing (``--pack-samples``) fills rows with whole samples by ``pack_rows``: a
+  next-fit pass in sample order (a row takes samples while their costs fit its budget, then
+  the next row starts), so every rank and every resumed run derives the same rows from the
+  same order. A packed GPT row is handed to ``pack_batch`` as a sample of its own: a
+  ``sample_index`` pair from its first document's start to its last document's end.
 """
 
 from __future__ import annotations
@@ -60,6 +65,31 @@ def check_pad_value(pad_value: float, dtype: np.dtype) -> None:
         ok = pad_value == math.floor(pad_value) and info.min <= pad_value <= info.max
     if not ok:
         raise ValueError(f"pad_value {pad_value!r} is not a value of dtype {dtype}")
+
+
+def check_costs(costs: np.ndarray, budget: int) -> None:
+    """Every cost must fit one row: ``0 <= cost <= budget`` (a longer sample is cut by its caller)."""
+    if budget < 1:
+        raise ValueError(f"budget must be positive, got {budget}")
+    bad = np.flatnonzero((costs < 0) | (costs > budget))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"item {i} costs {int(costs[i])}, outside [0, {budget}]")
+
+
+def pack_rows_numpy(costs: np.ndarray, budget: int) -> np.ndarray:
+    """Row starts of a next-fit fill (the reference of the C++ ``pack_rows``)."""
+    costs = np.asarray(costs, dtype=np.int64)
+    check_costs(costs, budget)
+    starts, used = [0], 0
+    for i, cost in enumerate(costs.tolist()):
+        if used + cost > budget:
+            starts.append(i)
+            used = 0
+        used += cost
+    if len(costs):
+        starts.append(len(costs))
+    return np.asarray(starts, dtype=np.int64)
 
 
 def token_weights(logprobs: np.ndarray, alpha: float) -> np.ndarray:
@@ -187,3 +217,49 @@ def pack_values(values, doc_offsets, document_index, sample_index, samples, seq_
         return pack_values_numpy(values, doc_offsets, document_index, sample_index, samples, seq_len, pad_value)
     return _ext.pack_values(values, doc_offsets, document_index, sample_index, samples, int(seq_len),
                             float(pad_value), num_threads or default_threads())
+
+
+def pack_rows(costs: np.ndarray, budget: int) -> np.ndarray:
+    """Rows of whole items, in order: int64 ``starts`` ``[r + 1]``, row ``k`` holding items
+    ``starts[k]:starts[k + 1]`` whose costs sum to at most ``budget`` (C++ when built).
+
+    Next-fit: an item that does not fit the current row starts the next one, so a row is
+    never revisited and the fill is one pass. ``pack_rows([3, 4, 2, 5, 6], 7) == [0, 2, 4, 5]``.
+    """
+    costs = np.ascontiguousarray(costs, dtype=np.int64)
+    if _ext is None:
+        return pack_rows_numpy(costs, budget)
+    return _ext.pack_rows(costs, int(budget))
+
+
+def shuffled_rows(items: np.ndarray, wanted: Optional[int], seed: int, costs: Optional[np.ndarray] = None,
+                  budget: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn from epochs of ``items``: ``(order, starts)``, row ``k`` holding
+    ``order[starts[k]:starts[k + 1]]``.
+
+    Each epoch is one permutation of ``items`` by ``numpy.random.RandomState(seed)``, drawn
+    in turn. Without ``costs`` every item is a row of its own; with ``costs`` (one per item,
+    aligned with ``items``) each epoch is packed by ``pack_rows`` under ``budget`` (rows do not
+    straddle epochs). Epochs are drawn until there are ``wanted`` rows (``None``: one epoch)
+    and the rows are cut there, so the first rows do not depend on ``wanted``.
+    """
+    items = np.asarray(items)
+    n = len(items)
+    if n == 0 and wanted:
+        raise ValueError(f"no samples to fill {wanted} rows from")
+    if n == 0 or wanted == 0:
+        return items[:0], np.zeros(1, dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    orders, starts, rows, taken = [], [np.zeros(1, dtype=np.int64)], 0, 0
+    while (wanted is None and not orders) or (wanted is not None and rows < wanted):
+        perm = rng.permutation(n)
+        epoch_starts = np.arange(n + 1, dtype=np.int64) if costs is None else pack_rows(costs[perm], budget)
+        orders.append(items[perm])
+        starts.append(epoch_starts[1:] + taken)
+        rows += len(epoch_starts) - 1
+        taken += n
+    starts = np.concatenate(starts)
+    if wanted is not None:
+        starts = starts[:wanted + 1]
+    order = np.concatenate(orders)[:starts[-1]]
+    return order, starts
