@@ -1,11 +1,12 @@
-"""Run megatron-core 0.16.x on a machine without CUDA.
+"""Run megatron-core (the versions in ``TESTED_MCORE_VERSIONS``) on a machine without CUDA.
 
 megatron-core hard-codes the CUDA device in a few dozen places (``device="cuda"``,
-``torch.cuda.current_device()``, ``torch.cuda.synchronize()``, CUDA RNG states). Rather than
-copying the functions that do so, each affected module gets its own view of ``torch`` in
-which the CUDA device *is* the CPU: tensor factories map ``"cuda"`` to ``"cpu"`` and
-``torch.cuda`` answers with the CPU generator and device. The modules are listed by name in
-``PATCHED_MODULES`` so the reach of the shim is explicit; nothing outside them changes.
+``torch.cuda.current_device()``, ``torch.cuda.synchronize()``, ``torch.cuda.current_stream()``,
+CUDA RNG states). Rather than copying the functions that do so, each affected module gets its
+own view of ``torch`` in which the CUDA device *is* the CPU: tensor factories map ``"cuda"`` to
+``"cpu"`` and ``torch.cuda`` answers with the CPU generator, device and stream. The modules are
+listed by name in ``PATCHED_MODULES`` so the reach of the shim is explicit; nothing outside them
+changes.
 
 Four kinds of site cannot be reached that way and get a targeted patch: the model-parallel
 RNG tracker (forks the CPU generator instead of a CUDA one), gradient clipping (asserts
@@ -45,7 +46,8 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.tensor_parallel.utils": "split/gather buffers on current_device()",
     "megatron.core.pipeline_parallel.schedules": "token counters created with device='cuda'",
     "megatron.core.pipeline_parallel.p2p_communication": "shape exchange on cuda, synchronize()",
-    "megatron.core.distributed.param_and_grad_buffer": "grad buffers on current_device()",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "grad buffers on current_device(); start_grad_sync waits on current_stream() (0.19)",
     "megatron.core.distributed.distributed_data_parallel": "buffer (re)allocation syncs cuda",
     "megatron.core.optimizer.clip_grads":
         "grad-norm buffers on device='cuda'; clipping asserts torch.cuda.FloatTensor grads",
@@ -60,10 +62,12 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.models.vision.clip_vit_model": "position_ids moved to cuda",
     "megatron.core.models.common.language_module.language_module":
         "tied embeddings moved to cuda before the first/last-stage all-reduce",
+    "megatron.core.models.multimodal.llava_model":
+        "empty sound embeddings allocated on current_device() when no sound clips are given (0.19)",
 }
 
 # The megatron-core versions this shim was written and tested against.
-TESTED_MCORE_VERSIONS = ("0.16.0", "0.16.1")
+TESTED_MCORE_VERSIONS = ("0.16.0", "0.16.1", "0.19.2")
 
 _TENSOR_FACTORIES = (
     "arange", "empty", "empty_like", "full", "full_like", "ones", "ones_like",
@@ -96,6 +100,19 @@ def _cpu_factory(fn):
     return wrapper
 
 
+class _CpuStream:
+    """The CPU's only stream: its work runs in program order, so every wait is already met."""
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _CpuCuda(types.ModuleType):
     """``torch.cuda`` as seen by a patched module: the CPU plays the CUDA device."""
 
@@ -108,6 +125,10 @@ class _CpuCuda(types.ModuleType):
     @staticmethod
     def current_device() -> torch.device:
         return CPU
+
+    @staticmethod
+    def current_stream(device: Any = None) -> _CpuStream:
+        return _CPU_STREAM
 
     @staticmethod
     def synchronize(device: Any = None) -> None:
@@ -271,7 +292,8 @@ _applied = False
 
 def check_version(mcore_version: str) -> bool:
     """Warn (once per call) when megatron-core is a version the shim was not tested with."""
-    if mcore_version in TESTED_MCORE_VERSIONS:
+    # Builds carry the commit as a local version label ("0.19.2+0d471a6"); the release decides.
+    if mcore_version.split("+", 1)[0] in TESTED_MCORE_VERSIONS:
         return True
     log.warning(
         "megatron-prior's CPU shim was tested with megatron-core %s; found %s. "
