@@ -265,11 +265,8 @@ def _dcp_read(pyt_state: dict, ckpt: Path, metadata: Metadata, **planner_kwargs:
     try:
         dcp_load(pyt_state, storage_reader=_Reader(ckpt, metadata), planner=SafeLoadPlanner(ckpt, **planner_kwargs),
                  no_dist=True)
-    except CheckpointException as err:  # torch wraps each rank's exception; ours names the file
-        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, CheckpointError)]
-        if refused:
-            raise refused[0] from None
-        raise
+    except CheckpointException as err:  # torch wraps the exception with its traceback as text
+        raise next(exc for exc, _ in err.failures.values()) from None
 
 
 def _read_common_state(ckpt: Path, metadata: Metadata) -> dict:
@@ -318,8 +315,9 @@ def load_state(ckpt: Path, sharded_state_dict: dict) -> dict:
         return apply_factory_merges(state, factories)
     except CheckpointError:
         raise
-    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
-        raise CheckpointError(f"{ckpt}: cannot load ({type(err).__name__}: {err})") from err
+    except Exception as err:
+        # One line: megatron-core's messages list keys over several lines.
+        raise CheckpointError(f"{ckpt}: cannot load ({type(err).__name__}: {' '.join(str(err).split())})") from err
 
 
 # --- the model part -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from megatron_prior import parallel
 from megatron_prior.models.builder import build_model
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.init import initialize_weights
+from megatron_prior.models.vision_encoder import load_vision_encoder
 from megatron_prior.training import checkpointing
 from megatron_prior.training.data import TrainingData, build_training_data
 from megatron_prior.training.metrics import MetricsLogger, flops_per_iteration, reduce_logs
@@ -134,8 +135,6 @@ class Trainer:
                 chunk.freeze(freeze_language_model=args.freeze_lm, freeze_vision_model=args.freeze_vit,
                              freeze_vision_projection=False)
         if args.vit_load:
-            from megatron_prior.models.vision_encoder import load_vision_encoder
-
             for chunk in chunks:
                 load_vision_encoder(chunk, args.vit_load)
         if args.bf16:
