@@ -224,12 +224,14 @@ def _weights_only(data: io.BytesIO | Path, where: str) -> Any:
     """``torch.load`` restricted to tensors and plain data; anything else is a CheckpointError."""
     try:
         return torch.load(data, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for a refused global; any error for damaged bytes
+    except pickle.UnpicklingError as err:  # what the weights-only unpickler raises for what it refuses
         # torch's message is a paragraph; the line naming the refused global or opcode is the news.
         detail = next((line for line in str(err).splitlines() if line.startswith(("Trying to load", "Unsupported"))),
-                      f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                      " ".join(str(err).split()))
         raise CheckpointError(f"{where}: refusing to load a pickled object that is not tensors and plain "
                               f"data ({detail.strip()})") from None
+    except Exception as err:  # damaged bytes: not a torch.save archive, truncated zip, ...
+        raise CheckpointError(f"{where}: unreadable ({type(err).__name__}: {' '.join(str(err).split())})") from None
 
 
 class SafeLoadPlanner(MCoreLoadPlanner):
