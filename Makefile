@@ -13,7 +13,7 @@ QUICK ?=
 SWEEP     ?= examples/sweeps/cpu_default.yaml
 SWEEP_DIR ?= $(OUTPUT_DIR)/sweep
 
-.PHONY: setup test demo sweep bench clean
+.PHONY: setup test demo sweep bench fuzz clean
 
 setup: $(VENV)/.setup-done
 
@@ -45,6 +45,14 @@ sweep: setup
 
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# make fuzz: coverage-guided fuzzing (atheris) of every reader of untrusted files, FUZZ_SECONDS
+# of fuzzing split over the targets (making seeds with the real writers and starting each target
+# add 2-5 min); not part of make test. Exits 1, the inputs under build/fuzz/runs/, on a finding.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	@$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build *.egg-info megatron_prior/_packer*.so

@@ -45,7 +45,7 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
     """An image file as uint8 ``[height, width, 3]`` (RGB, resized with bicubic filtering).
 
     Raises OSError (missing or unreadable file) or ValueError (not a regular file, not an
-    image PIL can read, or more pixels than PIL's decompression-bomb limit).
+    image PIL can read, damaged, or more pixels than PIL's decompression-bomb limit).
     """
     # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; the
     # type is checked on the opened descriptor, so the file cannot change in between.
@@ -70,6 +70,10 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
         raise ValueError("not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb limit)") from None
+    except (SyntaxError, IndexError, TypeError, struct.error) as err:
+        # What PIL's parsers raise on damaged data (Image.open takes the same set to mean "not
+        # this format"); decoding happens after open, in convert(), where nothing catches them.
+        raise ValueError(f"damaged image file ({type(err).__name__}: {err})") from None
 
 
 class ImageStore:

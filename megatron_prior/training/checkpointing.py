@@ -24,6 +24,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron_prior.checkpoint import (
     CheckpointError,
     checkpoint_dir,
+    iteration_dir,
     load_state,
     model_state,
     read_json,
@@ -129,7 +130,19 @@ def save_checkpoint(
 # --- loading ---------------------------------------------------------------------------------
 
 def read_train_state(ckpt: Path) -> dict:
-    return read_json(ckpt, TRAIN_STATE)
+    """``train_state.json``, with what a resume reads from it checked: the iteration (that of
+    its directory), the samples consumed, the LR scheduler's state (an object or null)."""
+    state = read_json(ckpt, TRAIN_STATE)
+    path = ckpt / TRAIN_STATE
+    iteration = state.get("iteration")
+    if not (type(iteration) is int and iteration >= 0 and iteration_dir(ckpt.parent, iteration) == ckpt):
+        raise CheckpointError(f"{path}: 'iteration' {repr(iteration)[:40]} is not the iteration of {ckpt.name}")
+    consumed = state.get("consumed_samples", 0)
+    if not (type(consumed) is int and consumed >= 0):
+        raise CheckpointError(f"{path}: 'consumed_samples' {repr(consumed)[:40]} is not a natural number")
+    if not isinstance(state.get("scheduler"), (dict, type(None))):
+        raise CheckpointError(f"{path}: 'scheduler' is a {type(state['scheduler']).__name__}, not an object or null")
+    return state
 
 
 def _compare_configs(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
