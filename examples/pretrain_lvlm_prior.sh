@@ -52,6 +52,7 @@ TRAIN_ARGS=(
   --seq-length "$SEQ_LENGTH" --train-iters "$TRAIN_ITERS"
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
   --weight-decay 0.1 --clip-grad 1.0 $PRECISION
+  --adam-beta2 0.95 --hidden-dropout 0.0 --attention-dropout 0.0 --eod-mask-loss
   --loss "$LOSS" --prior-alpha "$PRIOR_ALPHA"
   --data-path $DATA_PATH --split 990,10,0 --tokenizer-model "$TOKENIZER_MODEL" --num-workers "$NUM_WORKERS"
   --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" --save-interval 1000

@@ -33,6 +33,7 @@ fi
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS" \
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 5 --loss "$LOSS" \
+  --adam-beta2 0.95 --hidden-dropout 0.0 --attention-dropout 0.0 --eod-mask-loss \
   --data-path "$DATA_PATH" --tokenizer-model "$TOKENIZER_MODEL" --split 95,5,0 \
   --eval-interval 25 --eval-iters 2 --log-interval 5 \
   --save "$WORK/checkpoints/$MODEL-$LOSS" --load "$WORK/checkpoints/$MODEL-$LOSS" --save-interval 25

@@ -101,15 +101,16 @@ def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     virtual_pipeline_parallel: Optional[int] = None,
+    context_parallel: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 10,
 ) -> LaunchInfo:
     """Start torch.distributed and megatron-core's parallel state for this process."""
     info = launch_info()
-    if info.world_size % (tensor_parallel * pipeline_parallel) != 0:
+    if info.world_size % (tensor_parallel * pipeline_parallel * context_parallel) != 0:
         raise ValueError(
             f"world size {info.world_size} is not divisible by tensor parallel size "
-            f"{tensor_parallel} x pipeline parallel size {pipeline_parallel}"
+            f"{tensor_parallel} x pipeline parallel size {pipeline_parallel} x context parallel size {context_parallel}"
         )
     if virtual_pipeline_parallel is not None and pipeline_parallel < 2:
         raise ValueError("virtual pipeline parallelism needs a pipeline parallel size of at least 2")
@@ -130,6 +131,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        context_parallel_size=context_parallel,
     )
     seed_everything(seed)
     return info

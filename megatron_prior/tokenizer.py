@@ -169,6 +169,13 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def infer_tokenizer_type(path: str) -> str:
+    """Megatron's tokenizer type of a file: a ``tokenizer.json`` (or a folder holding one) is
+    HuggingFace's, anything else a SentencePiece model."""
+    is_hf = path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json"))
+    return "HuggingFaceTokenizer" if is_hf else "SentencePieceTokenizer"
+
+
 def load_tokenizer(
     path: str,
     tokenizer_type: Optional[str] = None,
@@ -184,8 +191,7 @@ def load_tokenizer(
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer model {path} does not exist")
     if tokenizer_type is None:
-        is_hf = path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json"))
-        tokenizer_type = "HuggingFaceTokenizer" if is_hf else "SentencePieceTokenizer"
+        tokenizer_type = infer_tokenizer_type(path)
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(path, special_pieces)
     if tokenizer_type == "HuggingFaceTokenizer":

@@ -17,7 +17,7 @@ PROG = "python -m megatron_prior.train"
 @pytest.fixture
 def base_argv(tiny_corpus) -> list:
     return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--train-iters", "2",
-            "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"]]
+            "--lr", "1e-3", "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"]]
 
 
 @pytest.fixture
@@ -114,3 +114,91 @@ def test_the_command_line_refuses_seq_length_0_without_a_traceback(base_argv):
     assert proc.returncode == 2
     assert proc.stderr == f"{PROG}: error: --seq-length must be >= 1, got 0 (--help lists the flags)\n"
     assert proc.stdout == ""
+
+
+def test_megatrons_defaults(base_argv):
+    args = parse_args(base_argv, world_size=1)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_eps) == (0.9, 0.999, 1e-8)
+    assert (args.hidden_dropout, args.attention_dropout) == (0.1, 0.1)
+    assert args.mask_eod is False  # EOD trained on unless --eod-mask-loss
+    assert parse_args([*base_argv, "--eod-mask-loss"], world_size=1).mask_eod is True
+    assert args.transformer_impl == "local" and args.attention_backend == "auto"  # no TE on this machine
+    assert (args.use_distributed_optimizer, args.sequence_parallel, args.context_parallel_size) == (False, False, 1)
+
+
+def test_lr_has_no_default(base_argv, capsys):
+    argv = [a for i, a in enumerate(base_argv) if "--lr" not in (a, base_argv[i - 1])]
+    assert "--lr is required (Megatron has no default learning rate)" in _refused(argv, capsys)
+
+
+def test_train_samples_give_whole_iterations(base_argv, capsys):
+    argv = [a for i, a in enumerate(base_argv) if "--train-iters" not in (a, base_argv[i - 1])]
+    args = parse_args([*argv, "--train-samples", "21", "--micro-batch-size", "4"], world_size=1)
+    assert (args.train_iters, args.lr_decay_iters) == (5, 5)
+    assert "give one of --train-iters and --train-samples" in _refused([*base_argv, "--train-samples", "8"], capsys)
+    assert "give one of --train-iters and --train-samples" in _refused(argv, capsys)
+    assert ("--train-samples 3 is less than one iteration of --global-batch-size 4"
+            in _refused([*argv, "--train-samples", "3", "--micro-batch-size", "4"], capsys))
+
+
+def test_bare_prefixes_are_an_equal_blend(base_argv, tiny_corpus, capsys):
+    prefix = tiny_corpus["data"]
+    args = parse_args([*base_argv, "--data-path", prefix, prefix], world_size=1)
+    assert args.data_path == [prefix, prefix]
+    assert ("--data-path: a weighted blend needs weight/prefix pairs, got 3 items"
+            in _refused([*base_argv, "--data-path", "0.5", prefix, "0.5"], capsys))
+
+
+def test_tokenizer_type_must_match_the_file(base_argv, tiny_corpus, capsys):
+    assert parse_args([*base_argv, "--tokenizer-type", "SentencePieceTokenizer"], world_size=1)
+    assert (f"--tokenizer-type HuggingFaceTokenizer: --tokenizer-model {tiny_corpus['tokenizer']} is a "
+            "SentencePieceTokenizer file" in _refused([*base_argv, "--tokenizer-type", "HuggingFaceTokenizer"], capsys))
+
+
+def test_transformer_engine_is_the_default_where_it_imports(base_argv, monkeypatch):
+    from megatron_prior.training import arguments
+
+    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
+    assert parse_args(base_argv, world_size=1).transformer_impl == "transformer_engine"
+    assert parse_args([*base_argv, "--transformer-impl", "local"], world_size=1).transformer_impl == "local"
+
+
+@pytest.mark.parametrize("flags,world,message", [
+    (["--transformer-impl", "transformer_engine"], 1,
+     "--transformer-impl transformer_engine: Transformer Engine does not import here"),
+    (["--attention-backend", "flash"], 1,
+     "--attention-backend flash is a Transformer Engine kernel: it needs --transformer-impl transformer_engine"),
+    (["--fp8-format", "hybrid", "--bf16"], 1, "--fp8-format hybrid needs --transformer-impl transformer_engine, and "
+     "Transformer Engine does not import here"),
+    (["--overlap-param-gather", "--overlap-grad-reduce"], 2, "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], 2, "--overlap-param-gather needs --overlap-grad-reduce"),
+    (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2,
+     "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's local layers use torch's "
+     "LayerNorm, which does not support sequence parallelism"),
+    (["--context-parallel-size", "2"], 2, "--context-parallel-size > 1 is not supported yet"),
+    (["--context-parallel-size", "2"], 3, "world size 3 is not divisible by --tensor-model-parallel-size 1 x "
+     "--pipeline-model-parallel-size 1 x --context-parallel-size 2"),
+    (["--recompute-granularity", "full"], 1,
+     "--recompute-granularity full needs --recompute-method (uniform or block) and --recompute-num-layers"),
+    (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3"], 1,
+     "--recompute-num-layers 3 is more than the 2 layers of a pipeline stage"),
+    (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1,
+     "--recompute-method needs --recompute-granularity full (got selective)"),
+    (["--recompute-num-layers", "1"], 1, "--recompute-num-layers needs --recompute-granularity full "
+     "(got no recomputation)"),
+])
+def test_scale_flags_are_refused_as_megatron_does(base_argv, capsys, flags, world, message):
+    with pytest.raises(SystemExit):
+        parse_args([*base_argv, *flags], world_size=world)
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_flag():
+    """``python -m megatron_prior.train --help`` says what each flag does, not only its name."""
+    from megatron_prior.training.arguments import build_parser
+
+    parser = build_parser()
+    silent = [a.option_strings[0] for a in parser._actions if not (a.help or "").strip()]
+    assert silent == []
+    assert len(parser._actions) > 60  # the parser's flags, not an empty one

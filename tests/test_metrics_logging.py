@@ -13,6 +13,7 @@ import types
 import pytest
 
 from megatron_prior.testing import run_on_ranks
+from tests.test_training import LEGACY_DEFAULTS
 from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args
 from megatron_prior.training.metrics import iteration_line
 
@@ -39,7 +40,7 @@ def test_iteration_line_has_megatrons_fields_then_ours():
 def _args(corpus: dict, *extra: str):
     return build_parser().parse_args([
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--train-iters", "2",
-        "--data-path", corpus["data"], "--tokenizer-model", corpus["tokenizer"], *extra])
+        "--lr", "1e-3", "--data-path", corpus["data"], "--tokenizer-model", corpus["tokenizer"], *extra])
 
 
 @pytest.mark.parametrize("flag,module,package", [
@@ -96,7 +97,7 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
             "--tokenizer-model", tiny_corpus["tokenizer"], "--split", "90,10,0", "--eval-iters", "1",
             "--eval-interval", "4", "--log-interval", "2", "--log-dir", out, "--tensorboard-dir", str(tmp_path / "tb"),
             "--wandb-project", "prior-test", "--wandb-exp-name", "run-1",
-            "--data-cache-path", str(tmp_path / "cache")]
+            "--data-cache-path", str(tmp_path / "cache"), *LEGACY_DEFAULTS]
     (stdout0, calls0), (stdout1, calls1) = run_on_ranks(_train_with_fake_writers, 2, argv)  # DP = 2
 
     # Only the last rank reports, as Megatron's print_rank_last.

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from megatron_prior.testing import run_on_ranks
+from tests.test_training import LEGACY_DEFAULTS
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def _argv(corpus: dict, out: Path, *extra: str, iters: int = ITERS) -> list:
             "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "1", "--loss", "prior",
             "--data-path", corpus["data"], "--tokenizer-model", corpus["tokenizer"], "--split", "90,10,0",
             "--eval-iters", "0", "--log-interval", "1", "--save", str(out),
-            "--data-cache-path", str(out / "cache"), *extra]
+            "--data-cache-path", str(out / "cache"), *LEGACY_DEFAULTS, *extra]
 
 
 def _records(out: Path) -> list:

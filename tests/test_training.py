@@ -12,6 +12,10 @@ from megatron_prior.testing import run_on_ranks
 
 pytestmark = pytest.mark.slow
 
+# The optimizer, dropout and EOD settings these tests were written with (the trainer's
+# defaults before it took Megatron-LM's): dropout 0 keeps parallel layouts comparable.
+LEGACY_DEFAULTS = ["--adam-beta2", "0.95", "--hidden-dropout", "0", "--attention-dropout", "0", "--eod-mask-loss"]
+
 MODEL_FLAGS = {
     "gpt": ["--model", "gpt", "--seq-length", "32"],
     "hlvlm": ["--model", "hlvlm", "--seq-length", "24", "--patch-size", "4", "--vit-hidden-size", "32",
@@ -25,7 +29,7 @@ def _argv(corpus: dict, arch: str, out: str, *extra: str, iters: int = 6) -> lis
             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters), "--lr", "3e-3",
             "--lr-warmup-iters", "1", "--data-path", corpus["data"], "--tokenizer-model", corpus["tokenizer"],
             "--split", "90,10,0", "--eval-iters", "0", "--log-interval", "1", "--log-dir", out,
-            "--data-cache-path", os.path.join(out, "cache"), *extra]
+            "--data-cache-path", os.path.join(out, "cache"), *LEGACY_DEFAULTS, *extra]
 
 
 def _train(argv: list) -> dict:
@@ -137,7 +141,7 @@ def test_bad_flags_stop_before_any_work(tiny_corpus, tmp_path, flags, message):
             shutil.copy(tiny_corpus["data"] + ext, prefix + ext)
         flags = [prefix if f == "@NOSCORES" else f for f in flags]
     argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--train-iters", "2",
-            "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"], *flags]
+            "--lr", "1e-3", "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"], *flags]
     with pytest.raises(ArgumentError) as err:
         validate_args(build_parser().parse_args(argv), world_size=4)
     assert message in str(err.value)

@@ -10,9 +10,9 @@ changes.
 
 Four kinds of site cannot be reached that way and get a targeted patch: the model-parallel
 RNG tracker (forks the CPU generator instead of a CUDA one), gradient clipping (asserts
-``torch.cuda.FloatTensor`` gradients; replaced by the same code checking fp32), the bf16
-optimizer's constructor (sorts parameters by ``torch.cuda.*`` type names; runs with CPU
-tensors reporting those names), and the two methods that call
+``torch.cuda.FloatTensor`` gradients; replaced by the same code checking fp32), the bf16 and
+the distributed optimizers' constructors (sort parameters by ``torch.cuda.*`` type names; run
+with CPU tensors reporting those names), and the two methods that call
 ``Tensor.cuda()`` (``CLIPViTModel.__init__`` on a buffer,
 ``LanguageModule.setup_embeddings_and_output_layer`` on tied embeddings), which run with
 ``Tensor.cuda`` as the identity.
@@ -53,6 +53,8 @@ PATCHED_MODULES: dict[str, str] = {
         "grad-norm buffers on device='cuda'; clipping asserts torch.cuda.FloatTensor grads",
     "megatron.core.optimizer.optimizer":
         "optimizer buffers on device='cuda'; the bf16 optimizer accepts only torch.cuda.* type names",
+    "megatron.core.optimizer.distrib_optimizer":
+        "shard buffers on current_device(); the distributed optimizer accepts only torch.cuda.* type names",
     "megatron.core.dist_checkpointing.strategies.filesystem_async":
         "checkpoint writers synchronize cuda before copying tensors",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver":
@@ -281,6 +283,8 @@ def _patch_module(name: str) -> None:
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
         # bf16 training: the mixed-precision optimizer sorts parameters by CUDA type names.
         _run_inside(module.Float16OptimizerWithFloat16Params, "__init__", _cpu_tensors_named_as_cuda)
+    elif name == "megatron.core.optimizer.distrib_optimizer":
+        _run_inside(module.DistributedOptimizer, "__init__", _cpu_tensors_named_as_cuda)
     elif name == "megatron.core.models.vision.clip_vit_model":
         _run_inside(module.CLIPViTModel, "__init__", _tensor_cuda_is_identity)
     elif name == "megatron.core.models.common.language_module.language_module":

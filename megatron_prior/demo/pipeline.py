@@ -183,10 +183,14 @@ def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: 
             "--micro-batch-size", str(s.global_batch_size), "--global-batch-size", str(s.global_batch_size),
             "--train-iters", str(iters), "--lr", str(s.lr if lvlm else s.reference_lr), "--min-lr", str(s.min_lr),
             "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(s.warmup_iters, iters // 5)),
+            "--adam-beta2", "0.95", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--data-path", str(DemoPaths.documents(data_prefix)), "--tokenizer-model", str(DemoPaths.tokenizer),
             "--split", "100,0,0", "--eval-iters", "0", "--log-interval", str(s.log_interval),
             "--seed", str(seed), "--save", str(save),
-            *(["--patch-size", str(s.patch_size)] if lvlm else []), *extra]
+            *(["--patch-size", str(s.patch_size)] if lvlm else []),
+            # The LVLMs leave EOD out of the loss; the reference trains on it: it must also learn
+            # how captions start.
+            *(["--eod-mask-loss"] if lvlm else []), *extra]
 
 
 def build_steps(s: DemoSettings, report_fn) -> list[Step]:
@@ -206,8 +210,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
              deps=["tokenizer"]),
         Step("reference", "train the text-only reference LM (GPT, NTP)", [L.reference / "summary.json"],
              _train("gpt", L.reference, L.unigram_prefix, s.data_seed, s.reference_iters, s,
-                    # --no-mask-eod: the reference must also learn how captions start.
-                    ["--loss", "ntp", "--log-interval", "50", "--no-mask-eod"]),
+                    ["--loss", "ntp", "--log-interval", "50"]),
              deps=["text_data"], clean=[L.reference]),
     ]
     for split in ("train", "heldout"):

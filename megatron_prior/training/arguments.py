@@ -14,8 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megatron.core.transformer.enums import AttnBackend
+
+from megatron_prior.compat import have_transformer_engine
 from megatron_prior.loss import LOSSES
 from megatron_prior.models.config import ARCHITECTURES, PRESETS
+from megatron_prior.tokenizer import TOKENIZER_TYPES, infer_tokenizer_type, load_tokenizer
 
 
 class ArgumentError(ValueError):
@@ -65,12 +69,14 @@ DOMAINS: dict[str, Domain] = {
                      "max_position_embeddings", "patch_size", "vit_num_layers", "vit_hidden_size",
                      "vit_num_attention_heads", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "num_layers_per_virtual_pipeline_stage", "micro_batch_size", "global_batch_size",
-                     "seq_length", "train_iters", "lr_decay_iters", "save_interval", "eval_interval",
-                     "log_interval", "exit_interval"], AT_LEAST_1),
+                     "seq_length", "train_iters", "train_samples", "lr_decay_iters", "save_interval",
+                     "eval_interval", "log_interval", "exit_interval", "context_parallel_size",
+                     "recompute_num_layers"], AT_LEAST_1),
     **dict.fromkeys(["lr_warmup_iters", "eval_iters", "num_workers"], NON_NEGATIVE),
     **dict.fromkeys(["lr", "min_lr", "weight_decay", "clip_grad", "prior_alpha"], NON_NEGATIVE),
     **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], FRACTION),
     "init_method_std": POSITIVE,
+    "adam_eps": POSITIVE,
     "exit_duration_in_mins": POSITIVE,  # 0 makes every weight matrix zero: no symmetry to break
     "seed": Domain(low=0, high=2 ** 32 - 1),  # numpy's RandomState (megatron-core's datasets)
 }
@@ -113,68 +119,112 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", choices=ARCHITECTURES, default="gpt", help="architecture")
     g.add_argument("--model-size", choices=sorted(PRESETS), default=None,
                    help="size preset (num layers / hidden / heads); explicit flags override it")
-    g.add_argument("--num-layers", type=int, default=None)
-    g.add_argument("--hidden-size", type=int, default=None)
-    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--num-layers", type=int, default=None, help="transformer layers of the language model")
+    g.add_argument("--hidden-size", type=int, default=None, help="width of the language model")
+    g.add_argument("--num-attention-heads", type=int, default=None,
+                   help="attention heads of the language model (must divide --hidden-size)")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="default: the model's sequence length (text + image positions)")
-    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope",
+                   help="rotary or learned absolute positions (the U-LVLM needs rope)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate input embedding and output layer weights (default: shared)")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
+                   help="normalisation layers of the language model")
     g.add_argument("--patch-size", type=int, default=8, help="image patch side (ViT and U-LVLM)")
-    g.add_argument("--vit-num-layers", type=int, default=2)
-    g.add_argument("--vit-hidden-size", type=int, default=64)
-    g.add_argument("--vit-num-attention-heads", type=int, default=4)
+    g.add_argument("--vit-num-layers", type=int, default=2, help="H-LVLM: transformer layers of the ViT")
+    g.add_argument("--vit-hidden-size", type=int, default=64, help="H-LVLM: width of the ViT")
+    g.add_argument("--vit-num-attention-heads", type=int, default=4, help="H-LVLM: attention heads of the ViT")
     g.add_argument("--vit-load", default=None, help="H-LVLM: load the vision encoder from this checkpoint")
     g.add_argument("--freeze-vit", action="store_true", help="H-LVLM: do not train the vision encoder")
     g.add_argument("--freeze-lm", action="store_true", help="H-LVLM: do not train the language model")
 
     g = p.add_argument_group("parallelism and precision")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="ranks each layer's matrices are split over (Megatron tensor parallelism)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages the layers are split into (must divide --num-layers)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline: layers per virtual stage, each rank holding several (GPT only)")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute (fp32 main grads)")
     g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
                    help="FP8 through Transformer Engine's layer spec (Hopper GPUs with TE installed)")
     g.add_argument("--fused-linear-ce", action="store_true",
                    help="output layer + weighted cross-entropy chunk by chunk, never materialising logits")
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
+                   help="layer implementation: Transformer Engine's fused layers or megatron-core's local ones "
+                        "(default: transformer_engine where it imports, else local)")
+    g.add_argument("--attention-backend", choices=[b.name for b in AttnBackend], default="auto",
+                   help="attention kernel (megatron-core's AttnBackend); flash, fused and unfused are Transformer "
+                        "Engine's, local is megatron-core's own (needs --transformer-impl local)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state (fp32 main params, Adam moments) over data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets during the backward pass instead of after it")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="gather the updated parameters during the next forward pass (needs "
+                        "--use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split layer norms, dropout and the activations between them along the sequence over "
+                        "tensor-parallel ranks (needs --tensor-model-parallel-size > 1)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split every sequence over this many ranks (attention through Transformer Engine)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recomputation: full recomputes whole transformer layers (with "
+                        "--recompute-method and --recompute-num-layers), selective only core attention")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: uniform recomputes groups of --recompute-num-layers "
+                        "layers, block the first --recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per recomputed group (uniform) or recomputed layers per stage (block)")
 
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward/backward pass on one rank")
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
     g.add_argument("--seq-length", type=int, default=128, help="text tokens per sample")
-    g.add_argument("--train-iters", type=int, required=False, default=None)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--train-iters", type=int, required=False, default=None,
+                   help="iterations to train (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples to train: --train-samples // --global-batch-size iterations (or --train-iters)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
-                   default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+                   default="cosine", help="learning-rate decay from --lr to --min-lr over --lr-decay-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="iterations of linear warm-up from 0")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam's first-moment decay")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam's second-moment decay")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0: no clipping)")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="standard deviation of the initial weights (output projections: / sqrt(2 x layers))")
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout after attention and MLP")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on the attention probabilities")
+    g.add_argument("--seed", type=int, default=1234, help="initial weights, data order and dropout")
 
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSSES, default="ntp",
                    help="ntp: plain next-token prediction; prior: weights from the reference log-probs")
     g.add_argument("--prior-alpha", type=float, default=1.0, help="w = (1 - p_ref) ** alpha (paper: 1; > 2 hurts)")
-    g.add_argument("--no-mask-eod", dest="mask_eod", action="store_false",
-                   help="train on the end-of-document token too")
+    g.add_argument("--eod-mask-loss", dest="mask_eod", action="store_true",
+                   help="leave the end-of-document token out of the loss (default: trained on, as Megatron)")
     g.add_argument("--check-loss-inputs", action="store_true",
                    help="debugging: check label ids, loss mask, token kinds and PRIOR weights inside the loss "
                         "on every micro-batch (a device sync each; the data are checked when loaded anyway)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
-                   help="token prefixes, optionally weighted: 'P1' or '0.7 P1 0.3 P2' (Megatron blend)")
+                   help="token prefixes, optionally weighted (a Megatron blend): 'P1', 'P1 P2' (equal weights) "
+                        "or '0.7 P1 0.3 P2'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model (tools/train_tokenizer.py)")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model (tools/train_tokenizer.py) or HuggingFace tokenizer.json")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="default: from --tokenizer-model's name (tokenizer.json or a folder holding one: "
+                        "HuggingFaceTokenizer, else SentencePieceTokenizer)")
     g.add_argument("--data-cache-path", default=None, help="where megatron-core caches dataset indices")
     g.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes per rank that read and pack batches ahead of the "
@@ -183,12 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from this directory (latest checkpoint)")
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save a checkpoint every this many iterations (and at the end)")
+    g.add_argument("--eval-interval", type=int, default=100,
+                   help="evaluate on the validation split every this many iterations (and at the end)")
     g.add_argument("--eval-iters", type=int, default=10, help="0 turns evaluation off")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="print the iteration line and log metrics every this many iterations")
     g.add_argument("--log-dir", default=None, help="metrics.jsonl and summary.json (default: --save)")
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-dir", default=None, help="also log every scalar to TensorBoard in this directory")
     g.add_argument("--wandb-project", default=None,
                    help="also log every scalar to Weights & Biases, in this project (needs `pip install wandb`)")
     g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (default: W&B picks one)")
@@ -203,13 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_number(item: str) -> bool:
+    try:
+        float(item)
+    except ValueError:
+        return False
+    return True
+
+
 def _blend_prefixes(data_path: Sequence[str]) -> list[str]:
-    """The prefixes of a Megatron blend: 'P' or 'w1 P1 w2 P2 ...'."""
+    """The prefixes of a Megatron blend: 'P1 P2 ...' (equal weights) or 'w1 P1 w2 P2 ...'
+    (megatron-core's get_blend_from_list reads both; weights are told apart by parsing)."""
     items = list(data_path)
-    if len(items) == 1:
+    if not _is_number(items[0]):
         return items
     if len(items) % 2:
-        raise ArgumentError(f"--data-path: a blend needs weight/prefix pairs, got {len(items)} items")
+        raise ArgumentError(f"--data-path: a weighted blend needs weight/prefix pairs, got {len(items)} items")
     prefixes = []
     for weight, prefix in zip(items[0::2], items[1::2]):
         try:
@@ -221,9 +283,12 @@ def _blend_prefixes(data_path: Sequence[str]) -> list[str]:
     return prefixes
 
 
-def _check_tokenizer(path: str) -> None:
-    from megatron_prior.tokenizer import load_tokenizer
-
+def _check_tokenizer(path: str, tokenizer_type: Optional[str]) -> None:
+    if tokenizer_type is not None:
+        inferred = infer_tokenizer_type(path)
+        if inferred != tokenizer_type:
+            raise ArgumentError(f"--tokenizer-type {tokenizer_type}: --tokenizer-model {path} is a {inferred} file "
+                                "(a HuggingFaceTokenizer is a tokenizer.json or a folder holding one)")
     try:
         load_tokenizer(path)
     # SentencePiece raises RuntimeError for a file it cannot parse, HuggingFace's tokenizers
@@ -241,6 +306,68 @@ def world_size_from_env() -> int:
     return 1
 
 
+def _check_transformer_impl(args: argparse.Namespace) -> None:
+    te = have_transformer_engine()
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if te else "local"
+    elif args.transformer_impl == "transformer_engine" and not te:
+        raise ArgumentError("--transformer-impl transformer_engine: Transformer Engine does not import here "
+                            "(pip install transformer_engine, or the NGC PyTorch image of the Dockerfile); "
+                            "--transformer-impl local runs megatron-core's own layers")
+    local = args.transformer_impl == "local"
+    if local and args.attention_backend not in ("auto", "local"):
+        raise ArgumentError(f"--attention-backend {args.attention_backend} is a Transformer Engine kernel: it needs "
+                            "--transformer-impl transformer_engine")
+    if not local and args.attention_backend == "local":
+        raise ArgumentError("--attention-backend local is only supported with --transformer-impl local")
+    if args.fp8_format is not None:
+        if local:
+            raise ArgumentError(f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine"
+                                + ("" if te else ", and Transformer Engine does not import here (FP8 runs on "
+                                   "Hopper GPUs with TE, e.g. the NGC image of the Dockerfile)"))
+        if not args.bf16:
+            raise ArgumentError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 parameters)")
+
+
+def _check_scale_features(args: argparse.Namespace) -> None:
+    """Megatron-LM's rules for the distributed optimizer, overlaps, SP, CP and recomputation,
+    refused here instead of megatron-core asserting after the model is built."""
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ArgumentError("--overlap-param-gather needs --overlap-grad-reduce")
+    local = args.transformer_impl == "local"
+    if args.sequence_parallel:
+        if args.tensor_model_parallel_size == 1:
+            raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits what "
+                                "tensor parallelism leaves replicated)")
+        if local:
+            # megatron-core's local spec norms with torch's LayerNorm (apex's fused one only with
+            # CUDA), which asserts it does not support sequence parallelism.
+            raise ArgumentError("--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's "
+                                "local layers use torch's LayerNorm, which does not support sequence parallelism")
+    if args.context_parallel_size > 1:
+        # megatron-core's local attention asserts CP == 1; with TE the forward step would also
+        # have to cut each batch into this rank's sequence chunks (get_batch_on_this_cp_rank).
+        raise ArgumentError("--context-parallel-size > 1 is not supported yet: the batches are not split over "
+                            "context-parallel ranks (and megatron-core's local attention, "
+                            "--transformer-impl local, does not support it at all)")
+    if args.recompute_granularity == "full":
+        if args.recompute_method is None or args.recompute_num_layers is None:
+            raise ArgumentError("--recompute-granularity full needs --recompute-method (uniform or block) and "
+                                "--recompute-num-layers")
+        per_stage = args.num_layers // args.pipeline_model_parallel_size
+        if args.recompute_num_layers > per_stage:
+            raise ArgumentError(f"--recompute-num-layers {args.recompute_num_layers} is more than the {per_stage} "
+                                "layers of a pipeline stage")
+    else:
+        for flag, value in (("--recompute-method", args.recompute_method),
+                            ("--recompute-num-layers", args.recompute_num_layers)):
+            if value is not None:
+                raise ArgumentError(f"{flag} needs --recompute-granularity full "
+                                    f"(got {args.recompute_granularity or 'no recomputation'})")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Fill defaults that depend on other flags and refuse bad combinations."""
     world_size = world_size or world_size_from_env()
@@ -252,19 +379,22 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                if getattr(args, k) is None]
     if missing:
         raise ArgumentError(f"{', '.join(missing)} not set: give them or a --model-size preset")
-    if args.train_iters is None:
-        raise ArgumentError("--train-iters is required")
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ArgumentError("give one of --train-iters and --train-samples")
+    if args.lr is None:
+        raise ArgumentError("--lr is required (Megatron has no default learning rate)")
     _check_domains(args)
     if split_shares(args.split)[1] == 0 and args.eval_iters > 0:
         raise ArgumentError(f"--split {args.split!r} leaves no validation data for --eval-iters {args.eval_iters}: "
                             "give it a validation share or pass --eval-iters 0")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world_size % (tp * pp * cp):
         raise ArgumentError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
-                            f"x --pipeline-model-parallel-size {pp}")
-    args.data_parallel_size = world_size // (tp * pp)
+                            f"x --pipeline-model-parallel-size {pp}"
+                            + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
+    args.data_parallel_size = world_size // (tp * pp * cp)
     if args.num_attention_heads % tp:
         raise ArgumentError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
                             f"--tensor-model-parallel-size {tp}")
@@ -295,14 +425,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                             f"--micro-batch-size {args.micro_batch_size} x data parallel size "
                             f"{args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-    if args.fp8_format is not None:
-        from megatron_prior.compat import have_transformer_engine
-
-        if not have_transformer_engine():
-            raise ArgumentError(f"--fp8-format {args.fp8_format} needs Transformer Engine, which does not "
-                                "import here (FP8 runs on Hopper GPUs with TE, e.g. the NGC image of the Dockerfile)")
-        if not args.bf16:
-            raise ArgumentError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 parameters)")
+    if args.train_samples is not None:
+        # Megatron-LM without batch-size ramp-up: whole iterations only.
+        args.train_iters = args.train_samples // args.global_batch_size
+        if args.train_iters == 0:
+            raise ArgumentError(f"--train-samples {args.train_samples} is less than one iteration of "
+                                f"--global-batch-size {args.global_batch_size}")
+    _check_transformer_impl(args)
+    _check_scale_features(args)
     if args.freeze_vit and args.model != "hlvlm":
         raise ArgumentError("--freeze-vit applies to --model hlvlm only")
     if args.data_path is None:
@@ -311,7 +441,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--tokenizer-model is required")
     if not os.path.exists(args.tokenizer_model):
         raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file")
-    _check_tokenizer(args.tokenizer_model)
+    _check_tokenizer(args.tokenizer_model, args.tokenizer_type)
     for prefix in _blend_prefixes(args.data_path):
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):

@@ -10,6 +10,7 @@ so results do not depend on micro-batching or the data-parallel size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module
 
 from megatron_prior import parallel
@@ -106,11 +108,17 @@ class Trainer:
     def build(cls, args: argparse.Namespace) -> "Trainer":
         data = build_training_data(args)
         model_config = model_config_from_args(args, data.tokenizer, data.image_size)
-        use_te = args.fp8_format is not None
+        use_te = args.transformer_impl == "transformer_engine"
         overrides = dict(
             init_method_std=args.init_method_std,
             hidden_dropout=args.hidden_dropout,
             attention_dropout=args.attention_dropout,
+            attention_backend=AttnBackend[args.attention_backend],
+            sequence_parallel=args.sequence_parallel,
+            context_parallel_size=args.context_parallel_size,
+            recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers,
         )
         if use_te:
             overrides.update(fp8=args.fp8_format, fp8_param=False)
@@ -142,20 +150,28 @@ class Trainer:
             # stage and outputs back to fp32 on the last (main grads and optimizer stay fp32).
             chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
         config = chunks[0].config
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=False)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather, use_distributed_optimizer=args.use_distributed_optimizer)
         model = [
             DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
             for i, chunk in enumerate(chunks)
         ]
+        # As Megatron-LM's training.setup_model_and_optimizer: with the overlaps the schedule
+        # starts each chunk's grad reduce (and param gather) itself, so all chunks finish together.
+        one = (lambda fns: fns if len(fns) > 1 else fns[0])
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        config.no_sync_func = one([m.no_sync for m in model])
+        if args.overlap_grad_reduce:
+            config.grad_sync_func = one([m.start_grad_sync for m in model])
+        if args.overlap_param_gather:
+            config.param_sync_func = one([m.start_param_sync for m in model])
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
-                bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                use_distributed_optimizer=False,
+                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                use_distributed_optimizer=args.use_distributed_optimizer,
             ),
             model,
         )
@@ -216,25 +232,43 @@ class Trainer:
         self.consumed_samples += self.args.global_batch_size
         return logs, float(grad_norm) if grad_norm is not None else float("nan")
 
+    @contextlib.contextmanager
+    def _parameters_gathered(self) -> Iterator[None]:
+        """With --overlap-param-gather the updated parameters arrive during the next training
+        forward pass; evaluation and checkpoints need them now (Megatron-LM's
+        disable_forward_pre_hook around both)."""
+        if not self.args.overlap_param_gather:
+            yield
+            return
+        for m in self.model:
+            m.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            for m in self.model:
+                m.enable_forward_pre_hook()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         for m in self.model:
             m.eval()
         totals: dict = {}
-        for i in range(self.args.eval_iters):
-            logs = self._run_schedule(self.data.valid_batches(i * self.args.global_batch_size), forward_only=True)
-            for key, (s, c) in logs.items():
-                a, b = totals.get(key, (0.0, 0.0))
-                totals[key] = (a + s, b + c)
+        with self._parameters_gathered():
+            for i in range(self.args.eval_iters):
+                logs = self._run_schedule(self.data.valid_batches(i * self.args.global_batch_size), forward_only=True)
+                for key, (s, c) in logs.items():
+                    a, b = totals.get(key, (0.0, 0.0))
+                    totals[key] = (a + s, b + c)
         for m in self.model:
             m.train()
         return totals
 
     def save(self) -> None:
-        checkpointing.save_checkpoint(
-            self.args.save, self.iteration, self.model, self.model_config, self.optimizer, self.scheduler,
-            extra=dict(consumed_samples=self.consumed_samples, args=vars(self.args)),
-        )
+        with self._parameters_gathered():
+            checkpointing.save_checkpoint(
+                self.args.save, self.iteration, self.model, self.model_config, self.optimizer, self.scheduler,
+                extra=dict(consumed_samples=self.consumed_samples, args=vars(self.args)),
+            )
 
     # --- the loop ---------------------------------------------------------------------
     def train(self, early_exit: Optional[EarlyExit] = None) -> Optional[dict]:
@@ -306,6 +340,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
             tensor_parallel=args.tensor_model_parallel_size,
             pipeline_parallel=args.pipeline_model_parallel_size,
             virtual_pipeline_parallel=args.virtual_pipeline_model_parallel_size,
+            context_parallel=args.context_parallel_size,
             seed=args.seed,
         )
         try:
