@@ -176,6 +176,8 @@ def test_transformer_engine_is_the_default_where_it_imports(base_argv, monkeypat
     (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2,
      "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's local layers use torch's "
      "LayerNorm, which does not support sequence parallelism"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--model", "ulvlm"], 2,
+     "--sequence-parallel is supported for --model gpt only (--model ulvlm does not split its image + text sequence)"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size > 1 is not supported yet"),
     (["--context-parallel-size", "2"], 3, "world size 3 is not divisible by --tensor-model-parallel-size 1 x "
      "--pipeline-model-parallel-size 1 x --context-parallel-size 2"),
