@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from megatron_prior.checkpoint import checkpoint_dir, checkpoint_hash
+from megatron_prior.models.arch import get_arch
 from megatron_prior.models.pretrained import load_inference_model
 from megatron_prior.tokenizer import Tokenizer
 
@@ -138,7 +139,7 @@ def load_reference(reference_type: str, load_dir: Optional[str], tokenizer: Toke
 
     A ``gpt`` reference is a text-only checkpoint of this package, checked against the tokenizer
     before anything is scored; it needs megatron's parallel state initialised (the caller owns
-    the process group). ``window`` defaults to the model's ``max_position_embeddings``.
+    the process group). ``window`` defaults to the model's ``seq_length`` (what it was trained on).
     """
     if reference_type == "unigram":
         return UnigramScorer(tokenizer.vocab_size), {"type": "unigram"}
@@ -146,15 +147,16 @@ def load_reference(reference_type: str, load_dir: Optional[str], tokenizer: Toke
         raise ValueError(f"--reference-type {reference_type!r}: expected gpt or unigram")
     model, cfg = load_inference_model(load_dir)
     where = str(checkpoint_dir(load_dir))
-    if cfg.arch != "gpt":
-        raise ValueError(f"--reference-load {where}: a {cfg.arch} checkpoint, the reference must be a text-only gpt")
+    if get_arch(cfg.arch).needs_images:
+        raise ValueError(f"--reference-load {where}: a {cfg.arch} checkpoint, the reference must be a text-only "
+                         "language model")
     if cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"--reference-load {where}: vocabulary of {cfg.vocab_size} tokens, smaller than the "
                          f"tokenizer's {tokenizer.vocab_size}")
     if cfg.tokenizer_fingerprint and cfg.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ValueError(f"--reference-load {where}: trained with tokenizer {cfg.tokenizer_fingerprint}, "
                          f"not {tokenizer.fingerprint} (--tokenizer-model)")
-    window = window or cfg.max_position_embeddings
+    window = window or cfg.seq_length
     scorer = GPTScorer(model, tokenizer.eod, window, max(max_batch_tokens, window))
     reference = {"type": "gpt", "path": os.path.abspath(load_dir), "checkpoint": where,
                  "checkpoint_sha256": checkpoint_hash(load_dir), "window": window,

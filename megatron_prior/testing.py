@@ -13,9 +13,18 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import subprocess
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from megatron_prior import parallel
+from megatron_prior.models.init import initialize_weights, parameter_shards
 
 _CHILD_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -38,16 +47,12 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: 
     )
     # One intra-op thread per rank: ranks share the machine's cores, and oversubscription
     # makes gloo collectives time out on small machines.
-    import torch
-
     torch.set_num_threads(1)
     try:
         results.put((rank, True, fn(*args)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
-        from megatron_prior import parallel
-
         parallel.destroy()
 
 
@@ -92,16 +97,12 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
 
 def assign_global_weights(model, seed: int = 0) -> None:
     """Layout-independent weights (megatron_prior.models.init), so TP/PP layouts compare."""
-    from megatron_prior.models.init import initialize_weights
-
     initialize_weights(model, seed, std=0.05, num_layers=1)
 
 
 def local_gradients(model) -> list:
     """``(key, index, global shape, grad as float64 numpy)`` for every parameter shard
     (DDP's ``main_grad`` where present)."""
-    from megatron_prior.models.init import parameter_shards
-
     out = []
     for key, index, shape, param in parameter_shards(model):
         grad = getattr(param, "main_grad", None)
@@ -113,8 +114,6 @@ def local_gradients(model) -> list:
 
 def assemble_global(shards: list) -> dict:
     """Put ``local_gradients`` entries (from one or more ranks) back into global arrays."""
-    import numpy as np
-
     full: dict = {}
     for key, index, shape, values in shards:
         target = full.setdefault(key, np.zeros(shape))
@@ -128,10 +127,6 @@ def make_caption_corpus(root: str, num_train: int = 400, image_size: int = 16, v
                         seed: int = 3) -> dict:
     """Generator -> tokenizer -> preprocessing (unigram scores, kinds, images), through the real
     command-line tools. Returns ``{"dir", "tokenizer", "data"}`` (data: the token prefix)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     tools = Path(__file__).resolve().parent.parent / "tools"
     steps = [
         ["-m", "megatron_prior.demo.generator", "--output-dir", "gen", "--num-train", str(num_train),

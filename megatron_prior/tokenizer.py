@@ -137,6 +137,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def __init__(self, path: str, special_pieces: Optional[Mapping[str, str]] = None) -> None:
         try:
+            # Optional dependency: only HuggingFace tokenizer.json files need it.
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError as err:
             raise ImportError(

@@ -9,9 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from typing import Optional, Sequence
 
-from megatron_prior.training.arguments import parse_args
+# megatron-core warns on import that Transformer Engine and Apex are missing; the CPU path and
+# megatron-core's local layer specs use neither (FP8 checks for TE itself).
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+
+from megatron_prior.checkpoint import CheckpointError  # noqa: E402
+from megatron_prior.parallel import launch_info  # noqa: E402
+from megatron_prior.training.arguments import parse_args  # noqa: E402
+from megatron_prior.training.loop import run  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -19,16 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     # megatron-core is chatty about optional accelerators it falls back from.
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
-    from megatron_prior.checkpoint import CheckpointError
-    from megatron_prior.training.loop import run
-
     try:
         summary = run(args)
     except CheckpointError as err:
         # A refused --load / --vit-load checkpoint is bad input: one line, as a bad flag is.
         raise SystemExit(f"python -m megatron_prior.train: error: {err}") from None
-    from megatron_prior.parallel import launch_info
-
     info = launch_info()
     if summary and info.rank == info.world_size - 1:  # the rank that wrote summary.json
         logging.getLogger("megatron_prior.train").info("summary: %s", json.dumps(
@@ -37,8 +40,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     main(sys.argv[1:])
     sys.exit(0)

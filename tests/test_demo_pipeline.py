@@ -35,11 +35,11 @@ def test_results_json_schema(demo):
     for r in results["runs"]:
         assert r["seed"] == 1 and r["iterations"] == pipeline.QUICK.train_iters
         m = r["metrics"]
-        for key in ("heldout_loss_grounded", "heldout_loss_template", "heldout_loss_unrelated", "probe_accuracy",
+        for key in ("heldout_ce_grounded", "heldout_ce_template", "heldout_ce_unrelated", "probe_accuracy",
                     "probe_accuracy_random", "probe_accuracy_popular", "probe_accuracy_adversarial"):
             assert _is_number(m[key]), key
         assert 0.0 <= m["probe_accuracy"] <= 1.0
-        assert all(v > 0 for k, v in m.items() if k.startswith("heldout_loss"))
+        assert all(v > 0 for k, v in m.items() if k.startswith("heldout_ce"))
     assert {p["arch"] for p in results["paired"]} == {"ulvlm", "hlvlm"}
     baseline = results["probe_text_prior_baseline"]
     assert set(baseline) == {"random", "popular", "adversarial", "all"}

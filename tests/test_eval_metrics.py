@@ -10,7 +10,7 @@ import torch
 
 from megatron_prior.data.kinds import KIND_IDS, KIND_NAMES
 from megatron_prior.eval.auc import average_ranks, kind_separation_auc, roc_auc
-from megatron_prior.eval.kind_losses import heldout_loss_by_kind, kind_loss_sums, kind_mean_losses
+from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
 from megatron_prior.eval.stats import paired_differences, spread
 
 G, T, U, O = (KIND_IDS[k] for k in ("grounded", "template", "unrelated", "other"))
@@ -20,7 +20,7 @@ def test_loss_by_kind_by_hand():
     ce = torch.tensor([[1.0, 2.0, 3.0, float("nan")], [4.0, 0.5, 0.25, 9.0]])
     kinds = torch.tensor([[G, T, G, U], [T, T, G, O]], dtype=torch.uint8)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.float32)  # NaN sits under the mask
-    got = heldout_loss_by_kind(ce, kinds, mask)
+    got = kind_mean_losses(kind_loss_sums(ce, kinds, mask))
     assert got == pytest.approx({"grounded": (1 + 3 + 0.25) / 3, "template": (2 + 4 + 0.5) / 3}, abs=1e-12)
     assert "unrelated" not in got and "other" not in got
 

@@ -5,14 +5,13 @@ scores about 0.5."""
 import json
 import random
 import re
-import zlib
 
 import pytest
 
 from megatron_prior.data.records import BadRecord
 from megatron_prior.demo import generator
-from megatron_prior.eval.probe import (PROBE_SPLITS, ProbeItem, accuracy_by_split, load_probe_items,
-                                       outcomes, probe_accuracy, probe_accuracy_batched)
+from megatron_prior.eval.probe import (PROBE_SPLITS, ProbeItem, accuracy_by_split, load_probe_items, outcomes,
+                                       probe_accuracy)
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +53,6 @@ def test_random_scores_give_about_half():
     assert all(abs(v - 0.5) < 0.05 for v in acc.values()), acc
 
 
-def test_batched_equals_unbatched(data):
-    out, summary = data
-    items = load_probe_items(out / "probe.jsonl")
-    reader = _perfect_reader(out, summary)
-    noisy = lambda image, caption: reader(image, caption) * 0.1 + (zlib.crc32(caption.encode()) % 97) / 97  # noqa: E731
-    calls = []
-
-    def batch_fn(images, captions):
-        calls.append(len(captions))
-        return [noisy(i, c) for i, c in zip(images, captions)]
-
-    assert probe_accuracy_batched(batch_fn, items, batch_size=64) == probe_accuracy(noisy, items)
-    assert calls == [128] * 9 + [2 * (600 - 9 * 64)]
-
-
 def test_outcomes_and_ties_by_hand():
     assert outcomes([1.0, 0.0, -2.0, float("-inf")], [0.0, 1.0, -2.0, float("-inf")]).tolist() == [1.0, 0.0, 0.5, 0.5]
     assert accuracy_by_split([1.0, 0.0, 0.5, 1.0], ["random", "random", "popular", "adversarial"]) == {
@@ -79,10 +63,6 @@ def test_bad_scores_are_refused():
     items = [ProbeItem("a", "x.png", "p", "n", "random"), ProbeItem("b", "x.png", "p2", "n2", "random")]
     with pytest.raises(ValueError, match="NaN for item b"):
         probe_accuracy(lambda image, caption: float("nan") if caption == "n2" else 0.0, items)
-    with pytest.raises(ValueError, match="returned 1 scores for 4 captions"):
-        probe_accuracy_batched(lambda images, captions: [0.0], items)
-    with pytest.raises(ValueError, match="batch_size"):
-        probe_accuracy_batched(lambda images, captions: [], items, batch_size=0)
 
 
 @pytest.mark.parametrize("record,message", [

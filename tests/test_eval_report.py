@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from megatron_prior.files import atomic_write_json, atomic_write_text, atomic_write_with
-from megatron_prior.eval.report import CaptionWeights, RunResult, write_report
+from megatron_prior.eval.report import CaptionWeights, write_report
+from megatron_prior.results import RunResult
 
-METRICS = ("heldout_loss_grounded", "heldout_loss_template", "heldout_loss_unrelated", "probe_accuracy")
+METRICS = ("heldout_ce_grounded", "heldout_ce_template", "heldout_ce_unrelated", "probe_accuracy")
 
 
 def _metrics_jsonl(path: Path, loss: str, seed: int) -> Path:
@@ -20,8 +21,8 @@ def _metrics_jsonl(path: Path, loss: str, seed: int) -> Path:
     for it in range(10, 210, 10):
         g = 3 * math.exp(-it / (100 if loss == "ntp" else 70)) + 0.3 + 0.01 * seed
         t = 2 * math.exp(-it / 50) + 0.1
-        rows.append({"iteration": it, "lm_loss": g, "ntp_loss": (g + t) / 2, "loss_grounded": g, "loss_template": t,
-                     "tokens_per_s": 1e4, "lr": 1e-3, "grad_norm": 1.0})
+        rows.append({"iteration": it, "weighted_ce": g, "ce": (g + t) / 2, "ce_grounded": g, "ce_template": t,
+                     "positions_per_s": 1e4, "lr": 1e-3, "grad_norm": 1.0})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -32,11 +33,14 @@ def _runs(tmp_path: Path, seeds=(1, 2, 3), logs=True) -> list[RunResult]:
         for loss, alpha in (("ntp", None), ("prior", 1.0)):
             for seed in seeds:
                 base = 0.6 if loss == "ntp" else 0.5
-                metrics = {"heldout_loss_grounded": base + 0.01 * seed, "heldout_loss_template": 0.1,
-                           "heldout_loss_unrelated": 3.0, "probe_accuracy": 1.0 - base + 0.001 * seed,
+                metrics = {"heldout_ce_grounded": base + 0.01 * seed, "heldout_ce_template": 0.1,
+                           "heldout_ce_unrelated": 3.0, "probe_accuracy": 1.0 - base + 0.001 * seed,
                            "probe_accuracy_popular": 0.4}
                 log = _metrics_jsonl(tmp_path / f"{arch}-{loss}-{seed}.jsonl", loss, seed) if logs else None
-                runs.append(RunResult(arch, loss, seed, metrics, prior_alpha=alpha, metrics_jsonl=log))
+                runs.append(RunResult(name=f"{arch}_{loss}_seed{seed}", arch=arch, loss=loss, seed=seed,
+                                      prior_alpha=alpha, iterations=200, parameters=1000, flops=1e12,
+                                      loss_tokens=64000, heldout=metrics, run_dir=tmp_path / "runs" / arch,
+                                      metrics_jsonl=log))
     return runs
 
 
@@ -64,10 +68,11 @@ def test_report_files_exist_and_parse(tmp_path):
         assert all(isinstance(run["metrics"][m], float) for m in METRICS)
     ntp = next(s for s in doc["summary"] if (s["arch"], s["loss"]) == ("ulvlm", "ntp"))
     assert ntp["seeds"] == [1, 2, 3]
-    assert ntp["metrics"]["heldout_loss_grounded"]["mean"] == pytest.approx(0.62)
-    assert ntp["metrics"]["heldout_loss_grounded"]["sd"] == pytest.approx(0.01)
+    assert ntp["metrics"]["heldout_ce_grounded"]["mean"] == pytest.approx(0.62)
+    assert ntp["metrics"]["heldout_ce_grounded"]["sd"] == pytest.approx(0.01)
     (paired,) = [p for p in doc["paired"] if p["arch"] == "hlvlm"]
-    assert paired["prior_minus_ntp"]["heldout_loss_grounded"] == pytest.approx({"mean": -0.1, "sd": 0.0, "n": 3})
+    assert paired["prior_minus_ntp"]["heldout_ce_grounded"] == pytest.approx({"mean": -0.1, "sd": 0.0, "n": 3})
+    assert doc["runs"][0]["run_dir"] == "../runs/ulvlm" and doc["runs"][0]["loss_tokens"] == 64000
     assert paired["prior_minus_ntp"]["probe_accuracy"]["mean"] == pytest.approx(0.1)
 
     md = (out / "results.md").read_text()
@@ -93,8 +98,8 @@ def test_single_seed_without_logs_or_captions(tmp_path):
 @pytest.mark.parametrize("change,message", [
     (lambda r: setattr(r[0], "arch", "vit"), "arch must be one of"),
     (lambda r: setattr(r[0], "loss", "rho1"), "loss must be one of"),
-    (lambda r: r[0].metrics.pop("probe_accuracy"), "lack probe_accuracy"),
-    (lambda r: r[0].metrics.update(probe_accuracy=float("nan")), "finite"),
+    (lambda r: r[0].heldout.pop("probe_accuracy"), "lack probe_accuracy"),
+    (lambda r: r[0].heldout.update(probe_accuracy=float("nan")), "finite"),
     (lambda r: setattr(r[0], "prior_alpha", 1.0), "prior_alpha"),
     (lambda r: r.append(r[0]), "repeat"),
     (lambda r: setattr(r[0], "metrics_jsonl", None), "every run or none"),

@@ -41,13 +41,13 @@ def test_sums_counts_and_logs(name):
     weights = mask if name == "ntp" else m * mask
     np.testing.assert_allclose(loss_sum_value, float((ce64 * weights).sum()), rtol=1e-6)
     assert num_tokens.dtype == torch.int32 and num_tokens.dim() == 0 and int(num_tokens) == int(mask.sum())
-    np.testing.assert_allclose(logs["lm loss"].tolist(), [loss_sum_value, float(mask.sum())], rtol=1e-6)
-    np.testing.assert_allclose(logs["ntp loss"].tolist(), [float((ce64 * mask).sum()), float(mask.sum())],
+    np.testing.assert_allclose(logs["weighted_ce"].tolist(), [loss_sum_value, float(mask.sum())], rtol=1e-6)
+    np.testing.assert_allclose(logs["ce"].tolist(), [float((ce64 * mask).sum()), float(mask.sum())],
                                rtol=1e-6)
     kinds = batch["token_kinds"].long()
     for k, kind in enumerate(KIND_NAMES):
         sel = (kinds == k).double() * mask
-        np.testing.assert_allclose(logs[f"loss/{kind}"].tolist(), [float((ce64 * sel).sum()), float(sel.sum())],
+        np.testing.assert_allclose(logs[f"ce_{kind}"].tolist(), [float((ce64 * sel).sum()), float(sel.sum())],
                                    rtol=1e-6)
     assert not any(v.requires_grad for v in logs.values())
     loss_sum.backward()
@@ -59,11 +59,11 @@ def test_kind_logs_present_for_every_kind_and_absent_without_kinds():
     batch["token_kinds"] = torch.zeros_like(batch["token_kinds"])  # only "other"
     loss_func = make_loss_func("ntp", kind_names=KIND_NAMES)
     logs = loss_func(batch, ce)[2]
-    assert [logs[f"loss/{k}"][1].item() for k in KIND_NAMES[1:]] == [0.0, 0.0, 0.0]
+    assert [logs[f"ce_{k}"][1].item() for k in KIND_NAMES[1:]] == [0.0, 0.0, 0.0]
     # Without kind names the kinds are not read at all.
-    assert set(make_loss_func("ntp")(batch, ce)[2]) == {"lm loss", "ntp loss"}
+    assert set(make_loss_func("ntp")(batch, ce)[2]) == {"weighted_ce", "ce"}
     del batch["token_kinds"]
-    assert set(loss_func(batch, ce)[2]) == {"lm loss", "ntp loss"}
+    assert set(loss_func(batch, ce)[2]) == {"weighted_ce", "ce"}
 
 
 def test_bad_batches_are_refused_with_the_reason():
@@ -176,4 +176,4 @@ def test_gradient_is_invariant_to_micro_batching_and_data_parallelism(single_pro
                 err = np.abs(grad - ref).max() / np.abs(ref).max()
                 assert err <= 1e-6, f"{name} {key}: relative gradient error {err:.2e}"
     # The weighted loss is not the unweighted one: the test exercises PRIOR's weights.
-    assert abs(reference_sums["lm loss"][0] - reference_sums["ntp loss"][0]) > 1e-3
+    assert abs(reference_sums["weighted_ce"][0] - reference_sums["ce"][0]) > 1e-3

@@ -22,22 +22,18 @@ def _config(arch: str, tok):
     from megatron_prior.models.config import ModelConfig
     from megatron_prior.training.loop import padded_vocab_size
 
-    cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_attention_heads=4,
-                      vocab_size=padded_vocab_size(tok.vocab_size, 1), max_position_embeddings=0,
-                      tokenizer_fingerprint=tok.fingerprint, image_size=16, patch_size=8,
-                      image_token_id=tok.image_token_id, vit_hidden_size=32, vit_num_attention_heads=4,
-                      image_start_id=tok.image_start_id, image_row_id=tok.image_row_id, image_end_id=tok.image_end_id)
-    cfg.max_position_embeddings = cfg.image_sequence_length - 1 + TEXT_LENGTH
-    return cfg
+    return ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_attention_heads=4,
+                       vocab_size=padded_vocab_size(tok.vocab_size, 1), max_position_embeddings=None,
+                       seq_length=TEXT_LENGTH, tokenizer_fingerprint=tok.fingerprint, image_size=16, patch_size=8,
+                       image_token_id=tok.image_token_id, vit_hidden_size=32, vit_num_attention_heads=4,
+                       image_start_id=tok.image_start_id, image_row_id=tok.image_row_id,
+                       image_end_id=tok.image_end_id)
 
 
-def _reference_ce(model, arch, images, batch, offset) -> torch.Tensor:
+def _reference_ce(model, images, batch, offset) -> torch.Tensor:
     """CE of label j from the logits at combined position offset + j, in float64."""
-    if arch == "hlvlm":
-        logits, _ = model(images, batch["tokens"], batch["position_ids"], None, labels=None,
-                          loss_mask=batch["loss_mask"])
-    else:
-        logits = model(images, batch["tokens"], None, None)
+    # Without labels every vision-language model returns logits, whatever its architecture.
+    logits = model(images, batch["tokens"], batch["position_ids"], None)
     s = batch["labels"].shape[1]
     logits = logits[:, offset:offset + s].double()
     return torch.logsumexp(logits, -1) - logits.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
@@ -78,7 +74,7 @@ def _work(corpus: dict, ckpt_root: str) -> dict:
             images = torch.stack([scorer.image_tensor(p) for p in paths[:5]])
             ce = scorer.per_token_ce(images, batch)
             with torch.no_grad():
-                ref = _reference_ce(model, arch, images, batch, scorer.image_offset)
+                ref = _reference_ce(model, images, batch, scorer.image_offset)
             mask = batch["loss_mask"].bool()
             r["max_ce_error"] = float((ce.double() - ref)[mask].abs().max())
             r["mask_lengths"] = batch["loss_mask"].sum(1).tolist()
@@ -170,12 +166,12 @@ def test_cli_writes_eval_json(scored, arch):
     ev = r["cli_file"]
     assert ev == json.loads(json.dumps(r["cli"]))
     assert ev["arch"] == arch and ev["iteration"] == 5
-    for key in ("heldout_loss_grounded", "heldout_loss_template", "heldout_loss_unrelated", "heldout_loss",
+    for key in ("heldout_ce_grounded", "heldout_ce_template", "heldout_ce_unrelated", "heldout_ce",
                 "probe_accuracy", "probe_accuracy_random", "probe_accuracy_popular", "probe_accuracy_adversarial"):
         assert isinstance(ev[key], float) and np.isfinite(ev[key]), key
     assert [ev[f"heldout_tokens_{k}"] for k in ("other", "grounded", "template", "unrelated")] == r["kind_counts"]
     # The checkpoint round trip gives back the model scored in-process.
-    means = [ev[f"heldout_loss_{k}"] for k in ("other", "grounded", "template", "unrelated")]
+    means = [ev[f"heldout_ce_{k}"] for k in ("other", "grounded", "template", "unrelated")]
     np.testing.assert_allclose(means, r["kind_means"], rtol=1e-6)
     assert 0.0 <= ev["probe_accuracy"] <= 1.0
 

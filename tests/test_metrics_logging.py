@@ -30,11 +30,11 @@ def test_iteration_line_has_megatrons_fields_then_ours():
     assert line == MEGATRON_EXAMPLE
     # Our losses follow lm loss in Megatron's loss position; our extras come last.
     line = iteration_line(datetime.datetime(2026, 12, 1, 12, 0, 0), 10, 100, 320, 0.0253, 1e-3, 32,
-                          {"loss/grounded": 3.0, "ntp loss": 2.5, "lm loss": 2.345678}, 1.0, 0.123,
-                          {"tokens per second": "1234"})
+                          {"ce_grounded": 3.0, "ce": 2.5, "lm loss": 2.345678}, 1.0, 0.123,
+                          {"text positions per second": "1234"})
     assert line == MEGATRON_EXAMPLE.replace(
-        "lm loss: 2.345678E+00 |", "lm loss: 2.345678E+00 | ntp loss: 2.500000E+00 | loss/grounded: 3.000000E+00 |"
-    ) + " tokens per second: 1234 |"
+        "lm loss: 2.345678E+00 |", "lm loss: 2.345678E+00 | ce: 2.500000E+00 | ce_grounded: 3.000000E+00 |"
+    ) + " text positions per second: 1234 |"
 
 
 def _args(corpus: dict, *extra: str):
@@ -104,7 +104,7 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
     assert " iteration " not in stdout0 and calls0 == []
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    train = [r for r in records if "lm_loss" in r]
+    train = [r for r in records if "weighted_ce" in r]
     lines = [line for line in stdout1.splitlines() if " iteration " in line]
     assert len(lines) == len(train) == 2
     for line, r in zip(lines, train):
@@ -112,13 +112,18 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
         assert re.fullmatch(
             r" \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration +(\d+)/ +4 \| consumed samples: +(\d+) \| "
             r"elapsed time per iteration \(ms\): \d+\.\d \| learning rate: (\S+) \| global batch size: +8 \| "
-            r"lm loss: (\S+) \| ntp loss: (\S+) \| (loss/\w+: \S+ \| )*loss scale: 1\.0 \| grad norm: (\S+) \| "
+            r"lm loss: (\S+) \| ce: (\S+) \| (ce_\w+: \S+ \| )*loss scale: 1\.0 \| grad norm: (\S+) \| "
             r"number of skipped iterations: +0 \| number of nan iterations: +0 \| "
-            r"tokens per second: \d+ \| throughput per GPU \(TFLOP/s/GPU\): \d+\.\d \|", line), line
+            r"text positions per second: \d+ \| positions per second \(text \+ image\): \d+ \| "
+            r"throughput per GPU \(TFLOP/s/GPU\): \d+\.\d \|", line), line
         assert f"iteration {i:8d}/       4 | consumed samples: {8 * i:12d} |" in line
-        assert f"| learning rate: {r['lr']:.6E} |" in line and f"| lm loss: {r['lm_loss']:.6E} |" in line
+        assert f"| learning rate: {r['lr']:.6E} |" in line and f"| lm loss: {r['weighted_ce']:.6E} |" in line
         assert f"| grad norm: {r['grad_norm']:.3f} |" in line
         assert r["consumed_samples"] == 8 * i and r["iteration_time_ms"] > 0
+        # GPT: no image; every text position is a loss token or padding.
+        assert r["image_positions"] == 0 and r["positions"] == 8 * i * 32 == r["loss_tokens"] + r["padding_positions"]
+        assert 0 <= r["padding_positions"] < r["loss_tokens"]
+        assert r["positions_per_s"] == pytest.approx(r["text_positions_per_s"])
 
     # W&B: one run, named by the flags, its files under the log dir; then every scalar that
     # TensorBoard gets, at the same steps, and a clean finish.
@@ -134,5 +139,48 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
         elif c[0] == "log":
             wandb.setdefault(c[2], {}).update(c[1])
     assert sorted(wandb) == [2, 4] and wandb == tensorboard
-    assert "eval_lm_loss" in wandb[4] and wandb[4]["consumed_samples"] == 32
+    assert "eval_weighted_ce" in wandb[4] and wandb[4]["consumed_samples"] == 32
     assert calls1[-1] == ("finish",)
+
+
+def _count_against_the_batches(argv: list) -> dict:
+    """Trains a U-LVLM in this process; returns its summary and the counts read off the very
+    batches it trained on (the data stream restarts at sample 0 when training starts)."""
+    from megatron_prior import parallel
+    from megatron_prior.training.arguments import parse_args
+    from megatron_prior.training.loop import Trainer
+
+    args = parse_args(argv, world_size=1)
+    parallel.initialize(seed=args.seed)
+    trainer = Trainer.build(args)
+    masks = [b["loss_mask"] for i in range(args.train_iters)
+             for b in trainer.data.train_batches(i * args.global_batch_size)]
+    summary = trainer.train()
+    cfg = trainer.model_config
+    return {"summary": summary, "loss_tokens": int(sum(m.sum() for m in masks)),
+            "text_positions": int(sum(m.numel() for m in masks)), "image_offset": cfg.image_offset,
+            "combined": cfg.combined_seq_length, "any_fraction": any(bool(((m != 0) & (m != 1)).any()) for m in masks)}
+
+
+@pytest.mark.slow
+def test_loss_tokens_count_the_loss_mask_and_the_rest_is_padding_or_image(tiny_corpus, tmp_path):
+    argv = ["--model", "ulvlm", "--seq-length", "24", "--patch-size", "4", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "3",
+            "--lr", "1e-3",
+            "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"], "--split", "100,0,0",
+            "--eval-iters", "0", "--log-interval", "1", "--log-dir", str(tmp_path), "--loss", "prior",
+            "--data-cache-path", str(tmp_path / "cache")]
+    (r,) = run_on_ranks(_count_against_the_batches, 1, argv)
+    s, samples = r["summary"], 3 * 8
+    assert not r["any_fraction"]  # a 0/1 mask: its sum counts tokens
+    assert s["samples"] == samples and s["loss_tokens"] == r["loss_tokens"] > 0
+    # 16x16 images in 4x4 patches: <img_start> + 4 rows of (4 patches + a break) = 21 positions,
+    # 20 more than the <image> placeholder they replace.
+    assert r["image_offset"] == 20 and s["image_positions"] == samples * 20
+    assert r["text_positions"] == samples * 24 and s["padding_positions"] == samples * 24 - r["loss_tokens"] > 0
+    assert s["positions"] == samples * r["combined"] == s["loss_tokens"] + s["padding_positions"] + s["image_positions"]
+    with open(tmp_path / "metrics.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert {k: last[k] for k in ("loss_tokens", "padding_positions", "image_positions", "positions")} == \
+        {k: s[k] for k in ("loss_tokens", "padding_positions", "image_positions", "positions")}
+    assert last["positions_per_s"] == pytest.approx(last["text_positions_per_s"] * (20 + 24) / 24)

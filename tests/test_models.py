@@ -7,6 +7,7 @@ from megatron_prior.testing import run_on_ranks
 
 def _build_all():
     from megatron_prior import parallel
+    from megatron_prior.models.arch import get_arch
     from megatron_prior.models.builder import build_model
     from megatron_prior.models.config import ModelConfig
     from megatron_prior.models.init import initialize_weights
@@ -37,12 +38,8 @@ def _build_all():
         for fused in (False, True):
             m = build_model(cfg, fused_linear_ce=fused)
             initialize_weights(m, seed=9, std=0.02, num_layers=cfg.num_layers)
-            if arch == "gpt":
-                loss = m(ids, torch.arange(12).expand(2, 12), None, labels=ids)
-            elif arch == "hlvlm":
-                loss, _ = m(images, ids, torch.arange(12).expand(2, 12), None, labels=ids, loss_mask=torch.ones(2, 12))
-            else:
-                loss = m(images, ids, None, None, labels=ids)
+            batch = {"tokens": ids, "labels": ids, "position_ids": torch.arange(12).expand(2, 12), "images": images}
+            loss = get_arch(arch).forward_loss(m, batch)
             loss.sum().backward()
             losses.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
         (l0, g0), (l1, g1) = losses

@@ -180,10 +180,10 @@ def _results(beta_prior=0.36, noise=0.0, seed=0):
         for tokens in SWEEP_BUDGETS.astype(int).tolist():
             for loss, b, beta in (("ntp", *SWEEP_LAWS["ntp"]), ("prior", SWEEP_LAWS["prior"][0], beta_prior)):
                 value = _sweep_law(params, tokens, b, beta) * (1 + noise * rng.standard_normal())
-                out.append(RunResult(run=f"{size}_{loss}_D{tokens}_seed1", size=size, loss=loss, seed=1,
-                                     budget=tokens, tokens=tokens, iterations=tokens // 1024,
-                                     parameters=params, flops=6.0 * params * tokens, eval_loss=value,
-                                     train_loss=None, wall_time_s=None))
+                out.append(RunResult(name=f"{size}_{loss}_D{tokens}_seed1", arch="ulvlm", loss=loss, seed=1,
+                                     prior_alpha=1.0 if loss == "prior" else None, iterations=tokens // 1024,
+                                     parameters=params, flops=6.0 * params * tokens, loss_tokens=tokens,
+                                     validation={"ce": value}, size=size, budget=tokens))
     return out
 
 
@@ -211,7 +211,7 @@ def test_fit_sweep_records_a_curve_without_power_law():
     results = _results()
     for r in results:
         if r.size == "xs" and r.loss == "prior":
-            r.eval_loss = 3.0 + 1e-7 * r.tokens  # rises with data
+            r.validation["ce"] = 3.0 + 1e-7 * r.loss_tokens  # rises with data
     fit = fit_sweep(results, "t", ("ntp", "prior"), n_bootstrap=20)
     assert "no fit with B > 0" in fit["per_size"]["xs"]["prior"]["error"]
     assert "error" in fit["comparison"]["xs"] and math.isfinite(fit["per_size"]["xs"]["ntp"]["beta"])

@@ -113,7 +113,7 @@ def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
     assert fit["chinchilla"]["ntp"]["alpha"] == pytest.approx(0.45, rel=1e-3)
     # fake_train.py: grounded CE = 1.5 x the loss, so the same exponents and 1.5 x E.
     grounded = fit["by_kind"]["grounded"]
-    assert grounded["y"] == "grounded" and fit["y"] == "eval_loss"
+    assert grounded["y"] == "eval_ce_grounded" and fit["y"] == "eval_ce" and fit["x"] == "loss_tokens"
     for size in ("xs", "s", "m"):
         for loss, beta in (("ntp", 0.30), ("prior", 0.36)):
             assert grounded["per_size"][size][loss]["beta"] == pytest.approx(beta, rel=1e-4)
@@ -122,8 +122,11 @@ def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
     assert (out / "scaling_grounded.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Fits: held-out CE of the grounded tokens" in (out / "results.md").read_text()
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 24 and results[0]["probe_accuracy"] is not None
-    assert results[0]["eval_losses_by_kind"]["grounded"] > results[0]["eval_losses_by_kind"]["template"]
+    assert len(results) == 24 and results[0]["heldout"]["probe_accuracy"] is not None
+    assert results[0]["validation"]["ce_grounded"] > results[0]["validation"]["ce_template"]
+    # D is the loss tokens (3/4 of the text positions in fake_train.py), not the positions.
+    assert [r["loss_tokens"] for r in results[:2]] == [102400 * 3 // 4] * 2
+    assert results[0]["padding_positions"] == 102400 // 4 and results[0]["image_positions"] == 20 * 102400 // 64
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| xs_ntp_D102400_seed1 |" in (out / "results.md").read_text()
     # --collect-only refits without training anything.
@@ -134,8 +137,8 @@ def test_end_to_end_report_recovers_the_fake_law(tmp_path, calls, capsys):
     capsys.readouterr()
     sweep = _fake_sweep(tmp_path, fit_kinds=["objects"])
     assert _run_sweep_module().main([str(sweep), "--output-dir", str(out), "--collect-only"]) == 1
-    assert "no held-out loss for token kind 'objects' (its summary.json eval_losses_by_kind has: grounded, " \
-           "template)" in capsys.readouterr().err
+    assert ("run xs_ntp_D102400_seed1: its summary.json has no eval_ce_objects (it has eval_ for: ce, ce_grounded, "
+            "ce_template)") in capsys.readouterr().err
 
 
 def test_exponent_panel_draws_an_interval_that_excludes_the_estimate():
@@ -204,8 +207,12 @@ def test_collect_refuses_inconsistent_summaries(tmp_path, calls):
     summary.write_text(json.dumps({**data, "loss": "ntp"}))
     with pytest.raises(CollectError, match=r"summary\.json: 'loss' is 'ntp', the sweep grid says 'prior'"):
         collect(spec, out)
-    summary.write_text(json.dumps({**data, "eval_loss": None}))
-    with pytest.raises(CollectError, match="'eval_loss' is missing or null .*--eval-iters"):
+    summary.write_text(json.dumps({**data, "eval_ce": None}))
+    with pytest.raises(CollectError, match="'eval_ce' is missing or null .*--eval-iters"):
+        collect(spec, out)
+    # A summary of a trainer that counted positions, not loss tokens, is not a D.
+    summary.write_text(json.dumps({k: v for k, v in data.items() if k != "loss_tokens"}))
+    with pytest.raises(CollectError, match="'loss_tokens' is missing or null"):
         collect(spec, out)
     summary.write_text(json.dumps(data))
     results, missing = collect(spec, out)

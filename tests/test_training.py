@@ -38,9 +38,14 @@ def _train(argv: list) -> dict:
     return main(argv)
 
 
-def _losses(out: str, key: str = "lm_loss") -> list:
+def _losses(out: str, key: str = "weighted_ce") -> list:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line)[key] for line in f]
+
+
+def _summary(out: str) -> dict:
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
 
 
 def _assert_same_losses(got: list, ref: list) -> None:
@@ -55,7 +60,7 @@ def reference_run(request, tiny_corpus, tmp_path_factory):
     arch = request.param
     out = str(tmp_path_factory.mktemp(f"ref-{arch}"))
     run_on_ranks(_train, 1, _argv(tiny_corpus, arch, out, "--loss", "prior"))
-    return arch, _losses(out)
+    return arch, _losses(out), _summary(out)["loss_tokens"]
 
 
 @pytest.mark.parametrize("layout", [
@@ -65,17 +70,22 @@ def reference_run(request, tiny_corpus, tmp_path_factory):
     ["--num-workers", "2"],  # DP=2, batches read by DataLoader worker processes
 ], ids=["TP2", "PP2", "PP2-VPP2", "DP2-workers"])
 def test_parallel_layout_matches_single_process(reference_run, tiny_corpus, tmp_path, layout):
-    arch, ref = reference_run
+    arch, ref, ref_tokens = reference_run
     if "--num-layers-per-virtual-pipeline-stage" in layout and arch != "gpt":
         pytest.skip("virtual pipeline stages are built for GPT only")
     out = str(tmp_path / "run")
     run_on_ranks(_train, 2, _argv(tiny_corpus, arch, out, "--loss", "prior", *layout))
     _assert_same_losses(_losses(out), ref)
+    # Counted on the last pipeline stage, summed over data parallel: the same tokens.
+    assert _summary(out)["loss_tokens"] == ref_tokens
 
 
 def _unit_weights_corpus(corpus: dict, dst: str) -> str:
     """A copy of the corpus whose reference log-probs are all -inf... i.e. p = 0, weight 1."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_prior.data.formats import ScoreMetadata, metadata_path
+    from megatron_prior.files import sha256_file
 
     prefix = os.path.join(dst, "unit")
     for ext in (".bin", ".idx", ".images", ".kinds.bin", ".kinds.idx", ".logprobs.idx", ".logprobs.json"):
@@ -84,6 +94,11 @@ def _unit_weights_corpus(corpus: dict, dst: str) -> str:
     n = sum(len(scores[i]) for i in range(len(scores)))
     # log p = -30: weight (1 - e^-30) ** alpha == 1 in float32, and every caption normalises to 1.
     np.full(n, -30.0, dtype=np.float32).tofile(prefix + ".logprobs.bin")
+    # The metadata binds every file by content: bind the new scores.
+    meta = ScoreMetadata.load(metadata_path(prefix))
+    meta.files["logprobs.bin"] = {"size": os.path.getsize(prefix + ".logprobs.bin"),
+                                  "sha256": sha256_file(prefix + ".logprobs.bin")}
+    meta.save(metadata_path(prefix))
     return prefix
 
 
@@ -107,6 +122,8 @@ def test_resume_is_exact_and_reshards(tiny_corpus, tmp_path):
     run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, "--loss", "prior", "--tensor-model-parallel-size", "2",
                                   "--save", part, "--load", part))
     _assert_same_losses(_losses(part), _losses(full))
+    # The loss-token count travels with the checkpoint: the resumed run counts the whole run.
+    assert _summary(part)["loss_tokens"] == _summary(full)["loss_tokens"] > 0
     run_on_ranks(_train, 1, _argv(tiny_corpus, "gpt", resumed_tp1, "--loss", "prior", "--load", resumed_tp1))
     # TP=2 -> TP=1: same weights and optimizer state, so the same losses up to reduction order.
     _assert_same_losses(_losses(resumed_tp1), _losses(full))
@@ -121,6 +138,8 @@ def test_resume_is_exact_with_virtual_pipeline_stages(tiny_corpus, tmp_path):
                                   "--exit-interval", "3"))
     run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, *vpp, "--save", part, "--load", part))
     _assert_same_losses(_losses(part), _losses(full))
+    # Rank 0, on the first stage where no loss is computed, wrote the count into the checkpoint.
+    assert _summary(part)["loss_tokens"] == _summary(full)["loss_tokens"] > 0
 
 
 @pytest.mark.parametrize("flags,message", [

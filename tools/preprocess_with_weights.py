@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gpt: a trained text-only reference LM; unigram: token frequencies of the input")
     group.add_argument("--reference-load", help="checkpoint directory of the reference GPT (--reference-type gpt)")
     group.add_argument("--reference-window", type=int,
-                       help="tokens of context per scoring window (default: the model's max_position_embeddings)")
+                       help="tokens of context per scoring window (default: the model's seq_length, the text "
+                            "length it was trained on)")
     group.add_argument("--score-batch-tokens", type=int, default=16384,
                        help="padded tokens per scoring batch (default: 16384)")
     group.add_argument("--score-chunk-tokens", type=int, default=1 << 18,

@@ -28,6 +28,7 @@ import types
 from typing import Any, Iterator
 
 import torch
+from megatron.core.package_info import __version__ as mcore_version
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +316,6 @@ def apply() -> bool:
         return False
     if _applied:
         return True
-    from megatron.core.package_info import __version__ as mcore_version
-
     check_version(mcore_version)
     for name in PATCHED_MODULES:
         _patch_module(name)

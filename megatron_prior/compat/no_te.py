@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 
+from megatron.core.models.multimodal import llava_model
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
 _applied = False
 
 
@@ -25,9 +29,6 @@ def apply() -> bool:
         return False
     if _applied:
         return True
-    from megatron.core.models.multimodal import llava_model
-    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     class CLIPViTModelTorchNorm(CLIPViTModel):
         def __init__(self, *args, **kwargs):

@@ -46,10 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_prior.demo.paths import DemoPaths
+from megatron_prior.demo.report import write_demo_report
+from megatron_prior.models.arch import ARCHS, get_arch
 from megatron_prior.runs import RunFailed, Step, StepRunner
 
 PREPROCESS = "tools/preprocess_with_weights.py"
-DOCUMENT = "caption_document"  # preprocess_with_weights names outputs {prefix}_{json key}_document
+# The architectures a demo can train: those that read images.
+LVLMS = tuple(a.name for a in ARCHS.values() if a.needs_images)
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,15 @@ class DemoSettings:
             raise ValueError(f"seeds repeat: {self.seeds}")
         if any(a <= 0 for a in self.alphas) or not self.alphas:
             raise ValueError(f"PRIOR alphas must be > 0 (at least one), got {self.alphas}")
-        unknown = set(self.archs) - {"ulvlm", "hlvlm"}
+        unknown = set(self.archs) - set(LVLMS)
         if unknown or not self.archs:
-            raise ValueError(f"archs must be among ulvlm, hlvlm, got {self.archs}")
+            raise ValueError(f"archs must be among {', '.join(LVLMS)}, got {self.archs}")
         for name in ("num_train", "num_heldout", "reference_iters", "train_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if "hlvlm" in self.archs and self.vit_warmup_iters < 1:
-            raise ValueError("vit_warmup_iters must be >= 1 for the H-LVLM")
+        vit = _vit_archs(self.archs)
+        if vit and self.vit_warmup_iters < 1:
+            raise ValueError(f"vit_warmup_iters must be >= 1 for the {get_arch(vit[0]).display_name}")
 
 
 QUICK = DemoSettings(num_train=1000, num_heldout=100, reference_iters=100, vit_warmup_iters=50,
@@ -107,6 +112,11 @@ QUICK = DemoSettings(num_train=1000, num_heldout=100, reference_iters=100, vit_w
 # every seed in a trial run; 300 (or 500) did not.
 FULL = DemoSettings(num_train=4000, num_heldout=400, reference_iters=300, vit_warmup_iters=300,
                     train_iters=300, seeds=(1, 2, 3), alphas=(1.0, 0.5))
+
+
+def _vit_archs(archs: Sequence[str]) -> list[str]:
+    """The architectures among ``archs`` whose vision encoder comes from a warm-up run (--vit-load)."""
+    return [a for a in archs if "vit_load" in get_arch(a).only_flags]
 
 
 def _alpha_tag(alpha: float) -> str:
@@ -137,34 +147,6 @@ def run_specs(s: DemoSettings) -> list[RunSpec]:
             for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]]
 
 
-class DemoPaths:
-    """Paths inside the output folder (relative: every command runs from there)."""
-
-    data = Path("data")
-    tokenizer = data / "tokenizer.model"
-    unigram_prefix = Path("work/unigram/train")
-    reference = Path("runs/reference")
-    vit_warmup = Path("runs/vit_warmup")
-
-    @staticmethod
-    def prefix(split: str) -> Path:
-        return DemoPaths.data / split
-
-    @staticmethod
-    def documents(prefix: Path) -> Path:
-        return Path(f"{prefix}_{DOCUMENT}")
-
-    @staticmethod
-    def preprocessed(prefix: Path, images: bool = True) -> list[Path]:
-        doc = str(DemoPaths.documents(prefix))
-        exts = [".bin", ".idx", ".logprobs.bin", ".logprobs.idx", ".logprobs.json", ".kinds.bin", ".kinds.idx"]
-        return [Path(doc + e) for e in exts + ([".images"] if images else [])]
-
-    @staticmethod
-    def run_dir(spec: RunSpec) -> Path:
-        return Path("runs") / spec.name
-
-
 def _preprocess(jsonl: Path, prefix: Path, reference: Optional[Path], s: DemoSettings) -> list[str]:
     ref = ["--reference-type", "gpt", "--reference-load", str(reference)] if reference else ["--reference-type", "unigram"]
     return [PREPROCESS, "--input", str(jsonl), "--json-keys", "caption",
@@ -175,7 +157,7 @@ def _preprocess(jsonl: Path, prefix: Path, reference: Optional[Path], s: DemoSet
 
 def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: DemoSettings,
            extra: Sequence[str] = ()) -> list[str]:
-    lvlm = model != "gpt"
+    lvlm = get_arch(model).needs_images
     size = (["--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
              "--num-attention-heads", str(s.num_attention_heads)] if lvlm else ["--model-size", s.reference_size])
     return ["-m", "megatron_prior.train", "--model", model, *size,
@@ -218,16 +200,16 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                           L.preprocessed(L.prefix(split)),
                           _preprocess(L.data / f"{split}.jsonl", L.prefix(split), L.reference, s),
                           deps=["reference"]))
-    if "hlvlm" in s.archs:
-        steps.append(Step("vit_warmup", "pre-train the H-LVLM vision encoder (NTP warm-up)",
+    for arch in _vit_archs(s.archs)[:1]:  # one warm-up (runs/vit_warmup): H-LVLM is the only such arch
+        steps.append(Step("vit_warmup", f"pre-train the {get_arch(arch).display_name} vision encoder (NTP warm-up)",
                           [L.vit_warmup / "summary.json"],
-                          _train("hlvlm", L.vit_warmup, L.unigram_prefix, s.data_seed, s.vit_warmup_iters, s,
+                          _train(arch, L.vit_warmup, L.unigram_prefix, s.data_seed, s.vit_warmup_iters, s,
                                  ["--loss", "ntp"]),
                           deps=["text_data"], clean=[L.vit_warmup]))
     for spec in run_specs(s):
-        rdir = L.run_dir(spec)
+        rdir = L.run_dir(spec.name)
         loss = ["--loss", spec.loss] + (["--prior-alpha", f"{spec.alpha:g}"] if spec.loss == "prior" else [])
-        vit = ["--vit-load", str(L.vit_warmup), "--freeze-vit"] if spec.arch == "hlvlm" else []
+        vit = ["--vit-load", str(L.vit_warmup), "--freeze-vit"] if _vit_archs([spec.arch]) else []
         steps.append(Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
                           _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s, loss + vit),
                           deps=["score_train"] + (["vit_warmup"] if vit else []), clean=[rdir]))
@@ -282,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"number of training seeds (1..N; default {FULL.seeds[-1]} full, {QUICK.seeds[-1]} quick)")
     p.add_argument("--alphas", type=float, nargs="+", default=None,
                    help="PRIOR exponents to run (default 1 0.5 full, 1 quick)")
-    p.add_argument("--archs", nargs="+", choices=["ulvlm", "hlvlm"], default=None, help="architectures to run")
+    p.add_argument("--archs", nargs="+", choices=LVLMS, default=None, help="architectures to run")
     p.add_argument("--train-iters", type=int, default=None, help="iterations of each LVLM run")
     p.add_argument("--num-train", type=int, default=None, help="training image-caption pairs")
     p.add_argument("--num-heldout", type=int, default=None, help="held-out pairs (3 probe items each)")
@@ -327,8 +309,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     f"seeds {', '.join(map(str, settings.seeds))}), {settings.train_iters} iterations each, {jobs} at a time")
 
     def report() -> None:
-        from megatron_prior.demo.report import write_demo_report
-
         write_demo_report(out, settings, run_specs(settings), command=command, started=started,
                           wall_time_s=time.perf_counter() - wall_start)
 

@@ -6,52 +6,42 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 from pathlib import Path
 from typing import Sequence
 
 from megatron_prior.demo.analysis import caption_weights, reference_separation
-from megatron_prior.eval.report import ARCHS, METRIC_LABELS, REQUIRED_METRICS, RunResult, write_report
+from megatron_prior.demo.paths import DemoPaths
+from megatron_prior.eval.report import METRIC_LABELS, REQUIRED_METRICS, write_report
+from megatron_prior.models.arch import ARCHS
+from megatron_prior.results import EVAL, SUMMARY, RunResult, load_json, read_run
+from megatron_prior.tokenizer import load_tokenizer
 
 # eval.json keys carried into results.json (the table shows those METRIC_LABELS knows).
 RUN_METRICS = (*REQUIRED_METRICS, *(m for m in METRIC_LABELS if m not in REQUIRED_METRICS),
-               "heldout_loss_other", "heldout_loss")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable: {err}") from err
+               "heldout_ce_other", "heldout_ce")
 
 
 def load_run(out: Path, spec) -> RunResult:
-    """One run's RunResult from ``runs/{name}/eval.json`` and ``summary.json``."""
-    from megatron_prior.demo.pipeline import DemoPaths
-
-    rdir = out / DemoPaths.run_dir(spec)
-    ev, summary = _read_json(rdir / "eval.json"), _read_json(rdir / "summary.json")
-    missing = [k for k in RUN_METRICS if k not in ev]
+    """One run's RunResult from ``runs/{name}/summary.json`` and ``eval.json``, checked against
+    the run the pipeline asked for."""
+    rdir = out / DemoPaths.run_dir(spec.name)
+    run = read_run(rdir)
+    missing = [k for k in RUN_METRICS if k not in run.heldout]
     if missing:
-        raise ValueError(f"{rdir / 'eval.json'}: lacks {', '.join(missing)}")
-    for key, want in (("model", spec.arch), ("loss", spec.loss), ("seed", spec.seed)):
-        if summary.get(key) != want:
-            raise ValueError(f"{rdir / 'summary.json'}: {key} is {summary.get(key)!r}, expected {want!r}")
-    if spec.loss == "prior" and summary.get("prior_alpha") != spec.alpha:
-        raise ValueError(f"{rdir / 'summary.json'}: prior_alpha is {summary.get('prior_alpha')!r}, "
-                         f"expected {spec.alpha!r}")
-    return RunResult(arch=spec.arch, loss=spec.loss, seed=spec.seed, prior_alpha=spec.alpha,
-                     metrics={k: float(ev[k]) for k in RUN_METRICS},
-                     metrics_jsonl=rdir / "metrics.jsonl",
-                     extra={"run_dir": str(DemoPaths.run_dir(spec)), "iterations": summary["iterations"],
-                            "parameters": summary["parameters"], "train_wall_time_s": summary["wall_time_s"]})
+        raise ValueError(f"{rdir / EVAL}: lacks {', '.join(missing)}")
+    for key, got, want in (("model", run.arch, spec.arch), ("loss", run.loss, spec.loss), ("seed", run.seed, spec.seed),
+                           ("prior_alpha", run.prior_alpha, spec.alpha)):
+        if got != want:
+            raise ValueError(f"{rdir / SUMMARY}: {key} is {got!r}, expected {want!r}")
+    run.heldout = {k: run.heldout[k] for k in RUN_METRICS}
+    return run
 
 
 def _step_times(out: Path) -> dict[str, dict]:
     """Wall and CPU seconds of each finished step, from the runner's stamps."""
     times = {}
     for stamp in sorted((out / "logs").glob("*.stamp.json")):
-        data = _read_json(stamp)
+        data = load_json(stamp)
         times[stamp.name.removesuffix(".stamp.json")] = {"seconds": data.get("seconds"),
                                                           "cpu_seconds": data.get("cpu_seconds")}
     return times
@@ -61,7 +51,7 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
            command: str, started: datetime.datetime, wall_time_s: float, step_times: dict) -> list[str]:
     frac = data_summary["splits"]["train"]["word_fraction"]
     m1 = reference["mean_multiplier"].get("1") or next(iter(reference["mean_multiplier"].values()))
-    params = {r.arch: r.extra["parameters"] for r in runs}
+    params = {r.arch: r.parameters for r in runs}
     notes = [
         f"Command: `{command}`, started {started.strftime('%Y-%m-%d %H:%M %Z')}; this invocation took "
         f"{wall_time_s / 60:.1f} minutes (stages skipped as already done take no time); the stages used "
@@ -89,8 +79,8 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
     ]
     blind: dict[str, list[int]] = {}
     for r in runs:
-        if r.metrics["probe_accuracy_popular"] <= baseline["popular"] + 0.05:
-            blind.setdefault(f"{ARCHS[r.arch]} {r.variant}", []).append(r.seed)
+        if r.heldout["probe_accuracy_popular"] <= baseline["popular"] + 0.05:
+            blind.setdefault(f"{ARCHS[r.arch].display_name} {r.variant}", []).append(r.seed)
     if blind:
         notes.append("Runs whose popular-split probe accuracy is within 0.05 of that baseline, i.e. that have not "
                      f"yet learned to read the image at {settings.train_iters} iterations: "
@@ -101,16 +91,13 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
 def write_demo_report(out: Path, settings, specs: Sequence, command: str, started: datetime.datetime,
                       wall_time_s: float) -> dict[str, Path]:
     """Write the report files into ``out``; returns what ``write_report`` wrote."""
-    from megatron_prior.demo.pipeline import DemoPaths
-    from megatron_prior.tokenizer import load_tokenizer
-
     out = Path(out)
     tokenizer = load_tokenizer(str(out / DemoPaths.tokenizer))
     heldout = str(out / DemoPaths.documents(DemoPaths.prefix("heldout")))
     runs = [load_run(out, spec) for spec in specs]
     reference = reference_separation(heldout, tokenizer, sorted({1.0, *settings.alphas}, reverse=True))
     captions = caption_weights(heldout, out / DemoPaths.data / "heldout.jsonl", tokenizer, settings.alphas[0])
-    data_summary = _read_json(out / DemoPaths.data / "kinds_summary.json")
+    data_summary = load_json(out / DemoPaths.data / "kinds_summary.json")
     baseline = data_summary["probe"]["pair_frequency_baseline"]
     step_times = _step_times(out)
     extra = {

@@ -44,7 +44,3 @@ def kind_mean_losses(sums: torch.Tensor) -> dict[str, float]:
         raise ValueError(f"sums must have shape ({len(KIND_NAMES)}, 2), got {tuple(sums.shape)}")
     return {name: float(sums[k, 0] / sums[k, 1]) for k, name in enumerate(KIND_NAMES) if sums[k, 1] > 0}
 
-
-def heldout_loss_by_kind(per_token_ce: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Mean CE per token kind over the unmasked tokens of one batch (or of a whole set)."""
-    return kind_mean_losses(kind_loss_sums(per_token_ce, kinds, mask))

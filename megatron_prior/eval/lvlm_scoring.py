@@ -3,11 +3,10 @@ by token kind, and caption log-likelihoods for the POPE-style probe.
 
 Batches are built exactly as training builds them (``CaptionDataset``: ``tokens = [<image>,
 c0, ..., <eod>, pad]``, ``labels = [c0, ..., <eod>, pad]``, images scaled to [0, 1] and
-normalised with the dataset's defaults) and go through the model's forward as
-``megatron_prior.training.steps`` calls it, so an evaluation loss is the training loss on
-unseen data. The model returns per-token CE over the combined (image + text) sequence; text
-label ``j`` sits at combined position ``image_sequence_length - 1 + j``
-(``megatron_prior.models.layout``).
+normalised with the dataset's defaults) and go through the architecture's ``forward_loss``,
+the call training makes, so an evaluation loss is the training loss on unseen data. The model
+returns per-token CE over the combined (image + text) sequence; text label ``j`` sits at
+combined position ``image_offset + j`` (``megatron_prior.models.layout``).
 
 Call ``megatron_prior.parallel.initialize()`` before loading a model and ``destroy()`` after.
 """
@@ -29,8 +28,10 @@ from megatron_prior.data.images import load_image
 from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
 from megatron_prior.eval.probe import PROBE_SPLITS, ProbeItem, probe_accuracy
+from megatron_prior.models.arch import ARCHS, get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.pretrained import load_inference_model
+from megatron_prior.tokenizer import load_tokenizer
 
 
 def _caption_defaults(name: str) -> tuple[float, float, float]:
@@ -38,7 +39,8 @@ def _caption_defaults(name: str) -> tuple[float, float, float]:
 
 
 class LVLMScorer:
-    """Batched, gradient-free scoring with one H-LVLM or U-LVLM.
+    """Batched, gradient-free scoring with one vision-language model (an architecture with
+    ``needs_images``).
 
     Args:
         model: the model from ``load_inference_model`` (eval mode).
@@ -48,8 +50,10 @@ class LVLMScorer:
     """
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, tokenizer, batch_size: int = 64) -> None:
-        if model_config.arch not in ("hlvlm", "ulvlm"):
-            raise ValueError(f"LVLMScorer scores vision-language models (hlvlm, ulvlm), not {model_config.arch!r}")
+        self.arch = get_arch(model_config.arch)
+        if not self.arch.needs_images:
+            lvlms = ", ".join(a.name for a in ARCHS.values() if a.needs_images)
+            raise ValueError(f"LVLMScorer scores vision-language models ({lvlms}), not {model_config.arch!r}")
         if model_config.tokenizer_fingerprint not in (None, tokenizer.fingerprint):
             raise ValueError(f"the model was trained with tokenizer {model_config.tokenizer_fingerprint}, "
                              f"not with the one given ({tokenizer.fingerprint})")
@@ -59,12 +63,12 @@ class LVLMScorer:
         self.config = model_config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.image_offset = model_config.image_sequence_length - 1
+        self.image_offset = model_config.image_offset
         # Text positions the model was built for (training's --seq-length).
-        self.text_length = model_config.max_position_embeddings - self.image_offset
+        self.text_length = model_config.seq_length
         if self.text_length < 2:
-            raise ValueError(f"model max_position_embeddings {model_config.max_position_embeddings} leaves "
-                             f"no room for text after {model_config.image_sequence_length} image positions")
+            raise ValueError(f"model seq_length {model_config.seq_length} leaves no room for a caption token "
+                             "after the <image> placeholder")
         self._mean = np.asarray(_caption_defaults("image_mean"), dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(_caption_defaults("image_std"), dtype=np.float32).reshape(3, 1, 1)
 
@@ -100,11 +104,7 @@ class LVLMScorer:
     def per_token_ce(self, images: torch.Tensor, batch: dict) -> torch.Tensor:
         """Per-token CE ``[b, s]`` aligned with ``batch["labels"]`` (every position; apply the mask)."""
         images = images.to(parallel.device(), torch.float32)
-        if self.config.arch == "hlvlm":
-            combined, _ = self.model(images, batch["tokens"], batch["position_ids"], None,
-                                     labels=batch["labels"], loss_mask=batch["loss_mask"])
-        else:
-            combined = self.model(images, batch["tokens"], None, None, labels=batch["labels"])
+        combined = self.arch.forward_loss(self.model, {**batch, "images": images})
         s = batch["labels"].shape[1]
         if combined.shape != (images.shape[0], self.image_offset + s):
             raise ValueError(f"the model returned per-token loss of shape {tuple(combined.shape)}, expected "
@@ -171,17 +171,17 @@ class LVLMScorer:
 
 def evaluate(scorer: LVLMScorer, heldout_prefix: Optional[str], probe_items: Optional[Sequence[ProbeItem]],
              progress: bool = False) -> dict:
-    """The metrics the demo report and the sweeps read: ``heldout_loss_<kind>``,
-    ``heldout_loss`` (all caption tokens), ``heldout_tokens_<kind>``, ``probe_accuracy`` and
+    """The metrics the demo report and the sweeps read: ``heldout_ce_<kind>``, ``heldout_ce``
+    (all caption tokens), ``heldout_tokens_<kind>``, ``probe_accuracy`` and
     ``probe_accuracy_<split>``."""
     result: dict = {}
     if heldout_prefix is not None:
         sums = scorer.heldout_kind_sums(heldout_prefix, progress)
         for kind, value in kind_mean_losses(sums).items():
-            result[f"heldout_loss_{kind}"] = value
+            result[f"heldout_ce_{kind}"] = value
         for k, kind in enumerate(KIND_NAMES):
             result[f"heldout_tokens_{kind}"] = int(sums[k, 1])
-        result["heldout_loss"] = float(sums[:, 0].sum() / sums[:, 1].sum())
+        result["heldout_ce"] = float(sums[:, 0].sum() / sums[:, 1].sum())
     if probe_items is not None:
         acc = scorer.probe(probe_items, progress)
         result["probe_accuracy"] = acc["all"]
@@ -195,7 +195,5 @@ def load_scorer(load_dir: str | os.PathLike, tokenizer_model: str, batch_size: i
                 iteration: Optional[int] = None) -> LVLMScorer:
     """Load a checkpoint (latest iteration unless given) and its tokenizer into a scorer;
     ``megatron_prior.parallel`` must be initialised."""
-    from megatron_prior.tokenizer import load_tokenizer
-
     model, model_config = load_inference_model(load_dir, iteration)
     return LVLMScorer(model, model_config, load_tokenizer(tokenizer_model), batch_size)

@@ -22,7 +22,6 @@ from megatron_prior.data.records import BadRecord, iter_lines, parse_line, text_
 
 PROBE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 ScoreFn = Callable[[str, str], float]
-BatchScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -90,23 +89,3 @@ def probe_accuracy(score_fn: ScoreFn, items: Iterable[ProbeItem], progress: bool
         pos.append(score_fn(item.image, item.positive))
         neg.append(score_fn(item.image, item.negative))
     return accuracy_by_split(outcomes(pos, neg, [i.id for i in items]), [i.split for i in items])
-
-
-def probe_accuracy_batched(score_batch_fn: BatchScoreFn, items: Iterable[ProbeItem], batch_size: int = 32,
-                           progress: bool = False) -> dict[str, float]:
-    """As ``probe_accuracy``, with ``score_batch_fn(image_paths, captions) -> log-likelihoods``
-    called on up to ``batch_size`` items (2 * batch_size captions: positives then negatives)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    items = list(items)
-    pos, neg = [], []
-    for start in tqdm(range(0, len(items), batch_size), desc="probe", unit="batch", disable=not progress):
-        chunk = items[start:start + batch_size]
-        images = [i.image for i in chunk]
-        scores = list(score_batch_fn(images + images, [i.positive for i in chunk] + [i.negative for i in chunk]))
-        if len(scores) != 2 * len(chunk):
-            raise ValueError(f"score_batch_fn returned {len(scores)} scores for {2 * len(chunk)} captions")
-        pos += scores[:len(chunk)]
-        neg += scores[len(chunk):]
-    return accuracy_by_split(outcomes(pos, neg, [i.id for i in items]), [i.split for i in items])
-

@@ -5,14 +5,15 @@ held-out captions shaded by their PRIOR weights.
 
     {"reference_auc": float,
      "runs": [{"arch": "ulvlm"|"hlvlm", "loss": "ntp"|"prior", "seed": int,
-               "metrics": {"heldout_loss_grounded": float, "heldout_loss_template": float,
-                           "heldout_loss_unrelated": float, "probe_accuracy": float, ...}}]}
+               "metrics": {"heldout_ce_grounded": float, "heldout_ce_template": float,
+                           "heldout_ce_unrelated": float, "probe_accuracy": float, ...}}]}
 
-plus ``prior_alpha`` per run (null for NTP), ``summary`` (mean, sd and n over seeds per
-arch, loss and alpha), ``paired`` (PRIOR minus NTP on the same seed) and whatever the caller
-passes as ``extra``. Every file is written under a temporary name and renamed. Figures are
-drawn on matplotlib's Agg canvas directly (no pyplot), so importing this module changes no
-global backend.
+plus per run ``prior_alpha`` (null for NTP), its name, iterations, parameters and loss tokens,
+``summary`` (mean, sd and n over seeds per arch, loss and alpha), ``paired`` (each loss minus
+NTP, the first of ``megatron_prior.loss.LOSSES``, on the same seed) and whatever the caller
+passes as ``extra``. Architecture and loss names come from their registries. Every file is
+written under a temporary name and renamed. Figures are drawn on matplotlib's Agg canvas
+directly (no pyplot), so importing this module changes no global backend.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,72 +36,64 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
 from PIL import Image
 
-from megatron_prior.files import atomic_savefig, atomic_write_json, atomic_write_text
 from megatron_prior.eval.stats import paired_differences, spread
+from megatron_prior.files import atomic_savefig, atomic_write_json, atomic_write_text
+from megatron_prior.loss import LOSSES
+from megatron_prior.models.arch import ARCHS
+from megatron_prior.results import RunResult, fmt, variant
 
-ARCHS: dict[str, str] = {"ulvlm": "U-LVLM", "hlvlm": "H-LVLM"}
-LOSSES: tuple[str, ...] = ("ntp", "prior")
-REQUIRED_METRICS: tuple[str, ...] = ("heldout_loss_grounded", "heldout_loss_template",
-                                     "heldout_loss_unrelated", "probe_accuracy")
+BASELINE = LOSSES[0]  # ntp: every other loss is paired against it
+REQUIRED_METRICS: tuple[str, ...] = ("heldout_ce_grounded", "heldout_ce_template",
+                                     "heldout_ce_unrelated", "probe_accuracy")
 # Column titles, and whether larger is better (for the arrows in the table header).
 METRIC_LABELS: dict[str, tuple[str, bool]] = {
-    "heldout_loss_grounded": ("CE grounded", False),
-    "heldout_loss_template": ("CE template", False),
-    "heldout_loss_unrelated": ("CE unrelated", False),
+    "heldout_ce_grounded": ("CE grounded", False),
+    "heldout_ce_template": ("CE template", False),
+    "heldout_ce_unrelated": ("CE unrelated", False),
     "probe_accuracy": ("probe accuracy", True),
     "probe_accuracy_random": ("probe random", True),
     "probe_accuracy_popular": ("probe popular", True),
     "probe_accuracy_adversarial": ("probe adversarial", True),
 }
-# Training curves drawn from metrics.jsonl, when the runs logged them. "ntp_loss" (not
-# "lm_loss") because PRIOR's lm_loss is the weighted loss and is not comparable with NTP's.
-CURVES: dict[str, str] = {"ntp_loss": "training CE, all tokens (unweighted)",
-                          "loss_grounded": "training CE, grounded tokens",
-                          "loss_template": "training CE, template tokens"}
+# Training curves drawn from metrics.jsonl, when the runs logged them. "ce" (not
+# "weighted_ce") because PRIOR's weighted_ce is the weighted loss and not comparable with NTP's.
+CURVES: dict[str, str] = {"ce": "training CE, all tokens (unweighted)",
+                          "ce_grounded": "training CE, grounded tokens",
+                          "ce_template": "training CE, template tokens"}
 KIND_EDGE_COLORS: dict[str, str] = {"grounded": "#1b7837", "template": "#8c8c8c", "unrelated": "#762a83"}
 
 
-@dataclass
-class RunResult:
-    """One trained model's evaluation. ``metrics`` holds at least REQUIRED_METRICS (more,
-    such as per-split probe accuracies, are kept); ``metrics_jsonl`` is the run's training log
-    for the loss curves."""
+def validate_run(run: RunResult) -> None:
+    """Refuse a run the report cannot show: unknown names, missing or non-finite metrics."""
+    name = f"run {run.arch}/{run.loss}/seed {run.seed}"
+    if run.arch not in ARCHS:
+        raise ValueError(f"{name}: arch must be one of {', '.join(ARCHS)}")
+    if run.loss not in LOSSES:
+        raise ValueError(f"{name}: loss must be one of {', '.join(LOSSES)}")
+    if not isinstance(run.seed, int) or isinstance(run.seed, bool):
+        raise ValueError(f"{name}: seed must be an int, got {run.seed!r}")
+    if (run.loss == "prior") != (run.prior_alpha is not None):
+        raise ValueError(f"{name}: prior_alpha is required for PRIOR runs and must be None for NTP")
+    missing = [m for m in REQUIRED_METRICS if m not in run.heldout]
+    if missing:
+        raise ValueError(f"{name}: metrics lack {', '.join(missing)}")
+    bad = {k: v for k, v in run.heldout.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
+    if bad:
+        raise ValueError(f"{name}: metrics must be finite numbers, got {bad}")
 
-    arch: str
-    loss: str
-    seed: int
-    metrics: dict[str, float]
-    prior_alpha: float | None = None
-    metrics_jsonl: str | os.PathLike | None = None
-    extra: dict = field(default_factory=dict)
 
-    @property
-    def variant(self) -> str:
-        return "NTP" if self.loss == "ntp" else f"PRIOR α={self.prior_alpha:g}"
-
-    def validate(self) -> None:
-        name = f"run {self.arch}/{self.loss}/seed {self.seed}"
-        if self.arch not in ARCHS:
-            raise ValueError(f"{name}: arch must be one of {', '.join(ARCHS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"{name}: loss must be one of {', '.join(LOSSES)}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"{name}: seed must be an int, got {self.seed!r}")
-        if (self.loss == "prior") != (self.prior_alpha is not None):
-            raise ValueError(f"{name}: prior_alpha is required for PRIOR runs and must be None for NTP")
-        missing = [m for m in REQUIRED_METRICS if m not in self.metrics]
-        if missing:
-            raise ValueError(f"{name}: metrics lack {', '.join(missing)}")
-        bad = {k: v for k, v in self.metrics.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
-        if bad:
-            raise ValueError(f"{name}: metrics must be finite numbers, got {bad}")
-
-    def to_json(self) -> dict:
-        out = {"arch": self.arch, "loss": self.loss, "seed": self.seed, "prior_alpha": self.prior_alpha,
-               "metrics": {k: float(v) for k, v in self.metrics.items()}}
-        if self.metrics_jsonl is not None:
-            out["metrics_jsonl"] = str(self.metrics_jsonl)
-        return {**out, **self.extra}
+def run_json(run: RunResult, output_dir: Path) -> dict:
+    """A run as results.json lists it: issue 6's fields, its held-out metrics, what it trained
+    on, and its directory relative to the report's."""
+    out = {"arch": run.arch, "loss": run.loss, "seed": run.seed, "prior_alpha": run.prior_alpha,
+           "metrics": {k: float(v) for k, v in run.heldout.items()}, "name": run.name,
+           "iterations": run.iterations, "parameters": run.parameters, "loss_tokens": run.loss_tokens,
+           "train_wall_time_s": run.wall_time_s}
+    if run.run_dir is not None:
+        out["run_dir"] = os.path.relpath(run.run_dir, output_dir)
+    if run.metrics_jsonl is not None:
+        out["metrics_jsonl"] = str(run.metrics_jsonl)
+    return out
 
 
 @dataclass
@@ -142,39 +135,37 @@ def _group_key(run: RunResult) -> tuple:
 
 def _metric_names(runs: Sequence[RunResult]) -> list[str]:
     """Required metrics first, then the optional ones every run has, in METRIC_LABELS order."""
-    extra = [m for m in METRIC_LABELS if m not in REQUIRED_METRICS and all(m in r.metrics for r in runs)]
+    extra = [m for m in METRIC_LABELS if m not in REQUIRED_METRICS and all(m in r.heldout for r in runs)]
     return list(REQUIRED_METRICS) + extra
 
 
 def summarize(runs: Sequence[RunResult]) -> tuple[list[dict], list[dict]]:
-    """(summary over seeds per arch/loss/alpha, paired PRIOR - NTP differences per arch/alpha)."""
+    """(summary over seeds per arch/loss/alpha, paired differences of each loss from NTP per arch/alpha)."""
     groups: dict[tuple, list[RunResult]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: (_group_key(r), r.seed)):
         groups[(r.arch, r.loss, r.prior_alpha)].append(r)
     names = _metric_names(runs)
     summary = [{"arch": a, "loss": l, "prior_alpha": al, "seeds": [r.seed for r in rs],
-                "metrics": {m: spread([r.metrics[m] for r in rs]).to_json() for m in names}}
+                "metrics": {m: spread([r.heldout[m] for r in rs]).to_json() for m in names}}
                for (a, l, al), rs in groups.items()]
     paired = []
     for (a, l, al), rs in groups.items():
-        ntp = groups.get((a, "ntp", None))
-        if l != "prior" or not ntp:
+        base = groups.get((a, BASELINE, None))
+        if l == BASELINE or not base:
             continue
-        entry = {"arch": a, "prior_alpha": al, "seeds": [], "prior_minus_ntp": {}}
+        entry = {"arch": a, "loss": l, "prior_alpha": al, "seeds": [], f"{l}_minus_{BASELINE}": {}}
         for m in names:
-            seeds, diffs = paired_differences({r.seed: r.metrics[m] for r in rs}, {r.seed: r.metrics[m] for r in ntp})
+            seeds, diffs = paired_differences({r.seed: r.heldout[m] for r in rs}, {r.seed: r.heldout[m] for r in base})
             if seeds:
                 entry["seeds"] = seeds
-                entry["prior_minus_ntp"][m] = spread(diffs).to_json()
+                entry[f"{l}_minus_{BASELINE}"][m] = spread(diffs).to_json()
         if entry["seeds"]:
             paired.append(entry)
     return summary, paired
 
 
-def _fmt(entry: dict, digits: int = 3) -> str:
-    if entry["sd"] is None:
-        return f"{entry['mean']:.{digits}f}"
-    return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
+def _spread(entry: dict) -> str:
+    return fmt(entry["mean"], sd=entry["sd"])
 
 
 def _header(names: list[str]) -> list[str]:
@@ -184,10 +175,6 @@ def _header(names: list[str]) -> list[str]:
 def _table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def _variant(loss: str, alpha: float | None) -> str:
-    return "NTP" if loss == "ntp" else f"PRIOR α={alpha:g}"
 
 
 def render_markdown(reference_auc: float, runs: Sequence[RunResult], summary: list[dict], paired: list[dict],
@@ -200,17 +187,19 @@ def render_markdown(reference_auc: float, runs: Sequence[RunResult], summary: li
              "(1 = always prefers the true caption, 0.5 = cannot tell).",
              "", "## Mean ± sd over seeds", "",
              _table(["arch", "loss", "seeds"] + _header(names),
-                    [[ARCHS[s["arch"]], _variant(s["loss"], s["prior_alpha"]), ", ".join(map(str, s["seeds"]))]
-                     + [_fmt(s["metrics"][m]) for m in names] for s in summary])]
-    if paired:
-        parts += ["", "## PRIOR − NTP, paired by seed (same initialisation and data order)", "",
-                  "Negative loss differences and positive probe differences favour PRIOR.", "",
+                    [[ARCHS[s["arch"]].display_name, variant(s["loss"], s["prior_alpha"]),
+                      ", ".join(map(str, s["seeds"]))] + [_spread(s["metrics"][m]) for m in names] for s in summary])]
+    for loss in dict.fromkeys(p["loss"] for p in paired):
+        name, base = variant(loss, None), variant(BASELINE, None)
+        parts += ["", f"## {name} − {base}, paired by seed (same initialisation and data order)", "",
+                  f"Negative loss differences and positive probe differences favour {name}.", "",
                   _table(["arch", "loss", "seeds"] + [f"Δ {METRIC_LABELS[m][0]}" for m in names],
-                         [[ARCHS[p["arch"]], _variant("prior", p["prior_alpha"]), ", ".join(map(str, p["seeds"]))]
-                          + [_fmt(p["prior_minus_ntp"][m]) for m in names] for p in paired])]
+                         [[ARCHS[p["arch"]].display_name, variant(loss, p["prior_alpha"]),
+                           ", ".join(map(str, p["seeds"]))] + [_spread(p[f"{loss}_minus_{BASELINE}"][m]) for m in names]
+                          for p in paired if p["loss"] == loss])]
     parts += ["", "## Every run", "",
               _table(["arch", "loss", "seed"] + _header(names),
-                     [[ARCHS[r.arch], r.variant, str(r.seed)] + [f"{r.metrics[m]:.3f}" for m in names]
+                     [[ARCHS[r.arch].display_name, r.variant, str(r.seed)] + [fmt(float(r.heldout[m])) for m in names]
                       for r in sorted(runs, key=lambda r: (_group_key(r), r.seed))])]
     if notes:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -240,8 +229,8 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_loss_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
-    """One column per architecture, one row per logged curve; NTP and each PRIOR alpha in
-    their own colour, thin lines per seed and a thick line for the mean over seeds."""
+    """One column per architecture, one row per logged curve; each loss and PRIOR alpha in
+    its own colour, thin lines per seed and a thick line for the mean over seeds."""
     logs = {id(r): read_metrics_jsonl(r.metrics_jsonl) for r in runs}
     archs = [a for a in ARCHS if any(r.arch == a for r in runs)]
     curves = [c for c in CURVES if any(c in row for r in runs for row in logs[id(r)])]
@@ -255,29 +244,29 @@ def plot_loss_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path
     for col, arch in enumerate(archs):
         for row, curve in enumerate(curves):
             ax = axes[row][col]
-            for variant in variants:
+            for curve_variant in variants:
                 series = []
                 for r in runs:
-                    if r.arch != arch or (r.loss, r.prior_alpha) != variant:
+                    if r.arch != arch or (r.loss, r.prior_alpha) != curve_variant:
                         continue
                     pts = [(x["iteration"], x[curve]) for x in logs[id(r)] if curve in x]
                     if pts:
                         it, val = map(np.asarray, zip(*pts))
-                        ax.plot(it, val, color=colors[variant], alpha=0.3, linewidth=0.8)
+                        ax.plot(it, val, color=colors[curve_variant], alpha=0.3, linewidth=0.8)
                         series.append((it, val))
                 if not series:
                     continue
-                label = _variant(*variant)
+                label = variant(*curve_variant)
                 common = series[0][0]
                 if len(series) > 1 and all(np.array_equal(s[0], common) for s in series):
-                    ax.plot(common, np.mean([s[1] for s in series], axis=0), color=colors[variant],
+                    ax.plot(common, np.mean([s[1] for s in series], axis=0), color=colors[curve_variant],
                             linewidth=2.0, label=f"{label} (mean of {len(series)})")
                 else:
-                    ax.plot([], [], color=colors[variant], label=label)
+                    ax.plot([], [], color=colors[curve_variant], label=label)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.25)
             if row == 0:
-                ax.set_title(ARCHS[arch])
+                ax.set_title(ARCHS[arch].display_name)
             if row == len(curves) - 1:
                 ax.set_xlabel("iteration")
             if col == 0:
@@ -369,7 +358,7 @@ def write_report(output_dir: str | os.PathLike, runs: Sequence[RunResult], refer
     if not runs:
         raise ValueError("no runs to report")
     for r in runs:
-        r.validate()
+        validate_run(r)
     keys = [(r.arch, r.loss, r.prior_alpha, r.seed) for r in runs]
     dupes = sorted({k for k in keys if keys.count(k) > 1}, key=str)
     if dupes:
@@ -392,7 +381,7 @@ def write_report(output_dir: str | os.PathLike, runs: Sequence[RunResult], refer
     if captions:
         written["token_weights"] = plot_token_weights(captions, out / "token_weights.png", weight_label)
     figures = {k: p.name for k, p in written.items()}
-    doc = {"reference_auc": float(reference_auc), "runs": [r.to_json() for r in runs],
+    doc = {"reference_auc": float(reference_auc), "runs": [run_json(r, out) for r in runs],
            "summary": summary, "paired": paired, "figures": figures, **(extra or {})}
     written["results_json"] = atomic_write_json(out / "results.json", doc)
     written["results_md"] = atomic_write_text(

@@ -3,9 +3,9 @@
     python -m megatron_prior.eval.run --load runs/ulvlm_prior/ --tokenizer-model data/tokenizer.model \\
         --data-path data/heldout_caption_document --probe data/probe.jsonl --output runs/ulvlm_prior/eval.json
 
-writes ``eval.json``: held-out cross-entropy per token kind (``heldout_loss_grounded``,
-``heldout_loss_template``, ``heldout_loss_unrelated``, ``heldout_loss_other``, and
-``heldout_loss`` over all caption tokens, with ``heldout_tokens_<kind>`` counts), the
+writes ``eval.json``: held-out cross-entropy per token kind (``heldout_ce_grounded``,
+``heldout_ce_template``, ``heldout_ce_unrelated``, ``heldout_ce_other``, and ``heldout_ce``
+over all caption tokens, with ``heldout_tokens_<kind>`` counts), the
 POPE-style probe accuracy (``probe_accuracy`` over all items and ``probe_accuracy_<split>``
 for random, popular, adversarial), plus what was evaluated (``load``, ``iteration``,
 ``arch``, ``data_path``, ``probe``). The scaling-law sweeps read ``probe_accuracy`` from it.
@@ -21,7 +21,15 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-from megatron_prior.files import atomic_write_json
+# megatron-core warns on import that Transformer Engine and Apex are missing; scoring uses neither.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+
+from megatron_prior import parallel  # noqa: E402
+from megatron_prior.checkpoint import CheckpointError, resolve_iteration  # noqa: E402
+from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer  # noqa: E402
+from megatron_prior.eval.probe import load_probe_items  # noqa: E402
+from megatron_prior.files import atomic_write_json  # noqa: E402
+from megatron_prior.models.arch import ARCHS  # noqa: E402
 
 log = logging.getLogger("megatron_prior.eval")
 
@@ -29,9 +37,11 @@ log = logging.getLogger("megatron_prior.eval")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_prior.eval.run",
-        description="Evaluate a trained vision-language model (H-LVLM or U-LVLM): held-out loss by token "
-                    "kind on a preprocessed corpus (tokens + .kinds + .images, as tools/preprocess_with_weights.py "
-                    "writes them) and the POPE-style probe (a probe.jsonl of the demo generator). Writes eval.json.",
+        description="Evaluate a trained vision-language model ("
+                    + " or ".join(a.display_name for a in ARCHS.values() if a.needs_images)
+                    + "): held-out loss by token kind on a preprocessed corpus (tokens + .kinds + .images, as "
+                    "tools/preprocess_with_weights.py writes them) and the POPE-style probe (a probe.jsonl of the "
+                    "demo generator). Writes eval.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory of the run (its --save)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
@@ -54,13 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error("--micro-batch-size must be >= 1")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
-
-    from megatron_prior import parallel
-    from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer
-    from megatron_prior.eval.probe import load_probe_items
-    from megatron_prior.checkpoint import CheckpointError, resolve_iteration
-
     try:
         iteration = args.iteration if args.iteration is not None else resolve_iteration(args.load)
         if iteration is None:
@@ -80,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   probe=args.probe, wall_time_s=time.perf_counter() - start)
     atomic_write_json(args.output, result)
     shown = {k: round(v, 4) for k, v in result.items()
-             if isinstance(v, float) and (k.startswith("heldout_loss") or k.startswith("probe_accuracy"))}
+             if isinstance(v, float) and (k.startswith("heldout_ce") or k.startswith("probe_accuracy"))}
     log.info("wrote %s: %s", args.output, json.dumps(shown))
     return result
 

@@ -28,10 +28,11 @@ def make_loss_func(name: str, *, kind_names: Sequence[str] = (), validate: bool 
     """``loss_func(batch, per_token_ce [b, s] fp32) -> (loss_sum, num_tokens, logs)``.
 
     ``logs`` holds ``[sum, count]`` pairs (summed over micro-batches and data-parallel ranks
-    by the training loop): ``"lm loss"`` (the weighted loss and the count it is divided by),
-    ``"ntp loss"`` (unweighted, over all loss tokens) and, when ``kind_names`` are given and the
-    batch has ``token_kinds`` (ids into ``kind_names``), ``"loss/<kind>"`` for every kind (count 0
-    where absent, so every micro-batch logs the same keys).
+    by the training loop), under the keys every log of the project uses: ``"weighted_ce"``
+    (the loss trained on: token weight x CE, and the loss-token count it is divided by; equal to
+    ``"ce"`` for ntp), ``"ce"`` (unweighted CE over all loss tokens) and, when ``kind_names`` are
+    given and the batch has ``token_kinds`` (ids into ``kind_names``), ``"ce_<kind>"`` for every
+    kind (count 0 where absent, so every micro-batch logs the same keys).
 
     Missing batch entries and mismatched shapes are always refused (no values are read).
     ``validate`` also checks the values: the mask is 0/1, the kind ids are in range and PRIOR
@@ -66,8 +67,8 @@ def make_loss_func(name: str, *, kind_names: Sequence[str] = (), validate: bool 
         masked_ce = (ce * mask).detach()
         mask_count = mask.sum()
         logs = {
-            "lm loss": torch.stack([loss_sum.detach(), num_tokens.to(ce.dtype)]),
-            "ntp loss": torch.stack([masked_ce.sum(), mask_count]),
+            "weighted_ce": torch.stack([loss_sum.detach(), num_tokens.to(ce.dtype)]),
+            "ce": torch.stack([masked_ce.sum(), mask_count]),
         }
         if kinds is not None:
             idx = kinds.reshape(-1).long()
@@ -75,7 +76,7 @@ def make_loss_func(name: str, *, kind_names: Sequence[str] = (), validate: bool 
             sums.index_add_(0, idx, masked_ce.reshape(-1))
             counts = torch.zeros_like(sums).index_add_(0, idx, mask.reshape(-1))
             for k, kind in enumerate(kind_names):
-                logs[f"loss/{kind}"] = torch.stack([sums[k], counts[k]])
+                logs[f"ce_{kind}"] = torch.stack([sums[k], counts[k]])
         return loss_sum, num_tokens, logs
 
     return loss_func

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-ARCHITECTURES = ("gpt", "hlvlm", "ulvlm")
+from megatron_prior.models.arch import get_arch
 
 
 @dataclass
@@ -22,12 +22,16 @@ class ModelConfig:
     num_attention_heads: int = 4
     ffn_hidden_size: Optional[int] = None
     vocab_size: int = 0
-    max_position_embeddings: int = 128
+    # Positions the position embedding covers, at least combined_seq_length (None: exactly it).
+    max_position_embeddings: Optional[int] = 128
+    # Text positions per sample the model was built for (training's --seq-length); None takes
+    # max_position_embeddings less the image's positions, see __post_init__.
+    seq_length: Optional[int] = None
     position_embedding_type: str = "rope"
     share_embeddings_and_output_weights: bool = True
     normalization: str = "LayerNorm"
     tokenizer_fingerprint: Optional[str] = None
-    # Image input (hlvlm, ulvlm).
+    # Image input (architectures with needs_images).
     image_size: int = 32
     patch_size: int = 8
     image_token_id: Optional[int] = None
@@ -42,24 +46,33 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        arch = get_arch(self.arch)  # an unknown name is refused with the known ones
         problems = []
-        if self.arch not in ARCHITECTURES:
-            problems.append(f"arch {self.arch!r} is not one of {ARCHITECTURES}")
         if self.hidden_size % self.num_attention_heads:
             problems.append(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
-        if self.arch != "gpt":
-            if self.image_size % self.patch_size:
-                problems.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-            if self.image_token_id is None:
-                problems.append(f"arch {self.arch} needs image_token_id (the tokenizer's <image> id)")
-        if self.arch == "ulvlm" and None in (self.image_start_id, self.image_row_id, self.image_end_id):
-            problems.append("arch ulvlm needs image_start_id, image_row_id and image_end_id")
-        if self.arch == "hlvlm" and self.vit_hidden_size % self.vit_num_attention_heads:
-            problems.append("vit_hidden_size is not divisible by vit_num_attention_heads")
+        problems += arch.validate_config(self)
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+        if self.seq_length is None and self.max_position_embeddings is None:
+            raise ValueError("invalid model config: give seq_length, max_position_embeddings or both")
+        if self.seq_length is None:
+            # A model_config.json written before seq_length existed: its readers (evaluation's
+            # text length, the scoring window) took max_position_embeddings less the image's
+            # positions as the text length, so deriving it keeps what they did.
+            self.seq_length = self.max_position_embeddings - self.image_offset
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.combined_seq_length
+        if self.seq_length < 1:
+            raise ValueError(f"invalid model config: seq_length {self.seq_length} leaves no text "
+                             f"(max_position_embeddings {self.max_position_embeddings}, {self.image_offset} "
+                             "positions added by the image)")
+        if self.combined_seq_length > self.max_position_embeddings:
+            # LLaVAModel would cut the sequence there, a learned position embedding fail.
+            raise ValueError(f"invalid model config: {self.combined_seq_length} positions per sample (seq_length "
+                             f"{self.seq_length} + {self.image_offset} added by the image) exceed "
+                             f"max_position_embeddings {self.max_position_embeddings}")
 
     @property
     def patches_per_side(self) -> int:
@@ -67,15 +80,20 @@ class ModelConfig:
 
     @property
     def image_sequence_length(self) -> int:
-        """Positions an image occupies in the language model's input."""
-        n = self.patches_per_side
-        if self.arch == "hlvlm":
-            return n * n  # the ViT's patch tokens (class token dropped)
-        if self.arch == "ulvlm":
-            # <img_start>, then each row's n patches followed by <img_row>, the last row's
-            # break replaced by <img_end>.
-            return 1 + n * (n + 1)
-        return 0
+        """Positions an image occupies in the language model's input (0 without images)."""
+        return get_arch(self.arch).image_sequence_length(self)
+
+    @property
+    def image_offset(self) -> int:
+        """Positions the image adds in front of the text: its stream replaces the one
+        ``<image>`` placeholder token (``megatron_prior.models.layout``)."""
+        n = self.image_sequence_length
+        return n - 1 if n else 0
+
+    @property
+    def combined_seq_length(self) -> int:
+        """Positions per sample the language model computes: the image's, then the text's."""
+        return self.image_offset + self.seq_length
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

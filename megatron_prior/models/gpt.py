@@ -1,10 +1,12 @@
-"""The text model every architecture shares: megatron-core GPTModel, built for this rank.
+"""The text model every architecture shares: megatron-core GPTModel, built for this rank, and
+the ``gpt`` architecture (the text-only reference LM).
 
-``transformer_config`` turns sizes and precision into one megatron-core TransformerConfig
-with the CPU-safe choices made in one place (no fused kernels without CUDA, CPU
-initialisation, fp32 on CPU unless bf16 is asked for). ``build_gpt`` picks the layer spec
-(Transformer Engine's when present and wanted, megatron-core's local one otherwise) and
-builds the pipeline stage this rank owns.
+``transformer_config`` turns sizes and precision into a megatron-core TransformerConfig with
+the CPU-safe choices made in one place (no fused kernels without CUDA, CPU initialisation, fp32
+on CPU unless bf16 is asked for); every transformer of every architecture (language model,
+ViT, projector) gets its config from it. ``build_gpt`` picks the layer spec (Transformer
+Engine's when present and wanted, megatron-core's local one otherwise) and builds the pipeline
+stage this rank owns.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_prior.models.arch import Arch, BuildContext, register
+from megatron_prior.models.config import ModelConfig
 
 
 def transformer_config(
@@ -27,9 +35,13 @@ def transformer_config(
     bf16: bool = False,
     hidden_dropout: float = 0.0,
     attention_dropout: float = 0.0,
+    pipelined: bool = True,
     **overrides,
 ) -> TransformerConfig:
-    """A TransformerConfig for this rank's parallel layout (read from parallel_state)."""
+    """A TransformerConfig for this rank's parallel layout (read from parallel_state).
+
+    ``pipelined=False`` for a module that lives whole on the first pipeline stage (the
+    H-LVLM's ViT and projector): no pipeline split of its layers."""
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         num_layers=num_layers,
@@ -37,8 +49,9 @@ def transformer_config(
         num_attention_heads=num_attention_heads,
         ffn_hidden_size=ffn_hidden_size or 4 * hidden_size,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size() if pipelined else 1,
+        virtual_pipeline_model_parallel_size=(
+            parallel_state.get_virtual_pipeline_model_parallel_world_size() if pipelined else None),
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
         bf16=bf16,
@@ -62,10 +75,7 @@ def layer_spec(config: TransformerConfig, use_te: bool = False) -> ModuleSpec:
     """Transformer Engine's layer spec when asked for (FP8 needs it), else megatron-core's local one."""
     if use_te:
         try:
-            from megatron.core.models.gpt.gpt_layer_specs import (
-                get_gpt_layer_with_transformer_engine_spec,
-            )
-            import transformer_engine  # noqa: F401
+            import transformer_engine  # noqa: F401  (optional dependency: only FP8 runs need it)
         except ImportError as err:
             raise RuntimeError(
                 "Transformer Engine's layer spec was requested (FP8 needs it) but "
@@ -86,11 +96,11 @@ def build_gpt(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
 ) -> GPTModel:
-    """The GPTModel stage this rank owns (first/last stage decided by parallel_state)."""
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    """The GPTModel stage this rank owns (by default the stage ``BuildContext.for_this_rank`` says)."""
+    if pre_process is None or post_process is None:
+        ctx = BuildContext.for_this_rank(vp_stage)
+        pre_process = ctx.pre_process if pre_process is None else pre_process
+        post_process = ctx.post_process if post_process is None else post_process
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te),
@@ -103,3 +113,28 @@ def build_gpt(
         position_embedding_type=position_embedding_type,
         vp_stage=vp_stage,
     )
+
+
+def language_model(cfg: ModelConfig, config: TransformerConfig, ctx: BuildContext) -> GPTModel:
+    """The GPTModel a ``ModelConfig`` describes, for the stage ``ctx`` names."""
+    return build_gpt(config, cfg.vocab_size, cfg.max_position_embeddings,
+                     position_embedding_type=cfg.position_embedding_type,
+                     share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+                     use_te=ctx.use_te, vp_stage=ctx.vp_stage, pre_process=ctx.pre_process,
+                     post_process=ctx.post_process)
+
+
+def forward_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                 packed_seq_params=batch.get("packed_seq_params"))
+
+
+ARCH = register(Arch(
+    name="gpt",
+    display_name="GPT",
+    description="text-only language model (megatron-core GPTModel): the PRIOR reference LM",
+    needs_images=False,
+    build=language_model,
+    forward_loss=forward_loss,
+    supports_virtual_pipeline=True,
+))

@@ -17,12 +17,11 @@ import hashlib
 import math
 
 import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 
 def sharded_tensors(model: torch.nn.Module) -> list:
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     return [v for v in nested_values(model.sharded_state_dict()) if isinstance(v, ShardedTensor)]
 
 

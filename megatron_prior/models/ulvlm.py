@@ -1,4 +1,5 @@
-"""U-LVLM: an encoder-free vision-language model (SOLO-style) on megatron-core's GPTModel.
+"""U-LVLM: an encoder-free vision-language model (SOLO-style) on megatron-core's GPTModel, and
+the ``ulvlm`` architecture.
 
 Raw image patches go through one linear layer straight into the language model's input
 stream, framed by special tokens: ``<img_start>``, then each row of patches followed by
@@ -15,9 +16,13 @@ from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_prior.models.arch import Arch, BuildContext, register
 from megatron_prior.models.config import ModelConfig
+from megatron_prior.models.gpt import language_model
 from megatron_prior.models.layout import expand_to_combined
 
 
@@ -37,8 +42,6 @@ class ULVLM(MegatronModule):
         # finalize_model_grads reads it to all-reduce tied embeddings across pipeline stages.
         self.share_embeddings_and_output_weights = cfg.share_embeddings_and_output_weights
         self.language_model = language_model
-        if cfg.position_embedding_type != "rope":
-            raise ValueError("U-LVLM needs position_embedding_type 'rope' (positions come from the stream)")
         if self.pre_process:
             config = language_model.config
             patch_dim = 3 * cfg.patch_size * cfg.patch_size
@@ -75,6 +78,7 @@ class ULVLM(MegatronModule):
         position_ids: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor],
         labels: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
         """Per-token loss ``[b, s_combined]`` when labels are given, else logits.
 
@@ -90,6 +94,49 @@ class ULVLM(MegatronModule):
             labels = expand_to_combined(labels, self.cfg.image_sequence_length, fill=0)
         return self.language_model(
             input_ids=None, position_ids=None, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=labels,
+            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,
         )
+
+
+def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContext) -> ULVLM:
+    return ULVLM(cfg, language_model(cfg, language_config, ctx))
+
+
+def forward_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    # Positions come from the stream (rope over the combined sequence), not from the text.
+    return model(batch["images"], batch["tokens"], None, batch.get("attention_mask"), labels=batch["labels"],
+                 packed_seq_params=batch.get("packed_seq_params"))
+
+
+def validate_config(cfg: ModelConfig) -> list[str]:
+    problems = []
+    if cfg.image_size % cfg.patch_size:
+        problems.append(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
+    if cfg.image_token_id is None:
+        problems.append(f"arch {cfg.arch} needs image_token_id (the tokenizer's <image> id)")
+    if None in (cfg.image_start_id, cfg.image_row_id, cfg.image_end_id):
+        problems.append(f"arch {cfg.arch} needs image_start_id, image_row_id and image_end_id")
+    if cfg.position_embedding_type != "rope":
+        problems.append(f"arch {cfg.arch} needs position_embedding_type 'rope' (positions come from the stream)")
+    return problems
+
+
+def image_sequence_length(cfg: ModelConfig) -> int:
+    # <img_start>, then each row's n patches followed by <img_row>, the last row's break
+    # replaced by <img_end>.
+    n = cfg.patches_per_side
+    return 1 + n * (n + 1)
+
+
+ARCH = register(Arch(
+    name="ulvlm",
+    display_name="U-LVLM",
+    description="encoder-free vision-language model: raw patches through one linear layer into a GPT "
+                "(SOLO-style image markers)",
+    needs_images=True,
+    build=build,
+    forward_loss=forward_loss,
+    validate_config=validate_config,
+    image_sequence_length=image_sequence_length,
+))
 

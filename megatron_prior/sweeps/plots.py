@@ -1,4 +1,4 @@
-"""The sweep's figure: held-out loss vs training tokens per size with the fitted curves, one
+"""The sweep's figure: held-out loss vs loss tokens D per size with the fitted curves, one
 panel per loss (NTP and PRIOR side by side, same axes), and a last panel with the fitted data
 exponents per size and their confidence intervals, which is where "PRIOR scales better" is read.
 """
@@ -14,34 +14,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from megatron_prior.files import atomic_savefig  # noqa: E402
+from megatron_prior.loss import LOSSES  # noqa: E402
+from megatron_prior.results import RunResult  # noqa: E402
 
-from .collect import RunResult  # noqa: E402
 from .fit import power_law  # noqa: E402
 
-_LOSS_STYLE = {"ntp": ("o", "NTP"), "prior": ("s", "PRIOR")}
+_MARKERS = "osD^v"  # one per loss, in LOSSES order
 
 
-def _label(loss: str) -> str:
-    return _LOSS_STYLE.get(loss, ("o", loss.upper()))[1]
+def _marker(loss: str) -> str:
+    return _MARKERS[LOSSES.index(loss) % len(_MARKERS)]
 
 
 def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "",
-                 metric: str = "eval_loss") -> None:
+                 metric: str = "ce") -> None:
     """Write the figure of ``metric`` (RunResult.metric) and its ``fit`` to ``path`` (PNG)."""
-    what = "held-out loss" if metric == "eval_loss" else f"held-out CE, {metric} tokens"
-    losses = [k for k in ("ntp", "prior") if k in {r.loss for r in results}] + sorted(
-        {r.loss for r in results} - {"ntp", "prior"})
+    what = "held-out loss" if metric == "ce" else f"held-out CE, {metric.removeprefix('ce_')} tokens"
+    losses = [k for k in LOSSES if k in {r.loss for r in results}]
     sizes = list(fit["per_size"])  # ordered by parameter count
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(sizes), 2)))
     fig, axes = plt.subplots(1, len(losses) + 1, figsize=(5.2 * (len(losses) + 1), 4.4),
                              gridspec_kw={"width_ratios": [1.25] * len(losses) + [1.0]})
     loss_axes = axes[:-1]
-    tokens = np.array([r.tokens for r in results], dtype=float)
+    tokens = np.array([r.loss_tokens for r in results], dtype=float)
     x_grid = np.geomspace(tokens.min() / 1.3, tokens.max() * 1.6, 200)
     for ax, loss in zip(loss_axes, losses):
         for color, size in zip(colors, sizes):
             pts = [r for r in results if r.size == size and r.loss == loss]
-            d = np.array([r.tokens for r in pts], dtype=float)
+            d = np.array([r.loss_tokens for r in pts], dtype=float)
             y = np.array([r.metric(metric) for r in pts])
             f = fit["per_size"][size][loss]
             label = f"{size} ({f['parameters'] / 1e6:.2g}M)"
@@ -55,11 +55,11 @@ def plot_scaling(results: list[RunResult], fit: dict, path: Path, title: str = "
                         color=color, lw=1.2, ls=":")
                 ci = f"[{f['beta_ci'][0]:.2f}, {f['beta_ci'][1]:.2f}]" if f["beta_ci"] else ""
                 label += f": β={f['beta']:.2f} {ci}, R²={f['r2']:.3f}"
-            ax.scatter(d, y, color=color, marker=_LOSS_STYLE.get(loss, ("o",))[0], s=26,
+            ax.scatter(d, y, color=color, marker=_marker(loss), s=26,
                        edgecolor="black", linewidth=0.4, zorder=3, label=label)
         ax.set_xscale("log")
-        ax.set_title(f"{_label(loss)}: {what} vs tokens")
-        ax.set_xlabel("training tokens D")
+        ax.set_title(f"{loss.upper()}: {what} vs loss tokens")
+        ax.set_xlabel("loss tokens D (tokens that carried loss)")
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(fontsize=7.5, loc="upper right", title="size: L = E + B·D^-β", title_fontsize=7.5)
     loss_axes[0].set_ylabel(f"{what} (nats/token)")
@@ -94,7 +94,7 @@ def _plot_exponents(ax, fit: dict, losses: list[str], sizes: list[str]) -> None:
             highs.append(hi)
         mid, half = (np.add(lows, highs) / 2.0, np.subtract(highs, lows) / 2.0)
         ax.errorbar(xs, mid, yerr=half, fmt="none", capsize=4, color=f"C{i}")
-        ax.plot(xs, betas, _LOSS_STYLE.get(loss, ("o",))[0], label=_label(loss), color=f"C{i}")
+        ax.plot(xs, betas, _marker(loss), label=loss.upper(), color=f"C{i}")
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_xlim(-0.6, len(sizes) - 0.4)
     ax.set_xlabel("model size")

@@ -3,21 +3,25 @@
 ``fit.json`` schema (version 1)::
 
     {
-      "schema_version": 1, "sweep": name, "law": "L(D) = E + B * D**-beta",
-      "x": "tokens_seen", "y": "eval_loss",
+      "schema_version": 2, "sweep": name, "law": "L(D) = E + B * D**-beta",
+      "x": "loss_tokens", "y": "eval_ce",          # summary.json keys: D and L
       "reference_size": "s",                       # the largest size (by parameters)
       "ntp":   {<fit of the reference size>, "size": "s", "parameters": N},
       "prior": {...},
       "per_size": {"xs": {"ntp": {<fit>, "parameters": N}, "prior": {...}}, "s": {...}},
       "chinchilla": {"ntp": {E, A, alpha, alpha_ci, B, beta, beta_ci, r2, ...}, "prior": ...},
       "comparison": {"xs": {"beta_ntp", "beta_prior", "beta_ratio", "ci_overlap"}, ...},
-      "by_kind": {"grounded": {<the same fields, "y": "grounded">}}   # the sweep's fit_kinds
+      "by_kind": {"grounded": {<the same fields, "y": "eval_ce_grounded">}}   # the sweep's fit_kinds
     }
 
-A fit entry is fit_power_law's dict (E, B, beta, beta_ci, r2, extrapolation_error, ...).
-Where a curve admits no power law the entry is ``{"error": "<why>"}`` instead, so one bad
-curve does not hide the others; the report prints every such error. ``chinchilla`` is present
-only with >= 2 sizes (its entries may be errors too); ``comparison`` only with both losses.
+D counts the tokens that carried loss (summary.json ``loss_tokens``), not the positions a run
+computed: padding and image positions train nothing (schema 1 used ``tokens_seen``, every
+position of the text including padding). A fit entry is fit_power_law's dict (E, B, beta,
+beta_ci, r2, extrapolation_error, ...). Where a curve admits no power law the entry is
+``{"error": "<why>"}`` instead, so one bad curve does not hide the others; the report prints
+every such error. ``chinchilla`` is present only with >= 2 sizes (its entries may be errors
+too); ``comparison`` (each loss against NTP, the first of ``megatron_prior.loss.LOSSES``) only
+with both.
 """
 
 from __future__ import annotations
@@ -26,19 +30,24 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_prior.files import atomic_write_json, atomic_write_text
+from megatron_prior.loss import LOSSES
+from megatron_prior.results import RunResult
 
-from .collect import RunResult, collect, results_markdown
+from .collect import collect, results_markdown
 from .fit import FitError, fit_chinchilla, fit_power_law
+from .plots import plot_scaling
 from .rundirs import SUMMARY
 from .spec import SweepSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+BASELINE = LOSSES[0]  # ntp: the exponent every other loss is compared with
 
 
-def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *, metric: str = "eval_loss",
+def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *, metric: str = "ce",
               n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Per-size L(D) fits for each loss, the Chinchilla L(N, D) fit, and NTP-vs-PRIOR exponents,
-    of ``metric`` (RunResult.metric: all caption tokens, or one token kind)."""
+    """Per-size L(D) fits for each loss, the Chinchilla L(N, D) fit, and each loss's exponent
+    against NTP's, of the validation loss ``metric`` (RunResult.metric: ``ce`` over all caption
+    tokens, ``ce_<kind>`` over one token kind) against the loss tokens D."""
     sizes = sorted({r.size for r in results},
                    key=lambda s: next(r.parameters for r in results if r.size == s))
     if not sizes:
@@ -50,14 +59,14 @@ def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *, m
         for loss in losses:
             pts = [r for r in results if r.size == size and r.loss == loss]
             try:
-                fit = fit_power_law([r.tokens for r in pts], [r.metric(metric) for r in pts],
+                fit = fit_power_law([r.loss_tokens for r in pts], [r.metric(metric) for r in pts],
                                     n_bootstrap=n_bootstrap, seed=seed)
             except FitError as err:
                 fit = {"error": str(err)}
             per_size[size][loss] = {**fit, "parameters": params[size]}
     reference = sizes[-1]
     out: dict = {"schema_version": SCHEMA_VERSION, "sweep": name, "law": "L(D) = E + B * D**-beta",
-                 "x": "tokens_seen", "y": metric, "reference_size": reference}
+                 "x": "loss_tokens", "y": f"eval_{metric}", "reference_size": reference}
     for loss in losses:
         out[loss] = {**per_size[reference][loss], "size": reference}
     out["per_size"] = per_size
@@ -67,25 +76,27 @@ def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *, m
             pts = [r for r in results if r.loss == loss]
             try:
                 out["chinchilla"][loss] = fit_chinchilla(
-                    [r.parameters for r in pts], [r.tokens for r in pts],
+                    [r.parameters for r in pts], [r.loss_tokens for r in pts],
                     [r.metric(metric) for r in pts], n_bootstrap=min(n_bootstrap, 300), seed=seed)
             except FitError as err:
                 out["chinchilla"][loss] = {"error": str(err)}
-    if {"ntp", "prior"} <= set(losses):
-        out["comparison"] = {size: _compare(per_size[size]["ntp"], per_size[size]["prior"])
+    others = [loss for loss in losses if loss != BASELINE]
+    if BASELINE in losses and others:
+        (other,) = others  # LOSSES holds one loss besides the baseline
+        out["comparison"] = {size: _compare(BASELINE, per_size[size][BASELINE], other, per_size[size][other])
                              for size in sizes}
     return out
 
 
-def _compare(ntp: dict, prior: dict) -> dict:
-    if "error" in ntp or "error" in prior:
+def _compare(base_name: str, base: dict, name: str, fit: dict) -> dict:
+    if "error" in base or "error" in fit:
         return {"error": "a fit is missing: " + "; ".join(
-            f"{k}: {v['error']}" for k, v in (("ntp", ntp), ("prior", prior)) if "error" in v)}
-    out = {"beta_ntp": ntp["beta"], "beta_prior": prior["beta"],
-           "beta_ratio": prior["beta"] / ntp["beta"], "ci_overlap": None}
-    if ntp["beta_ci"] and prior["beta_ci"]:
-        out["ci_overlap"] = not (prior["beta_ci"][0] > ntp["beta_ci"][1]
-                                 or ntp["beta_ci"][0] > prior["beta_ci"][1])
+            f"{k}: {v['error']}" for k, v in ((base_name, base), (name, fit)) if "error" in v)}
+    out = {f"beta_{base_name}": base["beta"], f"beta_{name}": fit["beta"],
+           "beta_ratio": fit["beta"] / base["beta"], "ci_overlap": None}
+    if base["beta_ci"] and fit["beta_ci"]:
+        out["ci_overlap"] = not (fit["beta_ci"][0] > base["beta_ci"][1]
+                                 or base["beta_ci"][0] > fit["beta_ci"][1])
     return out
 
 
@@ -127,23 +138,21 @@ def fit_markdown(fit: dict) -> str:
 
 def analyze(spec: SweepSpec, output_dir: Path, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Collect, fit and plot a finished sweep; returns what was written (paths and fit)."""
-    from .plots import plot_scaling  # matplotlib only when a report is made
-
     output_dir = Path(output_dir)
     results, missing = collect(spec, output_dir)
     if missing:
         raise FitError(f"{len(missing)} of {len(results) + len(missing)} runs have no "
                        f"{SUMMARY} yet (first: {missing[0].name}); finish the sweep first")
-    atomic_write_json(output_dir / "results.json", [r.as_dict() for r in results], sort_keys=False)
+    atomic_write_json(output_dir / "results.json", [r.to_json() for r in results], sort_keys=False)
     fit = fit_sweep(results, spec.name, spec.losses, n_bootstrap=n_bootstrap, seed=seed)
     sections = [f"## Fits: held-out loss of all caption tokens\n\n{fit_markdown(fit)}"]
-    plots = {"scaling.png": ("eval_loss", fit)}
+    plots = {"scaling.png": ("ce", fit)}
     if spec.fit_kinds:
-        fit["by_kind"] = {kind: fit_sweep(results, spec.name, spec.losses, metric=kind,
+        fit["by_kind"] = {kind: fit_sweep(results, spec.name, spec.losses, metric=f"ce_{kind}",
                                           n_bootstrap=n_bootstrap, seed=seed) for kind in spec.fit_kinds}
         for kind, kind_fit in fit["by_kind"].items():
             sections.append(f"## Fits: held-out CE of the {kind} tokens\n\n{fit_markdown(kind_fit)}")
-            plots[f"scaling_{kind}.png"] = (kind, kind_fit)
+            plots[f"scaling_{kind}.png"] = (f"ce_{kind}", kind_fit)
     atomic_write_json(output_dir / "fit.json", fit, sort_keys=False)
     atomic_write_text(output_dir / "results.md",
                       f"# Sweep {spec.name}\n\n" + "\n".join(sections)

@@ -45,10 +45,11 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import yaml
 
-from megatron_prior.models.config import ARCHITECTURES, PRESETS
+from megatron_prior.loss import LOSSES
+from megatron_prior.models.arch import ARCHS
+from megatron_prior.models.config import PRESETS
 from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args
 
-KNOWN_LOSSES = ("ntp", "prior")
 DEFAULT_TRAINER = ("-m", "megatron_prior.train")
 TRAINER_NAME = "python -m megatron_prior.train"
 
@@ -425,8 +426,8 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
                                             "seeds", "seq_length", "global_batch_size"))
     name = c.string(raw["name"], "name", _NAME_RE)
     model = c.string(raw["model"], "model")
-    if model not in ARCHITECTURES:
-        c.fail("model", f"unknown model {model!r}; known: {', '.join(ARCHITECTURES)}")
+    if model not in ARCHS:
+        c.fail("model", f"unknown model {model!r}; known: {', '.join(ARCHS)}")
     seq_length = c.integer(raw["seq_length"], "seq_length", 1)
     gbs = c.integer(raw["global_batch_size"], "global_batch_size", 1)
 
@@ -463,8 +464,8 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
 
     losses = []
     for i, item in enumerate(c.nonempty_list(raw["losses"], "losses")):
-        if item not in KNOWN_LOSSES:
-            c.fail(f"losses[{i}]", f"unknown loss {item!r}; known: {', '.join(KNOWN_LOSSES)}")
+        if item not in LOSSES:
+            c.fail(f"losses[{i}]", f"unknown loss {item!r}; known: {', '.join(LOSSES)}")
         if item in losses:
             c.fail(f"losses[{i}]", f"duplicate loss {item!r}")
         losses.append(item)
@@ -495,7 +496,7 @@ def parse_sweep(raw: Any, path: Path | str = "<sweep>") -> SweepSpec:
         _check_trainer_flags(c, data, train_args)
     if train_args.get("eval-iters") == 0:
         c.fail("train_args.eval-iters", "0 turns evaluation off, but the fits need each run's "
-                                        "held-out loss (summary.json eval_loss)")
+                                        "held-out loss (summary.json eval_ce)")
 
     nproc = 1
     if "local" in raw:

@@ -18,7 +18,9 @@ from megatron.core.transformer.enums import AttnBackend
 
 from megatron_prior.compat import have_transformer_engine
 from megatron_prior.loss import LOSSES
-from megatron_prior.models.config import ARCHITECTURES, PRESETS
+from megatron_prior.models.arch import ARCHS, get_arch
+from megatron_prior.models.config import PRESETS
+from megatron_prior.parallel import launch_info
 from megatron_prior.tokenizer import TOKENIZER_TYPES, infer_tokenizer_type, load_tokenizer
 
 
@@ -110,13 +112,14 @@ def split_shares(split: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m megatron_prior.train",
-        description="Train a reference LM (gpt), an H-LVLM (LLaVA-style) or a U-LVLM (encoder-free) "
+        description="Train a text-only reference LM or a vision-language model (--model) "
         "with next-token prediction (--loss ntp) or PRIOR (--loss prior) on megatron-core, with "
         "tensor, pipeline and data parallelism. Launch with torchrun (or srun) for more than one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=ARCHITECTURES, default="gpt", help="architecture")
+    g.add_argument("--model", choices=list(ARCHS), default="gpt",
+                   help="architecture: " + "; ".join(f"{a.name}: {a.description}" for a in ARCHS.values()))
     g.add_argument("--model-size", choices=sorted(PRESETS), default=None,
                    help="size preset (num layers / hidden / heads); explicit flags override it")
     g.add_argument("--num-layers", type=int, default=None, help="transformer layers of the language model")
@@ -298,14 +301,6 @@ def _check_tokenizer(path: str, tokenizer_type: Optional[str]) -> None:
                             f".model from tools/train_tokenizer.py or a HuggingFace tokenizer.json): {err}") from None
 
 
-def world_size_from_env() -> int:
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])
-    return 1
-
-
 def _check_transformer_impl(args: argparse.Namespace) -> None:
     te = have_transformer_engine()
     if args.transformer_impl is None:
@@ -375,7 +370,7 @@ def _check_scale_features(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Fill defaults that depend on other flags and refuse bad combinations."""
-    world_size = world_size or world_size_from_env()
+    world_size = world_size or launch_info().world_size
     preset = PRESETS.get(args.model_size, {}) if args.model_size else {}
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         if getattr(args, key) is None and key in preset:
@@ -388,6 +383,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("give one of --train-iters and --train-samples")
     if args.lr is None:
         raise ArgumentError("--lr is required (Megatron has no default learning rate)")
+    arch = get_arch(args.model)
     _check_domains(args)
     if split_shares(args.split)[1] == 0 and args.eval_iters > 0:
         raise ArgumentError(f"--split {args.split!r} leaves no validation data for --eval-iters {args.eval_iters}: "
@@ -418,11 +414,16 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ArgumentError(f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage} "
                                 f"does not divide the {per_stage} layers of a pipeline stage")
         args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
-        if args.model != "gpt":
-            raise ArgumentError("virtual pipeline stages are supported for --model gpt only")
-    if args.model == "hlvlm" and args.vit_num_attention_heads % tp:
-        raise ArgumentError(f"--vit-num-attention-heads {args.vit_num_attention_heads} is not divisible by "
-                            f"--tensor-model-parallel-size {tp}")
+        if not arch.supports_virtual_pipeline:
+            able = " or ".join(a.name for a in ARCHS.values() if a.supports_virtual_pipeline)
+            raise ArgumentError(f"virtual pipeline stages are supported for --model {able} only")
+    problem = arch.check_args(args)
+    if problem:
+        raise ArgumentError(problem)
+    for other in ARCHS.values():
+        for dest in other.only_flags:
+            if other is not arch and getattr(args, dest) not in (None, False):
+                raise ArgumentError(f"--{dest.replace('_', '-')} applies to --model {other.name} only")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
@@ -438,8 +439,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                                 f"--global-batch-size {args.global_batch_size}")
     _check_transformer_impl(args)
     _check_scale_features(args)
-    if args.freeze_vit and args.model != "hlvlm":
-        raise ArgumentError("--freeze-vit applies to --model hlvlm only")
     if args.data_path is None:
         raise ArgumentError("--data-path is required")
     if args.tokenizer_model is None:
@@ -452,9 +451,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             if not os.path.exists(prefix + ext):
                 raise ArgumentError(f"--data-path {prefix}: missing {prefix + ext}")
         images = prefix + ".images"
-        if args.model != "gpt" and not os.path.exists(images):
+        if arch.needs_images and not os.path.exists(images):
             raise ArgumentError(f"--model {args.model} trains on captions with images, but --data-path {prefix} "
-                                f"has no image store ({images} missing): text-only data trains --model gpt, "
+                                f"has no image store ({images} missing): text-only data trains --model "
+                                f"{' or '.join(a.name for a in ARCHS.values() if not a.needs_images)}, "
                                 "or preprocess with --image-key")
         if args.loss == "prior":
             scores = prefix + ".logprobs.idx"

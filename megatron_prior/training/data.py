@@ -12,6 +12,7 @@ with every checkpoint, so a resumed run sees exactly the batches it would have s
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -19,8 +20,15 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_prior import parallel
+from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
+from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+from megatron_prior.models.arch import get_arch
+from megatron_prior.tokenizer import load_tokenizer
 
 _INT_KEYS = {"tokens", "labels", "position_ids", "token_kinds"}
 
@@ -140,8 +148,6 @@ class TrainingData:
 
 
 def _dataset_config(args: argparse.Namespace, tokenizer):
-    from megatron.core.datasets.utils import get_blend_from_list
-
     common = dict(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -150,27 +156,17 @@ def _dataset_config(args: argparse.Namespace, tokenizer):
         tokenizer=tokenizer,
         path_to_cache=args.data_cache_path,
     )
-    if args.model != "gpt":
-        from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
-
+    if get_arch(args.model).needs_images:
         return CaptionDataset, CaptionDatasetConfig(prior_alpha=args.prior_alpha, **common)
     gpt = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.mask_eod,
                create_attention_mask=False)
     if args.loss == "ntp" and not _has_scores(args.data_path):
         # Plain NTP on tokens without reference scores (e.g. the reference LM itself).
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
         return GPTDataset, GPTDatasetConfig(**common, **gpt)
-    from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
-
     return WeightedGPTDataset, WeightedGPTDatasetConfig(prior_alpha=args.prior_alpha, **common, **gpt)
 
 
 def _has_scores(data_path: list[str]) -> bool:
-    import os
-
-    from megatron.core.datasets.utils import get_blend_from_list
-
     prefixes, _ = get_blend_from_list(data_path)
     return all(os.path.exists(p + ".logprobs.idx") for p in prefixes)
 
@@ -189,10 +185,6 @@ def _image_size(dataset) -> int:
 
 def build_training_data(args: argparse.Namespace) -> TrainingData:
     """Tokenizer and the train/validation datasets of ``--data-path`` (a Megatron blend)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
-    from megatron_prior.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(args.tokenizer_model)
     train_samples = args.train_iters * args.global_batch_size
     valid_samples = max(1, args.eval_iters) * args.global_batch_size if args.eval_iters > 0 else 0
@@ -204,6 +196,6 @@ def build_training_data(args: argparse.Namespace) -> TrainingData:
     if args.eval_iters > 0 and valid is None:
         raise ValueError(f"--split {args.split} leaves no validation data: give it a validation share "
                          "or pass --eval-iters 0")
-    image_size = _image_size(train) if args.model != "gpt" else None
+    image_size = _image_size(train) if get_arch(args.model).needs_images else None
     return TrainingData(tokenizer, train, valid, image_size, args.micro_batch_size, args.num_microbatches,
                         args.global_batch_size, args.eval_iters, args.num_workers)

@@ -29,6 +29,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module
 
 from megatron_prior import parallel
+from megatron_prior.models.arch import get_arch
 from megatron_prior.models.builder import build_model
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.init import initialize_weights
@@ -37,22 +38,22 @@ from megatron_prior.training import checkpointing
 from megatron_prior.training.data import TrainingData, build_training_data
 from megatron_prior.training.metrics import MetricsLogger, flops_per_iteration, reduce_logs
 from megatron_prior.training.signals import EarlyExit
-from megatron_prior.training.steps import combined_seq_length, make_forward_step
+from megatron_prior.training.steps import make_forward_step
 
 log = logging.getLogger("megatron_prior.train")
 
 
 def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Optional[int]) -> ModelConfig:
-    image = args.model != "gpt"
-    seq = args.seq_length
-    cfg = ModelConfig(
+    image = get_arch(args.model).needs_images
+    return ModelConfig(
         arch=args.model,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size,
         vocab_size=padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size),
-        max_position_embeddings=0,
+        max_position_embeddings=args.max_position_embeddings,  # None: the positions per sample
+        seq_length=args.seq_length,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         normalization=args.normalization,
@@ -67,8 +68,6 @@ def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Opti
         image_row_id=tokenizer.image_row_id if image else None,
         image_end_id=tokenizer.image_end_id if image else None,
     )
-    cfg.max_position_embeddings = args.max_position_embeddings or combined_seq_length(cfg, seq)
-    return cfg
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
@@ -98,6 +97,9 @@ class Trainer:
     data: TrainingData
     iteration: int = 0
     consumed_samples: int = 0
+    # Loss-carrying tokens trained on so far (all ranks); None after resuming a checkpoint that
+    # did not record them.
+    loss_tokens: Optional[int] = 0
 
     def __post_init__(self) -> None:
         # Built once: the schedule calls it for every micro-batch of every iteration.
@@ -138,7 +140,7 @@ class Trainer:
         for chunk in chunks:
             initialize_weights(chunk, args.seed, std=args.init_method_std, num_layers=args.num_layers)
             chunk.to(parallel.device())
-        if args.model == "hlvlm" and (args.freeze_vit or args.freeze_lm):
+        if args.freeze_vit or args.freeze_lm:  # flags of the H-LVLM only (validate_args)
             for chunk in chunks:
                 chunk.freeze(freeze_language_model=args.freeze_lm, freeze_vision_model=args.freeze_vit,
                              freeze_vision_projection=False)
@@ -190,6 +192,10 @@ class Trainer:
             if state is not None:
                 trainer.iteration = int(state["iteration"])
                 trainer.consumed_samples = int(state["consumed_samples"])
+                trainer.loss_tokens = state.get("loss_tokens")
+                if trainer.loss_tokens is None:
+                    log.warning("%s predates loss-token counting: loss_tokens and padding_positions are reported as "
+                                "null for this run", state["checkpoint"])
                 log.info("resumed from %s at iteration %d (%d samples consumed; RNG %s)", state["checkpoint"],
                          trainer.iteration, trainer.consumed_samples,
                          "restored" if state["rng_restored"] else "not restored: parallel layout changed")
@@ -212,7 +218,7 @@ class Trainer:
             data_iterator=iterator,
             model=self.model if vpp else self.model[0],
             num_microbatches=args.num_microbatches,
-            seq_length=combined_seq_length(self.model_config, args.seq_length),
+            seq_length=self.model_config.combined_seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=forward_only,
         )
@@ -230,7 +236,18 @@ class Trainer:
         self.scheduler.step(increment=self.args.global_batch_size)
         self.iteration += 1
         self.consumed_samples += self.args.global_batch_size
+        if self.loss_tokens is not None:
+            self.loss_tokens += self._loss_token_count(logs)
         return logs, float(grad_norm) if grad_norm is not None else float("nan")
+
+    @staticmethod
+    def _loss_token_count(logs: dict) -> int:
+        """The iteration's loss tokens (the ``ce`` count, already summed over data parallel), on
+        every rank: only the last pipeline stage computes the loss, and rank 0, on the first,
+        writes the checkpoint that carries the count."""
+        count = torch.tensor([logs["ce"][1] if "ce" in logs else 0.0], dtype=torch.float64, device=parallel.device())
+        dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
+        return int(count.item())
 
     @contextlib.contextmanager
     def _parameters_gathered(self) -> Iterator[None]:
@@ -267,7 +284,7 @@ class Trainer:
         with self._parameters_gathered():
             checkpointing.save_checkpoint(
                 self.args.save, self.iteration, self.model, self.model_config, self.optimizer, self.scheduler,
-                extra=dict(consumed_samples=self.consumed_samples, args=vars(self.args)),
+                extra=dict(consumed_samples=self.consumed_samples, loss_tokens=self.loss_tokens, args=vars(self.args)),
             )
 
     # --- the loop ---------------------------------------------------------------------
@@ -281,7 +298,6 @@ class Trainer:
         flops_iter = flops_per_iteration(self.model_config, params, args)
         metrics.info(f"model {args.model}: {params:,} parameters; {args.num_microbatches} micro-batches of "
                      f"{args.micro_batch_size} per rank per iteration; loss {args.loss}")
-        tokens_per_iter = args.global_batch_size * args.seq_length
         start_iteration = self.iteration
         wall_start = time.perf_counter()
         window_start, window_iters, window = time.perf_counter(), 0, {}
@@ -298,8 +314,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 last_train = metrics.log_train(
                     self.iteration, window, grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                    tokens_per_s=window_iters * tokens_per_iter / elapsed,
+                    samples_per_s=window_iters * args.global_batch_size / elapsed,
                     flops_per_s=window_iters * flops_iter / elapsed, consumed_samples=self.consumed_samples,
+                    loss_tokens=self.loss_tokens,
                     iteration_time_s=elapsed / window_iters, loss_scale=float(self.optimizer.get_loss_scale()))
                 window_start, window_iters, window = time.perf_counter(), 0, {}
             if args.eval_iters > 0 and args.eval_interval and self.iteration % args.eval_interval == 0:
@@ -324,7 +341,7 @@ class Trainer:
             self.save()
         wall = time.perf_counter() - wall_start
         return metrics.write_summary(
-            iterations=self.iteration, tokens_seen=self.consumed_samples * args.seq_length,
+            iterations=self.iteration, samples=self.consumed_samples, loss_tokens=self.loss_tokens,
             last_train=last_train, last_eval=last_eval, flops=flops_iter * self.iteration,
             parameters=params, wall_time_s=wall, iterations_this_run=self.iteration - start_iteration,
         )

@@ -5,6 +5,16 @@ Loss logs travel as ``[sum, count]`` pairs (see megatron_prior.loss): summed ove
 micro-batches, all-reduced over data-parallel ranks, divided only when reported, so a mean is
 exact whatever the batch split. The last rank (on the last pipeline stage, where losses live)
 writes the files.
+
+Keys (the same in metrics.jsonl, TensorBoard, W&B and summary.json, with ``eval_`` for the
+validation split and ``train_`` in the summary): ``weighted_ce`` (the loss trained on: PRIOR's
+weighted CE, plain CE for ntp; Megatron's iteration line prints it as ``lm loss``), ``ce``
+(unweighted CE of all loss tokens), ``ce_<kind>`` (per token kind). What a run has trained on,
+as counts of positions of the combined (image + text) sequence: ``loss_tokens`` (positions
+whose label carries loss: the D of the scaling fits), ``padding_positions`` (text positions
+without loss: padding, a masked end of document), ``image_positions`` (positions the image adds:
+its stream replaces one ``<image>`` placeholder) and ``positions`` (all three; what FLOPs count).
+Throughput: ``positions_per_s`` (image included, as FLOPs) and ``text_positions_per_s``.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ def flops_per_iteration(cfg: ModelConfig, parameters: int, args: argparse.Namesp
     """Training FLOPs of one iteration: 6 x parameters x tokens for the matrix multiplies
     (forward 2, backward 4), plus attention scores and values, 12 x layers x hidden x seq per
     token; the combined (image + text) sequence counts for the vision-language models."""
-    seq = cfg.max_position_embeddings
+    seq = cfg.combined_seq_length
     tokens = args.global_batch_size * seq
     attention = 12 * cfg.num_layers * cfg.hidden_size * seq
     return float(tokens * (6 * parameters + attention))
@@ -66,8 +76,17 @@ def peak_flops() -> Optional[float]:
     return None
 
 
+def position_counts(cfg: ModelConfig, samples: int, loss_tokens: Optional[int]) -> dict:
+    """``loss_tokens``, ``padding_positions``, ``image_positions`` and ``positions`` after
+    ``samples`` training samples (a count that is not known stays None)."""
+    return {"loss_tokens": loss_tokens,
+            "padding_positions": None if loss_tokens is None else samples * cfg.seq_length - loss_tokens,
+            "image_positions": samples * cfg.image_offset,
+            "positions": samples * cfg.combined_seq_length}
+
+
 def _loss_order(key: str) -> tuple:
-    return (key != "lm loss", key != "ntp loss", key)
+    return (key != "lm loss", key != "ce", key)
 
 
 def iteration_line(when: datetime.datetime, iteration: int, train_iters: int, consumed_samples: int,
@@ -109,11 +128,12 @@ class MetricsLogger:
         else:
             self.jsonl = None
         if self.writer_rank and args.tensorboard_dir:
+            # Optional dependency, imported only for --tensorboard-dir (validate_args checked it imports).
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(args.tensorboard_dir)
         if self.writer_rank and args.wandb_project:
-            # Importable: validate_args refused the flag otherwise.
+            # Optional dependency, imported only for --wandb-project (validate_args checked it imports).
             import wandb
 
             save_dir = args.wandb_save_dir or (os.path.join(self.log_dir, "wandb") if self.log_dir else None)
@@ -139,60 +159,58 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["iteration"])
 
-    @staticmethod
-    def _flatten(prefix: str, means: dict) -> dict:
-        out = {}
-        for key, value in means.items():
-            name = key.replace(" ", "_").replace("/", "_")
-            out[f"{prefix}{name}"] = value
-        return out
-
-    def log_train(self, iteration: int, window: dict, grad_norm: float, lr: float, tokens_per_s: float,
-                  flops_per_s: float, consumed_samples: int, iteration_time_s: float,
+    def log_train(self, iteration: int, window: dict, grad_norm: float, lr: float, samples_per_s: float,
+                  flops_per_s: float, consumed_samples: int, loss_tokens: Optional[int], iteration_time_s: float,
                   loss_scale: float) -> dict:
         """Report the iterations since the last report: ``window`` holds their summed loss
-        pairs, ``iteration_time_s`` their mean wall time."""
+        pairs, ``iteration_time_s`` their mean wall time; ``loss_tokens`` counts the run's
+        loss tokens so far (None when a resumed checkpoint did not record them)."""
         means = _means(window)
-        record = {"iteration": iteration, **self._flatten("", means), "grad_norm": grad_norm, "lr": lr,
-                  "consumed_samples": consumed_samples, "iteration_time_ms": iteration_time_s * 1000.0,
-                  "tokens_per_s": tokens_per_s, "tflops_per_s": flops_per_s / 1e12}
+        cfg = self.model_config
+        record = {"iteration": iteration, **means, "grad_norm": grad_norm, "lr": lr,
+                  "consumed_samples": consumed_samples, **position_counts(cfg, consumed_samples, loss_tokens),
+                  "iteration_time_ms": iteration_time_s * 1000.0,
+                  "positions_per_s": samples_per_s * cfg.combined_seq_length,
+                  "text_positions_per_s": samples_per_s * cfg.seq_length, "tflops_per_s": flops_per_s / 1e12}
         world = dist.get_world_size()
         if self.peak:
             record["mfu"] = flops_per_s / (self.peak * world)
         if self.writer_rank:
-            extras = {"tokens per second": f"{tokens_per_s:.0f}",
+            extras = {"text positions per second": f"{record['text_positions_per_s']:.0f}",
+                      "positions per second (text + image)": f"{record['positions_per_s']:.0f}",
                       "throughput per GPU (TFLOP/s/GPU)": f"{flops_per_s / 1e12 / world:.1f}"}
             if "mfu" in record:
                 extras["MFU"] = f"{record['mfu']:.1%}"
+            # Megatron's "lm loss" is the loss trained on.
+            losses = {("lm loss" if k == "weighted_ce" else k): v for k, v in means.items() if v is not None}
             # Megatron prints it from the last rank with print(): stdout, whatever the logging set-up.
             print(iteration_line(
                 datetime.datetime.now(), iteration, self.args.train_iters, consumed_samples, iteration_time_s, lr,
-                self.args.global_batch_size, {k: v for k, v in means.items() if v is not None}, loss_scale,
-                grad_norm, extras), flush=True)
+                self.args.global_batch_size, losses, loss_scale, grad_norm, extras), flush=True)
             self._emit(record)
         return record
 
     def log_eval(self, iteration: int, totals: dict) -> dict:
         means = _means(totals)
-        record = {"iteration": iteration, **self._flatten("eval_", means)}
+        record = {"iteration": iteration, **{f"eval_{k}": v for k, v in means.items()}}
         if self.writer_rank:
-            log.info(f"validation at iteration {iteration}: ntp loss {means.get('ntp loss', float('nan')):.4f}, "
-                     f"lm loss {means.get('lm loss', float('nan')):.4f}")
+            log.info(f"validation at iteration {iteration}: ce {means.get('ce', float('nan')):.4f}, "
+                     f"weighted_ce {means.get('weighted_ce', float('nan')):.4f}")
             self._emit(record)
         return {"iteration": iteration, "means": means}
 
-    def write_summary(self, iterations: int, tokens_seen: int, last_train: Optional[dict],
+    def write_summary(self, iterations: int, samples: int, loss_tokens: Optional[int], last_train: Optional[dict],
                       last_eval: Optional[dict], flops: float, parameters: int, wall_time_s: float,
                       iterations_this_run: int) -> dict:
-        eval_means = (last_eval or {}).get("means", {})
+        """``summary.json``: the last logged training losses (``train_<key>``), the last
+        validation (``eval_<key>``), what the run trained on (``position_counts``) and how."""
+        loss_keys = [k for k in (last_train or {}) if k == "weighted_ce" or k == "ce" or k.startswith("ce_")]
         summary = {
             "iterations": iterations,
-            "tokens_seen": tokens_seen,
-            "train_loss": (last_train or {}).get("ntp_loss"),
-            "train_lm_loss": (last_train or {}).get("lm_loss"),
-            "eval_loss": eval_means.get("ntp loss"),
-            "eval_lm_loss": eval_means.get("lm loss"),
-            "eval_losses_by_kind": {k[5:]: v for k, v in eval_means.items() if k.startswith("loss/") and v is not None},
+            "samples": samples,
+            **position_counts(self.model_config, samples, loss_tokens),
+            **{f"train_{k}": last_train[k] for k in loss_keys},
+            **{f"eval_{k}": v for k, v in (last_eval or {}).get("means", {}).items()},
             "flops": flops,
             "parameters": parameters,
             "wall_time_s": wall_time_s,

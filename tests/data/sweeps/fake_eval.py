@@ -6,5 +6,5 @@ from pathlib import Path
 
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 summary = json.loads((run_dir / "summary.json").read_text())
-acc = 1.0 - 0.1 * summary["eval_loss"]
-out.write_text(json.dumps({"probe_accuracy": acc, "losses_by_kind": summary["eval_losses_by_kind"]}))
+acc = 1.0 - 0.1 * summary["eval_ce"]
+out.write_text(json.dumps({"probe_accuracy": acc, "heldout_ce_grounded": summary["eval_ce_grounded"]}))

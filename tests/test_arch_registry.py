@@ -1,0 +1,132 @@
+"""An architecture is one ``Arch`` in the registry: a throwaway one registered here reaches the
+trainer's ``--model`` choices, the model config's validation, the builder, the training
+forward step and the evaluation scorer, with no other file knowing its name."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_prior.testing import run_on_ranks
+
+TEXT, BATCH = 10, 3
+
+
+def _toy_arch(calls: list):
+    """An encoder-free VLM built like the U-LVLM whose forward_loss records each call."""
+    from megatron_prior.models import ulvlm
+    from megatron_prior.models.arch import Arch
+
+    def forward_loss(model, batch):
+        calls.append(sorted(batch))
+        return ulvlm.forward_loss(model, batch)
+
+    return Arch(name="toyvlm", display_name="Toy-VLM", description="a throwaway test architecture",
+                needs_images=True, build=ulvlm.build, forward_loss=forward_loss,
+                validate_config=ulvlm.validate_config, image_sequence_length=ulvlm.image_sequence_length)
+
+
+def _work() -> dict:
+    from megatron_prior import parallel
+    from megatron_prior.eval.lvlm_scoring import LVLMScorer
+    from megatron_prior.models.arch import ARCHS, register, unregister
+    from megatron_prior.models.builder import build_model
+    from megatron_prior.models.config import ModelConfig
+    from megatron_prior.models.init import initialize_weights
+    from megatron_prior.training.arguments import build_parser
+    from megatron_prior.training.steps import make_forward_step
+
+    out: dict = {}
+    calls: list = []
+    register(_toy_arch(calls))
+    parallel.initialize(seed=5)
+    try:
+        parser = build_parser()
+        (model_action,) = [a for a in parser._actions if a.dest == "model"]
+        out["choices"] = list(model_action.choices)
+        out["help_names_it"] = "toyvlm: a throwaway test architecture" in model_action.help
+        out["parsed"] = parser.parse_args(["--model", "toyvlm"]).model
+
+        image = dict(image_size=8, patch_size=4, image_token_id=5, image_start_id=6, image_row_id=7, image_end_id=8)
+        cfg = ModelConfig(arch="toyvlm", num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128,
+                          max_position_embeddings=None, seq_length=TEXT, **image)
+        out["offset"], out["combined"] = cfg.image_offset, cfg.combined_seq_length
+        try:
+            ModelConfig(arch="toyvlm", vocab_size=128, max_position_embeddings=64, image_size=8, patch_size=4)
+        except ValueError as err:
+            out["validation"] = str(err)
+        model = build_model(cfg)
+        initialize_weights(model, seed=3, std=0.05, num_layers=cfg.num_layers)
+
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(9, 128, (BATCH, TEXT + 1), generator=g)
+        tokens[:, 0] = 5
+        mask = (torch.rand(BATCH, TEXT, generator=g) > 0.3).float()
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
+                 "position_ids": torch.arange(TEXT).expand(BATCH, TEXT), "images": torch.randn(BATCH, 3, 8, 8)}
+        output, loss_func = make_forward_step(cfg, "ntp")(iter([batch]), model)
+        loss_sum, count, logs = loss_func(output)
+        out["step_calls"] = list(calls)
+        out["output_shape"] = tuple(output.shape)
+        # The loss reads the caption's CE where the combined sequence holds it.
+        out["loss_matches"] = bool(torch.allclose(loss_sum, (output[:, cfg.image_offset:] * mask).sum()))
+        out["count"] = int(count)
+
+        calls.clear()
+        tokenizer = SimpleNamespace(fingerprint=None, pad=1, image_token_id=5, eod=2)
+        scorer = LVLMScorer(model.eval(), cfg, tokenizer, batch_size=BATCH)
+        text = scorer.text_batch([list(range(20, 20 + n)) + [2] for n in (3, 5, 12)])
+        ce = scorer.per_token_ce(torch.randn(BATCH, 3, 8, 8), text)
+        out["scorer_calls"] = list(calls)
+        out["scorer_shape"] = tuple(ce.shape)
+    finally:
+        parallel.destroy()
+        unregister("toyvlm")
+    out["after_unregister"] = list(ARCHS)
+    try:
+        ModelConfig(arch="toyvlm")
+    except ValueError as err:
+        out["unknown"] = str(err)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy():
+    (result,) = run_on_ranks(_work, 1)
+    return result
+
+
+def test_trainer_offers_a_registered_architecture(toy):
+    assert toy["choices"] == ["gpt", "hlvlm", "ulvlm", "toyvlm"]
+    assert toy["help_names_it"] and toy["parsed"] == "toyvlm"
+
+
+def test_model_config_validates_through_the_architecture(toy):
+    # 8x8 images in 4x4 patches: <img_start> + 2 rows of (2 patches + a break) = 7 positions.
+    assert (toy["offset"], toy["combined"]) == (6, 6 + TEXT)
+    assert toy["validation"] == ("invalid model config: arch toyvlm needs image_token_id (the tokenizer's <image> "
+                                 "id); arch toyvlm needs image_start_id, image_row_id and image_end_id")
+
+
+def test_forward_step_calls_the_architecture(toy):
+    assert toy["step_calls"] == [["images", "labels", "loss_mask", "position_ids", "tokens"]]
+    assert toy["output_shape"] == (BATCH, 6 + TEXT)
+    assert toy["loss_matches"]
+    assert toy["count"] > 0
+
+
+def test_eval_scorer_calls_the_architecture(toy):
+    assert toy["scorer_calls"] == [["images", "labels", "loss_mask", "position_ids", "tokens"]]
+    assert toy["scorer_shape"] == (BATCH, TEXT)  # the longest caption (12 tokens + <eod>) cut at seq_length
+
+
+def test_unregistered_architecture_is_refused_by_name(toy):
+    assert toy["after_unregister"] == ["gpt", "hlvlm", "ulvlm"]
+    assert toy["unknown"] == "unknown architecture 'toyvlm'; known: gpt, hlvlm, ulvlm"
+
+
+def test_names_are_unique():
+    from megatron_prior.models.arch import ARCHS, register
+
+    with pytest.raises(ValueError, match="architecture 'gpt' is already registered"):
+        register(ARCHS["gpt"])
