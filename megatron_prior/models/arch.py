@@ -81,6 +81,7 @@ class Arch:
     validate_config: Callable[["ModelConfig"], list[str]] = _no_problems
     image_sequence_length: Callable[["ModelConfig"], int] = _no_image
     supports_virtual_pipeline: bool = False
+    supports_sequence_parallel: bool = False  # the input stream is GPTModel's own embedding, which SP scatters
     only_flags: tuple[str, ...] = ()
     check_args: Callable[["argparse.Namespace"], Optional[str]] = _no_flag_problem
 

@@ -137,4 +137,5 @@ ARCH = register(Arch(
     build=language_model,
     forward_loss=forward_loss,
     supports_virtual_pipeline=True,
+    supports_sequence_parallel=True,
 ))

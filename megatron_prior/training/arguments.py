@@ -336,10 +336,11 @@ def _check_scale_features(args: argparse.Namespace) -> None:
         if args.tensor_model_parallel_size == 1:
             raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits what "
                                 "tensor parallelism leaves replicated)")
-        if args.model != "gpt":
+        if not get_arch(args.model).supports_sequence_parallel:
             # The vision-language models assemble their image + text stream themselves, where
             # GPTModel's embedding would scatter it over the sequence-parallel ranks.
-            raise ArgumentError(f"--sequence-parallel is supported for --model gpt only (--model {args.model} "
+            able = " or ".join(a.name for a in ARCHS.values() if a.supports_sequence_parallel)
+            raise ArgumentError(f"--sequence-parallel is supported for --model {able} only (--model {args.model} "
                                 "does not split its image + text sequence)")
         if local:
             # megatron-core's local spec norms with torch's LayerNorm (apex's fused one only with
