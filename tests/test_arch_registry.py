@@ -130,3 +130,22 @@ def test_names_are_unique():
 
     with pytest.raises(ValueError, match="architecture 'gpt' is already registered"):
         register(ARCHS["gpt"])
+
+
+def test_seq_length_is_stored_or_derived_for_old_configs():
+    from megatron_prior.models.config import ModelConfig
+
+    image = dict(image_size=16, patch_size=4, image_token_id=5, image_start_id=6, image_row_id=7, image_end_id=8)
+    # A new config: the text length given, the position embedding sized to text + image (20 added).
+    new = ModelConfig(arch="ulvlm", max_position_embeddings=None, seq_length=24, **image)
+    assert (new.seq_length, new.image_offset, new.combined_seq_length, new.max_position_embeddings) == (24, 20, 44, 44)
+    # A model_config.json written before seq_length: what evaluation and scoring read as the
+    # text length then (max_position_embeddings less the image's positions).
+    old = {k: v for k, v in new.to_dict().items() if k != "seq_length"}
+    assert ModelConfig.from_dict(old).seq_length == 24
+    assert ModelConfig.from_dict({**old, "arch": "gpt", "max_position_embeddings": 64}).seq_length == 64
+    with pytest.raises(ValueError, match=r"44 positions per sample \(seq_length 24 \+ 20 added by the image\) exceed "
+                                         r"max_position_embeddings 40"):
+        ModelConfig(arch="ulvlm", max_position_embeddings=40, seq_length=24, **image)
+    with pytest.raises(ValueError, match="give seq_length, max_position_embeddings or both"):
+        ModelConfig(arch="gpt", max_position_embeddings=None)
