@@ -1,9 +1,16 @@
 # megatron-prior: every target is idempotent; `make setup` reinstalls nothing when nothing changed.
-PYTHON ?= python3.11
+# Python 3.12, the version megatron-core 0.19 is tested on here: python3.12 on PATH when it runs
+# (pyenv puts a shim for every installed version on PATH, which fails unless pyenv selects that
+# version), else pyenv's own 3.12. `make setup PYTHON=/path/to/python3.12` overrides.
+PYTHON ?= $(shell for p in python3.12 "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { command -v "$$p"; break; }; \
+	done)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch first, pinned to the tested version. On Python 3.12 the registry's torch==2.13.0 is its
+# CUDA build (a ~530 MB wheel plus the nvidia-* libraries: most of the venv's ~5 GB); it runs on
+# a CPU-only machine too, where torch.cuda.is_available() is False and the CPU shim applies.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 # make demo: the whole pipeline on CPU (about 15 min); QUICK=1 for the 3-minute version.
@@ -17,10 +24,19 @@ SWEEP_DIR ?= $(OUTPUT_DIR)/sweep
 
 setup: $(VENV)/.setup-done
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+# The stamp names the interpreter: a .venv of another Python (the 3.11 one that megatron-core
+# 0.16 needed) is replaced, not reused.
+$(VENV)/.python-3.12:
+	@test -n "$(PYTHON)" || { echo "make setup: no Python 3.12 found (tried python3.12 on PATH and" \
+	  "pyenv's versions/3.12*); install Python 3.12 or pass PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@"$(PYTHON)" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' || { echo "make setup:" \
+	  "PYTHON=$(PYTHON) is not a working Python 3.12 (megatron-core 0.19 is tested on 3.12)" >&2; exit 1; }
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then \
+	  echo "make setup: $(VENV) is $$($(PY) --version 2>&1), not 3.12: rebuilding it"; rm -rf $(VENV); fi
+	"$(PYTHON)" -m venv $(VENV)
+	touch $@
 
-$(VENV)/.torch-done: | $(PY)
+$(VENV)/.torch-done: $(VENV)/.python-3.12
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.12"
 	touch $@
@@ -47,8 +63,8 @@ bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 # make fuzz: coverage-guided fuzzing (atheris) of every reader of untrusted files, FUZZ_SECONDS
-# of fuzzing split over the targets (making seeds with the real writers and starting each target
-# add 2-5 min); not part of make test. Exits 1, the inputs under build/fuzz/runs/, on a finding.
+# of fuzzing split over the targets (seeds from the real writers first, 1-2 min); not part of
+# make test. Exits 1 with the inputs under build/fuzz/runs/ when something was found.
 FUZZ_SECONDS ?= 600
 fuzz: setup
 	@$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q atheris

@@ -12,11 +12,13 @@ setup(
     name="megatron-prior",
     version="0.1.0",
     description="PRIOR (image-related-token-prioritised) VLM pre-training on megatron-core",
-    python_requires=">=3.10",
+    # megatron-core 0.17+ needs Python 3.12; 0.16 and Python 3.11 are no longer tested.
+    python_requires=">=3.12",
     packages=find_packages(include=["megatron_prior", "megatron_prior.*"]),
     install_requires=[
-        # 0.17+ needs Python >= 3.12; pip picks the newest this Python allows.
-        "megatron-core>=0.16.1",
+        # The tested minor version: the CPU shim (megatron_prior/compat/cpu_shim.py) patches
+        # the places where it hard-codes CUDA, which move between minor versions.
+        "megatron-core>=0.19.2,<0.20",
         "torch>=2.6,<2.15",
         "numpy>=1.24",
         "sentencepiece>=0.2",

@@ -9,7 +9,6 @@ def test_llava_tiny_forward_backward():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
-    from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -23,8 +22,6 @@ def test_llava_tiny_forward_backward():
         vit.vision_model_type = "clip"  # Megatron-LM's training args set this on the config
         proj = transformer_config(num_layers=1, hidden_size=32, num_attention_heads=1, ffn_hidden_size=32)
         vit_spec = get_vit_layer_with_local_spec()
-        # 0.16.1's local ViT spec is causal; a ViT attends to every patch.
-        vit_spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
         proj_spec = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                      linear_fc2=RowParallelLinear))
         model = LLaVAModel(

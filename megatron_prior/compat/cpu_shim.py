@@ -48,7 +48,7 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.pipeline_parallel.schedules": "token counters created with device='cuda'",
     "megatron.core.pipeline_parallel.p2p_communication": "shape exchange on cuda, synchronize()",
     "megatron.core.distributed.param_and_grad_buffer":
-        "grad buffers on current_device(); start_grad_sync waits on current_stream() (0.19)",
+        "grad buffers on current_device(); start_grad_sync waits on current_stream()",
     "megatron.core.distributed.distributed_data_parallel": "buffer (re)allocation syncs cuda",
     "megatron.core.optimizer.clip_grads":
         "grad-norm buffers on device='cuda'; clipping asserts torch.cuda.FloatTensor grads",
@@ -66,11 +66,11 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.models.common.language_module.language_module":
         "tied embeddings moved to cuda before the first/last-stage all-reduce",
     "megatron.core.models.multimodal.llava_model":
-        "empty sound embeddings allocated on current_device() when no sound clips are given (0.19)",
+        "empty sound embeddings allocated on current_device() when no sound clips are given",
 }
 
 # The megatron-core versions this shim was written and tested against.
-TESTED_MCORE_VERSIONS = ("0.16.0", "0.16.1", "0.19.2")
+TESTED_MCORE_VERSIONS = ("0.19.2",)
 
 _TENSOR_FACTORIES = (
     "arange", "empty", "empty_like", "full", "full_like", "ones", "ones_like",

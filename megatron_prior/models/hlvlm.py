@@ -24,19 +24,11 @@ from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 
 from megatron_prior.models.arch import Arch, BuildContext, register
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.gpt import layer_spec, transformer_config
-
-
-def vit_layer_spec():
-    spec = get_vit_layer_with_local_spec()
-    # megatron-core 0.16's local ViT spec is causal; a ViT attends to every patch.
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
-    return spec
 
 
 class HLVLM(LLaVAModel):
@@ -79,7 +71,7 @@ def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContex
         language_vocab_size=cfg.vocab_size,
         language_max_sequence_length=cfg.max_position_embeddings,
         vision_transformer_config=vision_config,
-        vision_transformer_layer_spec=vit_layer_spec(),
+        vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
         drop_vision_class_token=True,
         vision_projection_config=projector_config,
         vision_projection_layer_spec=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
