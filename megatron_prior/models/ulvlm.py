@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_prior.models.arch import Arch, BuildContext, register
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.gpt import language_model
-from megatron_prior.models.layout import expand_to_combined
+from megatron_prior.models.layout import expand_to_combined, place_images
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -82,16 +82,19 @@ class ULVLM(MegatronModule):
     ) -> torch.Tensor:
         """Per-token loss ``[b, s_combined]`` when labels are given, else logits.
 
-        ``input_ids``/``labels`` are at text length with ``<image>`` at position 0; labels are
-        expanded with an ignored prefix over the image positions (see ``expand_to_combined``).
+        ``input_ids``/``labels`` are at text length with an ``<image>`` token per image (one at
+        position 0; a packed row's at each caption), ``images`` one per ``<image>`` in row order;
+        each image's stream takes its ``<image>``'s place and labels are expanded with an
+        ignored prefix over each image's positions (``megatron_prior.models.layout``).
         """
+        image_mask = input_ids == self.cfg.image_token_id
         decoder_input = None
         if self.pre_process:
-            text = self.language_model.embedding.word_embeddings(input_ids[:, 1:])  # [b, s-1, h]
-            stream = torch.cat([self._image_stream(images), text], dim=1)  # [b, S, h]
+            text = self.language_model.embedding.word_embeddings(input_ids)  # [b, s, h]
+            stream = place_images(text, self._image_stream(images), image_mask)  # [b, S, h]
             decoder_input = self.language_model.embedding.embedding_dropout(stream.transpose(0, 1).contiguous())
         if labels is not None:
-            labels = expand_to_combined(labels, self.cfg.image_sequence_length, fill=0)
+            labels = expand_to_combined(labels, self.cfg.image_sequence_length, fill=0, image_mask=image_mask)
         return self.language_model(
             input_ids=None, position_ids=None, attention_mask=attention_mask,
             decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,

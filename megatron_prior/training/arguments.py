@@ -18,6 +18,7 @@ from megatron.core.transformer.enums import AttnBackend
 
 from megatron_prior.compat import have_transformer_engine
 from megatron_prior.loss import LOSSES
+from megatron_prior.models import packed
 from megatron_prior.models.arch import ARCHS, get_arch
 from megatron_prior.models.config import PRESETS
 from megatron_prior.parallel import launch_info
@@ -232,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes per rank that read and pack batches ahead of the "
                         "step (0: in the training process)")
+    g.add_argument("--pack-samples", action="store_true",
+                   help="pack several samples into each row of --seq-length (whole captions for --model gpt, captions "
+                        "with their images for the vision-language models, the image positions counted), in order, "
+                        "attention and positions kept within each sample, instead of one padded sample a row; "
+                        "Transformer Engine then takes --micro-batch-size 1 (as NeMo's sequence packing)")
 
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
@@ -418,7 +424,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if not arch.supports_virtual_pipeline:
             able = " or ".join(a.name for a in ARCHS.values() if a.supports_virtual_pipeline)
             raise ArgumentError(f"virtual pipeline stages are supported for --model {able} only")
-    problem = arch.check_args(args)
+    problem = arch.check_args(args) or packed.check_args(args)
     if problem:
         raise ArgumentError(problem)
     for other in ARCHS.values():

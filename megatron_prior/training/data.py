@@ -15,19 +15,21 @@ import argparse
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_prior import parallel
 from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+from megatron_prior.data.gpt_dataset import PackedGPTDataset, PackedGPTDatasetConfig
+from megatron_prior.data.images import ImageStore, images_path
 from megatron_prior.models.arch import get_arch
+from megatron_prior.models.config import ModelConfig
 from megatron_prior.tokenizer import load_tokenizer
 
 _INT_KEYS = {"tokens", "labels", "position_ids", "token_kinds"}
@@ -39,7 +41,10 @@ def stack(samples: list[dict]) -> dict:
     for key in samples[0]:
         if key == "attention_mask":
             continue  # causal masks are built inside the model
-        stacked = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
+        values = [torch.as_tensor(np.asarray(s[key])) for s in samples]
+        # A packed row holds its captions' images, [k, 3, H, W]: the batch's are all of them, row
+        # after row, the order in which the models give them to the rows' <image> tokens.
+        stacked = torch.cat(values) if key == "images" and values[0].dim() == 4 else torch.stack(values)
         if key in _INT_KEYS:
             stacked = stacked.long()
         elif stacked.is_floating_point():
@@ -147,7 +152,7 @@ class TrainingData:
         return self._streams["valid"].take(offset, self.num_microbatches)
 
 
-def _dataset_config(args: argparse.Namespace, tokenizer):
+def _dataset_config(args: argparse.Namespace, tokenizer, image_sequence_length: Optional[int]):
     common = dict(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -157,12 +162,13 @@ def _dataset_config(args: argparse.Namespace, tokenizer):
         path_to_cache=args.data_cache_path,
     )
     if get_arch(args.model).needs_images:
-        return CaptionDataset, CaptionDatasetConfig(prior_alpha=args.prior_alpha, **common)
+        return CaptionDataset, CaptionDatasetConfig(prior_alpha=args.prior_alpha, pack_samples=args.pack_samples,
+                                                    image_sequence_length=image_sequence_length, **common)
     gpt = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.mask_eod,
-               create_attention_mask=False)
+               create_attention_mask=False, pack_samples=args.pack_samples)
     if args.loss == "ntp" and not _has_scores(args.data_path):
         # Plain NTP on tokens without reference scores (e.g. the reference LM itself).
-        return GPTDataset, GPTDatasetConfig(**common, **gpt)
+        return PackedGPTDataset, PackedGPTDatasetConfig(**common, **gpt)
     return WeightedGPTDataset, WeightedGPTDatasetConfig(prior_alpha=args.prior_alpha, **common, **gpt)
 
 
@@ -183,12 +189,21 @@ def _image_size(dataset) -> int:
     return h
 
 
-def build_training_data(args: argparse.Namespace) -> TrainingData:
-    """Tokenizer and the train/validation datasets of ``--data-path`` (a Megatron blend)."""
+def build_training_data(args: argparse.Namespace,
+                        model_config_for: Optional[Callable[[Any, int], ModelConfig]] = None) -> TrainingData:
+    """Tokenizer and the train/validation datasets of ``--data-path`` (a Megatron blend).
+
+    ``model_config_for(tokenizer, image_size)`` is the model the batches are for: the positions
+    its image takes budget packed rows (``--pack-samples``) and count the rows' padding."""
     tokenizer = load_tokenizer(args.tokenizer_model)
+    image_sequence_length = None
+    if get_arch(args.model).needs_images and model_config_for is not None:
+        prefixes, _ = get_blend_from_list(args.data_path)
+        side = ImageStore(images_path(prefixes[0])).shape[1]  # every store's, _image_size checks below
+        image_sequence_length = model_config_for(tokenizer, side).image_sequence_length
     train_samples = args.train_iters * args.global_batch_size
     valid_samples = max(1, args.eval_iters) * args.global_batch_size if args.eval_iters > 0 else 0
-    cls, config = _dataset_config(args, tokenizer)
+    cls, config = _dataset_config(args, tokenizer, image_sequence_length)
     train, valid, _ = BlendedMegatronDatasetBuilder(
         cls, [train_samples, valid_samples, 0], lambda: True, config).build()
     if train is None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator, Optional
 
 import torch
@@ -103,12 +104,13 @@ class Trainer:
 
     def __post_init__(self) -> None:
         # Built once: the schedule calls it for every micro-batch of every iteration.
-        self.forward_step = make_forward_step(self.model_config, self.args.loss, self.args.check_loss_inputs)
+        self.forward_step = make_forward_step(self.model_config, self.args.loss, self.args.check_loss_inputs,
+                                              self.args.pack_samples)
 
     # --- set-up ------------------------------------------------------------------------
     @classmethod
     def build(cls, args: argparse.Namespace) -> "Trainer":
-        data = build_training_data(args)
+        data = build_training_data(args, partial(model_config_from_args, args))
         model_config = model_config_from_args(args, data.tokenizer, data.image_size)
         use_te = args.transformer_impl == "transformer_engine"
         overrides = dict(

@@ -9,6 +9,7 @@ architecture with image input those text-aligned tensors are first expanded to t
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Callable, Iterator
 
@@ -19,6 +20,7 @@ from megatron_prior.loss.loss_func import make_loss_func
 from megatron_prior.models.arch import get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.layout import expand_to_combined
+from megatron_prior.models.packed import log_padding_share, packed_inputs
 
 # Text-aligned batch entries the loss reads; expanded over the image positions.
 _LOSS_KEYS = ("loss_mask", "loss_weights", "token_kinds")
@@ -29,17 +31,22 @@ def loss_view(batch: dict, model_config: ModelConfig) -> dict:
     if not model_config.image_offset:
         return batch
     n = model_config.image_sequence_length
-    return {k: expand_to_combined(v, n, fill=0) for k, v in batch.items() if k in _LOSS_KEYS}
+    image_mask = batch["tokens"] == model_config.image_token_id
+    return {k: expand_to_combined(v, n, fill=0, image_mask=image_mask) for k, v in batch.items() if k in _LOSS_KEYS}
 
 
-def make_forward_step(model_config: ModelConfig, loss: str, check_loss_inputs: bool = False) -> Callable:
+def make_forward_step(model_config: ModelConfig, loss: str, check_loss_inputs: bool = False,
+                      pack_samples: bool = False) -> Callable:
     """``forward_step(data_iterator, model) -> (output, loss_func bound to the batch)`` for the
-    ``--loss`` named ``loss``; ``check_loss_inputs`` also checks the batch's values in the loss."""
+    ``--loss`` named ``loss``; ``check_loss_inputs`` also checks the batch's values in the loss;
+    ``pack_samples``: the batches are packed rows (``megatron_prior.models.packed``)."""
     arch = get_arch(model_config.arch)
     loss_func = make_loss_func(loss, kind_names=KIND_NAMES, validate=check_loss_inputs)
 
     def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
-        return arch.forward_loss(model, batch), partial(loss_func, loss_view(batch, model_config))
+        with packed_inputs(model, batch, model_config) if pack_samples else contextlib.nullcontext({}) as extra:
+            output = arch.forward_loss(model, {**batch, **extra})
+        return output, log_padding_share(partial(loss_func, loss_view(batch, model_config)), batch)
 
     return forward_step
