@@ -29,7 +29,7 @@ def _toy_arch(calls: list):
 def _work() -> dict:
     from megatron_prior import parallel
     from megatron_prior.eval.lvlm_scoring import LVLMScorer
-    from megatron_prior.models.arch import ARCHS, register, unregister
+    from megatron_prior.models.arch import ARCHS, register
     from megatron_prior.models.builder import build_model
     from megatron_prior.models.config import ModelConfig
     from megatron_prior.models.init import initialize_weights
@@ -81,7 +81,7 @@ def _work() -> dict:
         out["scorer_shape"] = tuple(ce.shape)
     finally:
         parallel.destroy()
-        unregister("toyvlm")
+        del ARCHS["toyvlm"]
     out["after_unregister"] = list(ARCHS)
     try:
         ModelConfig(arch="toyvlm")

@@ -97,11 +97,6 @@ def register(arch: Arch) -> Arch:
     return arch
 
 
-def unregister(name: str) -> None:
-    """Remove an architecture (tests that register a throwaway one)."""
-    del ARCHS[name]
-
-
 def get_arch(name: str) -> Arch:
     try:
         return ARCHS[name]
