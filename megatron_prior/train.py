@@ -15,6 +15,10 @@ from typing import Optional, Sequence
 # megatron-core warns on import that Transformer Engine and Apex are missing; the CPU path and
 # megatron-core's local layer specs use neither (FP8 checks for TE itself).
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+# torch's CUDA build warns, when megatron-core imports torch.utils.cpp_extension, that no CUDA
+# runtime is found; the trainer builds no extension, and on a CPU machine the line is only noise
+# in front of the one-line errors the trainer prints.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from megatron_prior.checkpoint import CheckpointError  # noqa: E402
 from megatron_prior.parallel import launch_info  # noqa: E402
@@ -22,7 +26,7 @@ from megatron_prior.training.arguments import parse_args  # noqa: E402
 from megatron_prior.training.loop import run  # noqa: E402
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     # megatron-core is chatty about optional accelerators it falls back from.
