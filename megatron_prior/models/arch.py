@@ -82,6 +82,7 @@ class Arch:
     image_sequence_length: Callable[["ModelConfig"], int] = _no_image
     supports_virtual_pipeline: bool = False
     supports_sequence_parallel: bool = False  # the input stream is GPTModel's own embedding, which SP scatters
+    cuts_at_max_position_embeddings: bool = False  # the combined sequence is cut there (LLaVAModel)
     only_flags: tuple[str, ...] = ()
     check_args: Callable[["argparse.Namespace"], Optional[str]] = _no_flag_problem
 

@@ -127,5 +127,6 @@ ARCH = register(Arch(
     validate_config=validate_config,
     image_sequence_length=image_sequence_length,
     only_flags=("vit_load", "freeze_vit", "freeze_lm"),
+    cuts_at_max_position_embeddings=True,
     check_args=check_args,
 ))

@@ -32,6 +32,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_prior.models.arch import get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.layout import combined_index
 
@@ -157,7 +158,7 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
                 "packed format takes one row per micro-batch (pack more samples into a longer --seq-length instead)")
     if getattr(args, "context_parallel_size", 1) > 1:
         return "--pack-samples does not take --context-parallel-size > 1 (sequences would need padding per rank)"
-    if args.model == "hlvlm" and args.max_position_embeddings is not None:
-        return ("--pack-samples with --model hlvlm takes no --max-position-embeddings: LLaVAModel cuts each row at it, "
-                "and a packed row must be cut at one row's combined length (the default)")
+    if get_arch(args.model).cuts_at_max_position_embeddings and args.max_position_embeddings is not None:
+        return (f"--pack-samples with --model {args.model} takes no --max-position-embeddings: the model cuts each row "
+                "at it, and a packed row must be cut at one row's combined length (the default)")
     return None
