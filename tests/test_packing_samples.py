@@ -10,6 +10,7 @@ process sees, the padding share is logged.
 import argparse
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -184,6 +185,22 @@ def test_packed_gpt_rows_hold_whole_documents_with_their_normalisers(tiny_corpus
         np.testing.assert_allclose(row["loss_weights"].numpy(), weights[1:], rtol=1e-6, atol=0)
         np.testing.assert_array_equal(row["position_ids"].numpy(), positions[:seq])
     assert several > len(ds) // 2
+    # DataLoader workers get the rows, not a copy of the memory-mapped corpus.
+    for dataset in (ds, plain):
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert len(pickle.dumps(dataset)) < 200_000 and copy._flat is None
+        torch.testing.assert_close(copy[3], dataset[3], rtol=0, atol=0)
+
+
+def test_a_document_longer_than_a_packed_row_is_cut_with_a_warning(tiny_corpus, caplog):
+    with caplog.at_level("WARNING", logger="megatron_prior.data.gpt_dataset"):
+        ds = _documents(tiny_corpus, 8, True, 10)
+    lengths = np.asarray(ds.dataset.sequence_lengths)
+    longer = int((lengths > 9).sum())
+    assert longer and re.search(rf": {longer} of {len(lengths)} documents of the train split are longer than a packed "
+                                r"row \(--seq-length \+ 1 = 9 tokens\): each is cut at its row's end$", caplog.text, re.M)
+    assert all(ds.row_starts[r + 1] - ds.row_starts[r] == 1 for r in range(len(ds))
+               if lengths[ds.row_documents[ds.row_starts[r]]] > 9)
 
 
 # --- the model side --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ built on it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -31,6 +32,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron_prior.data import packing
 from megatron_prior.data.formats import TOKEN_DTYPE_CODES, read_index
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
+
+log = logging.getLogger(__name__)
 
 # megatron-core 0.19's _query_document_sample_shuffle_indices also returns the documents'
 # lengths (its inter_document_masking reads them); 0.16's returns text and document ids.
@@ -101,6 +104,13 @@ class PackedGPTDataset(GPTDataset):
         documents = documents[lengths[documents] > 0]  # an empty document holds no sample
         if self.num_samples and not len(documents):
             raise ValueError(f"{self.dataset.path_prefix}: no documents in the {self.index_split.name} split")
+        longer = int((lengths[documents] > row).sum())
+        if longer:
+            # Unpacked rows continue a long document in the next sample; a packed row holds
+            # whole documents, so such a document is cut where its row ends.
+            log.warning("%s: %d of %d documents of the %s split are longer than a packed row (--seq-length + 1 = "
+                        "%d tokens): each is cut at its row's end", self.dataset.path_prefix, longer, len(documents),
+                        self.index_split.name, row)
         self.row_documents, starts = packing.shuffled_rows(
             documents, self.num_samples, self.config.random_seed,
             costs=np.minimum(lengths[documents], row), budget=row)
