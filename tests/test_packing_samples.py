@@ -29,7 +29,7 @@ from megatron_prior.data.gpt_dataset import (
 from megatron_prior.testing import run_on_ranks
 
 # The tiny corpus's images are 16 x 16; patches of 4 make 4 x 4.
-ULVLM_IMAGE, HLVLM_IMAGE = 1 + 4 * 5, 16
+ULVLM_IMAGE = 1 + 4 * 5
 # float32 rounding: in a packed row a sample's attention sums run over a longer row (its terms
 # the same, the others exactly 0 after the mask), which a vectorised reduction may group in
 # another order; a few roundings of CE-sized values per layer, well below what a leaking
@@ -198,7 +198,8 @@ def test_a_document_longer_than_a_packed_row_is_cut_with_a_warning(tiny_corpus, 
     lengths = np.asarray(ds.dataset.sequence_lengths)
     longer = int((lengths > 9).sum())
     assert longer and re.search(rf": {longer} of {len(lengths)} documents of the train split are longer than a packed "
-                                r"row \(--seq-length \+ 1 = 9 tokens\): each is cut at its row's end$", caplog.text, re.M)
+                                r"row \(--seq-length \+ 1 = 9 tokens\): each is cut at its row's end$",
+                                caplog.text, re.M)
     assert all(ds.row_starts[r + 1] - ds.row_starts[r] == 1 for r in range(len(ds))
                if lengths[ds.row_documents[ds.row_starts[r]]] > 9)
 
@@ -243,19 +244,24 @@ def _model_config(arch, tokenizer, seq, position_embedding_type="rope"):
 
 
 def _samples_of(batch, model_config, output):
-    """Per sample of a batch (in row order): its loss positions' CE and PRIOR weights."""
+    """Per sample of a batch (in row order): its loss positions' CE and PRIOR weights, and its
+    ntp and prior loss sums by the training loss functions, on the sample's positions only."""
+    from megatron_prior.loss.loss_func import make_loss_func
     from megatron_prior.models.packed import combined_positions
     from megatron_prior.training.steps import loss_view
 
     view = loss_view(batch, model_config)
     image_mask = batch["tokens"] == model_config.image_token_id if model_config.image_sequence_length else None
     sample = (combined_positions(batch["position_ids"], image_mask, model_config.image_sequence_length) == 0).cumsum(1)
+    loss_funcs = {name: make_loss_func(name) for name in ("ntp", "prior")}
     out = []
     for r in range(len(sample)):
         for k in range(1, int(sample[r].max()) + 1):
             sel = (sample[r] == k) & (view["loss_mask"][r] > 0)
             if sel.any():
-                out.append((output[r][sel].detach(), view["loss_weights"][r][sel], sel))
+                alone = {"loss_mask": view["loss_mask"][r:r + 1] * sel, "loss_weights": view["loss_weights"][r:r + 1]}
+                sums = {name: float(f(alone, output[r:r + 1].detach())[0]) for name, f in loss_funcs.items()}
+                out.append((output[r][sel].detach().numpy(), view["loss_weights"][r][sel].numpy(), sums))
     return out
 
 
@@ -275,7 +281,6 @@ def _alone(batch, spans):
 
 def _per_sample_losses(corpus, arch, position_embedding_type):
     from megatron_prior import parallel
-    from megatron_prior.loss.loss_func import make_loss_func
     from megatron_prior.models.builder import build_model
     from megatron_prior.models.init import initialize_weights
     from megatron_prior.training.data import stack
@@ -307,30 +312,23 @@ def _per_sample_losses(corpus, arch, position_embedding_type):
         unpacked_ds = _captions(corpus, seq, False, len(packed), image=cfg.image_sequence_length)
         single = stack([unpacked_ds[i] for i in range(len(packed))])
     single_output, _ = make_forward_step(cfg, "prior")(iter([single]), model)
-    alone = _samples_of(single, cfg, single_output)
-    losses = {name: make_loss_func(name) for name in ("ntp", "prior")}
-    result = []
-    for (ce, weights, _), (ce1, weights1, _) in zip(packed, alone):
-        sums = {name: (float((ce * (weights if name == "prior" else 1)).sum()),
-                       float((ce1 * (weights1 if name == "prior" else 1)).sum())) for name in losses}
-        result.append((ce.numpy(), ce1.numpy(), weights.numpy(), weights1.numpy(), sums))
-    rows = len(batch["tokens"])
-    return result, rows
+    return packed, _samples_of(single, cfg, single_output), len(batch["tokens"])
 
 
 @pytest.mark.parametrize("arch,position_embedding_type", [
     ("gpt", "rope"), ("gpt", "learned_absolute"), ("ulvlm", "rope"), ("hlvlm", "rope")])
 def test_per_sample_losses_of_a_packed_batch_are_the_unpacked_ones(tiny_corpus, arch, position_embedding_type):
-    (samples, rows), = run_on_ranks(_per_sample_losses, 1, tiny_corpus, arch, position_embedding_type)
-    assert len(samples) > rows  # several samples a row
+    (packed, alone, rows), = run_on_ranks(_per_sample_losses, 1, tiny_corpus, arch, position_embedding_type)
+    assert len(packed) == len(alone) > rows  # several samples a row
     eps = np.finfo(np.float32).eps
-    for ce, ce_alone, weights, weights_alone, sums in samples:
+    for (ce, weights, sums), (ce_alone, weights_alone, sums_alone) in zip(packed, alone):
         assert ce.shape == ce_alone.shape
         tolerance = CE_ULPS * eps * np.abs(ce_alone).max()
         np.testing.assert_allclose(ce, ce_alone, rtol=0, atol=tolerance)
         np.testing.assert_array_equal(weights, weights_alone)  # the caption's own normaliser, unchanged
-        for name, (got, expected) in sums.items():
-            assert abs(got - expected) <= tolerance * len(ce) * (weights.max() if name == "prior" else 1), name
+        # Each term off by at most the CE tolerance times its weight, and the sums' own rounding.
+        for name, bound in (("ntp", len(ce)), ("prior", weights.sum())):
+            assert abs(sums[name] - sums_alone[name]) <= tolerance * bound + eps * len(ce) * abs(sums_alone[name]), name
 
 
 def _rope_table():
@@ -406,11 +404,11 @@ def _namespace(**flags):
 @pytest.mark.parametrize("flags,message", [
     (dict(transformer_impl="transformer_engine"), r"--pack-samples with Transformer Engine needs --micro-batch-size 1, "
                                                   r"got 4: its packed format takes one row per micro-batch"),
-    (dict(fp8_format="hybrid", micro_batch_size=2), r"--pack-samples with Transformer Engine needs --micro-batch-size 1, "
-                                                    r"got 2"),
+    (dict(fp8_format="hybrid", micro_batch_size=2),
+     r"--pack-samples with Transformer Engine needs --micro-batch-size 1, got 2"),
     (dict(context_parallel_size=2), r"--pack-samples does not take --context-parallel-size > 1"),
     (dict(model="hlvlm", max_position_embeddings=512), r"--pack-samples with --model hlvlm takes no "
-                                                       r"--max-position-embeddings: LLaVAModel cuts each row at it"),
+                                                       r"--max-position-embeddings: the model cuts each row at it"),
 ])
 def test_combinations_packing_refuses(flags, message):
     from megatron_prior.models.packed import check_args
@@ -449,7 +447,7 @@ def _fused_kernel_refusal(flag):
 @pytest.mark.parametrize("flag,why", [("masked_softmax_fusion", "its fused causal softmax ignores the packed"),
                                       ("apply_rope_fusion", "the fused RoPE takes one table for all rows")])
 def test_local_attention_refuses_fused_kernels_that_would_ignore_the_packing(flag, why):
-    (message,), = [run_on_ranks(_fused_kernel_refusal, 1, flag)]
+    message, = run_on_ranks(_fused_kernel_refusal, 1, flag)
     assert message == (f"--pack-samples with megatron-core's local attention needs {flag} off: {why}"
                        + (" attention mask" if flag == "masked_softmax_fusion" else ", not per-sample positions"))
 
