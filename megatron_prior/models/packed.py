@@ -131,7 +131,7 @@ def packed_inputs(model: torch.nn.Module, batch: dict, model_config: ModelConfig
 
 
 def log_padding_share(loss_func: Callable, batch: dict) -> Callable:
-    """``loss_func`` whose logs also hold ``"padding share"``: the batch's padding positions
+    """``loss_func`` whose logs also hold ``"padding_share"``: the batch's padding positions
     over all its positions, as a ``[sum, count]`` pair (summed over micro-batches and ranks
     like the losses), when the batch counts its padding (``padding_positions``)."""
     if "padding_positions" not in batch:
