@@ -112,13 +112,14 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
         assert re.fullmatch(
             r" \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration +(\d+)/ +4 \| consumed samples: +(\d+) \| "
             r"elapsed time per iteration \(ms\): \d+\.\d \| learning rate: (\S+) \| global batch size: +8 \| "
-            r"lm loss: (\S+) \| ce: (\S+) \| (ce_\w+: \S+ \| )*loss scale: 1\.0 \| grad norm: (\S+) \| "
+            r"lm loss: (\S+) \| ce: (\S+) \| (ce_\w+: \S+ \| )*padding_share: \S+ \| loss scale: 1\.0 \| grad norm: (\S+) \| "
             r"number of skipped iterations: +0 \| number of nan iterations: +0 \| "
             r"text positions per second: \d+ \| positions per second \(text \+ image\): \d+ \| "
             r"throughput per GPU \(TFLOP/s/GPU\): \d+\.\d \|", line), line
         assert f"iteration {i:8d}/       4 | consumed samples: {8 * i:12d} |" in line
         assert f"| learning rate: {r['lr']:.6E} |" in line and f"| lm loss: {r['weighted_ce']:.6E} |" in line
         assert f"| grad norm: {r['grad_norm']:.3f} |" in line
+        assert f"| padding_share: {r['padding_share']:.6E} |" in line
         assert r["consumed_samples"] == 8 * i and r["iteration_time_ms"] > 0
         # GPT: no image; every text position is a loss token or padding.
         assert r["image_positions"] == 0 and r["positions"] == 8 * i * 32 == r["loss_tokens"] + r["padding_positions"]
