@@ -29,9 +29,15 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.14",
+        # Users' own models and data: Hugging Face checkpoints and tokenizers (loaded from local
+        # directories, never downloaded at run time) and webdataset tar shards.
+        "transformers>=4.45",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "webdataset>=0.2.90",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "tokenizers>=0.15"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     ext_modules=[
         Pybind11Extension(
