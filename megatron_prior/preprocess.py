@@ -1,13 +1,22 @@
-"""JSONL -> tokens + reference log-probs (+ kinds, + images): the engine of
-``tools/preprocess_with_weights.py``. It sits above both ``data`` (formats, writers) and
-``scoring`` (the reference), which do not know about each other.
+"""Image-caption data -> tokens + reference log-probs (+ kinds, + images): the engine of
+``tools/preprocess_with_weights.py``. It sits above both ``data`` (formats, readers, writers)
+and ``scoring`` (the reference), which do not know about each other.
 
-The main process reads the input lines in chunks and hands them to a process pool
-(``--workers``) that parses, tokenizes, turns kind spans into per-token kinds and decodes
-and resizes images; results come back in input order. The main process scores them with
-the reference (the GPT in length-sorted batches, a chunk of documents at a time; the
-unigram once the whole corpus is counted) and streams everything to temporary files that
-are renamed only when all is complete.
+The input (JSONL, LLaVA JSON, COCO JSON or webdataset shards: ``data.sources``) is read in
+chunks of ``--chunk-records`` records, each within one input file. A process pool
+(``--workers`` per rank) parses, tokenizes, turns kind spans into per-token kinds and reads the
+images (checked and kept encoded, or decoded and fitted for a raw store); chunks come back in
+input order, at most a few ahead of the writer so memory stays bounded. The main process
+scores each chunk with the reference (the GPT in length-sorted batches; the unigram once the
+whole corpus is counted) and streams everything to temporary files renamed only when all is
+complete.
+
+Under torchrun (or srun) the chunks are dealt to the ranks: whole files (file ``i`` to rank
+``i mod N``) when there are at least as many input files as ranks, else each file's chunks in
+turn. Every rank tokenizes and scores its chunks on its own device into a dataset of its own;
+the unigram counts are summed over ranks; rank 0 then copies the chunks' documents in input
+order into the output. A chunk is scored alone whatever the number of ranks, so the output is
+byte for byte the one a single process writes.
 """
 
 from __future__ import annotations
@@ -15,42 +24,61 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from megatron.core.datasets.indexed_dataset import DType
 from tqdm import tqdm
 
 from megatron_prior import parallel
-from megatron_prior.data.images import load_image
+from megatron_prior.data.images import check_encoded_image, decode_image, read_image_file
 from megatron_prior.data.kinds import OTHER, kinds_from_spans
-from megatron_prior.data.records import BadRecord, iter_lines, parse_line, text_field
+from megatron_prior.data.records import BadRecord
+from megatron_prior.data.sources import Chunk, ReadOptions, SourceRecord, detect_format, expand_inputs, iter_chunks
+from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 from megatron_prior.data.writer import WeightedDatasetWriter
 from megatron_prior.files import atomic_write_text
 from megatron_prior.scoring import load_reference
 from megatron_prior.tokenizer import Tokenizer, load_tokenizer
 
-LINES_PER_TASK = 256
 
 
 @dataclass
 class Processed:
-    """One good record: per json key its tokens (and kinds); its image when asked for."""
+    """One good record: per json key its tokens (and kinds); its image when asked for (the
+    file's bytes for an encoded store, fitted pixels for a raw one)."""
 
     tokens: dict[str, np.ndarray]
     kinds: dict[str, np.ndarray] = field(default_factory=dict)
-    image: Optional[np.ndarray] = None
+    image: Optional[Union[np.ndarray, bytes]] = None
+
+
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    return ReadOptions(json_keys=args.json_keys, image_key=args.image_key, kinds_key=args.kinds_key,
+                       image_root=args.image_root, coco_captions_per_image=args.coco_captions_per_image)
+
+
+def with_images(args: argparse.Namespace) -> bool:
+    """JSONL carries images with --image-key; the other formats always do."""
+    return bool(args.image_key) or args.input_format != "jsonl"
 
 
 class RecordProcessor:
-    """Turns raw JSONL lines into ``Processed`` records or ``BadRecord``s (runs in workers)."""
+    """Turns a chunk's ``SourceRecord``s into ``Processed`` records or ``BadRecord``s (runs in
+    the workers)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.options = read_options(args)
+        self.images = with_images(args)
         self.tokenizer: Optional[Tokenizer] = None
 
     def _tok(self) -> Tokenizer:
@@ -58,12 +86,13 @@ class RecordProcessor:
             self.tokenizer = load_tokenizer(self.args.tokenizer_model, self.args.tokenizer_type)
         return self.tokenizer
 
-    def process(self, path: str, line: int, raw: bytes) -> Processed:
+    def process(self, source: SourceRecord) -> Processed:
         args, tok = self.args, self._tok()
-        record = parse_line(path, line, raw)
+        record, image_path = source.fields(self.options)
+        path, line = record.path, record.line
         out = Processed(tokens={})
         for key in args.json_keys:
-            text = text_field(record, key)
+            text = record.data[key]  # checked by fields()
             if args.kinds_key:
                 ids, starts = tok.tokenize_with_offsets(text)
                 spans = record.data.get(args.kinds_key)
@@ -83,36 +112,46 @@ class RecordProcessor:
             out.tokens[key] = np.asarray(ids, dtype=np.int64)
             if kinds is not None:
                 out.kinds[key] = kinds
-        if args.image_key:
-            image = text_field(record, args.image_key)
-            image_path = image if os.path.isabs(image) else os.path.join(os.path.dirname(os.path.abspath(path)), image)
-            try:
-                out.image = load_image(image_path, *args.image_size)
-            except (OSError, ValueError) as err:
-                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-                raise BadRecord(path, line, f"image {image}: {reason}") from None
+        if self.images:
+            out.image = self._image(source, image_path)
         return out
 
-    def __call__(self, task: list[tuple[str, int, bytes]]) -> list:
+    def _image(self, source: SourceRecord, image_path: Optional[str]) -> Union[np.ndarray, bytes]:
+        args = self.args
+        try:
+            data = source.image_bytes if source.image_bytes is not None else read_image_file(image_path)
+            if args.image_store == "encoded":
+                check_encoded_image(data)
+                return data
+            return decode_image(data, *args.image_size, args.image_aspect)
+        except (OSError, ValueError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise BadRecord(source.path, source.record, f"image {source.image_name}: {reason}", "image") from None
+
+    def __call__(self, chunk: Chunk) -> tuple[Chunk, list]:
         results = []
-        for path, line, raw in task:
+        for source in chunk.records:
             try:
-                results.append(self.process(path, line, raw))
+                results.append(self.process(source))
             except BadRecord as bad:
                 results.append(bad)
-        return results
+        chunk.records = []  # what came in need not travel back
+        return chunk, results
 
 
-def _tasks(paths: Sequence[str]) -> Iterator[list[tuple[str, int, bytes]]]:
-    task = []
-    for path in paths:
-        for line, raw in iter_lines(path):
-            task.append((path, line, raw))
-            if len(task) == LINES_PER_TASK:
-                yield task
-                task = []
-    if task:
-        yield task
+def _in_order(pool, fn: Callable, tasks: Iterable, ahead: int) -> Iterator:
+    """``pool.imap(fn, tasks)`` that reads at most ``ahead`` tasks ahead of the consumer
+    (``imap`` would read the whole input, images included, into memory)."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def output_prefix(args: argparse.Namespace, key: str) -> str:
@@ -120,13 +159,22 @@ def output_prefix(args: argparse.Namespace, key: str) -> str:
     return f"{args.output_prefix}_{key}_document"
 
 
+def chunk_owner(file_index: int, chunk_index: int, n_files: int, world_size: int) -> int:
+    """The rank that processes a chunk: whole files when there are enough of them (a rank then
+    reads only its own files), else each file's chunks dealt in turn."""
+    if n_files >= world_size:
+        return file_index % world_size
+    return (file_index + chunk_index) % world_size
+
+
 class _Progress:
     """A tqdm bar over documents, with tokens/s beside the docs/s tqdm shows."""
 
-    def __init__(self, interval: int) -> None:
-        self.bar = tqdm(unit="doc", desc="preprocess", mininterval=1.0, file=sys.stderr,
+    def __init__(self, interval: int, desc: str) -> None:
+        self.bar = tqdm(unit="doc", desc=desc, mininterval=1.0, file=sys.stderr,
                         disable=None)  # disabled when stderr is not a terminal
         self.interval, self.docs, self.tokens, self.start = interval, 0, 0, time.perf_counter()
+        self.desc = desc
 
     def update(self, docs: int, tokens: int) -> None:
         self.bar.update(docs)
@@ -135,7 +183,7 @@ class _Progress:
             rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             self.bar.set_postfix(tokens_per_s=f"{rate:,.0f}")
             if self.bar.disable:
-                print(f"processed {self.docs} documents, {self.tokens} tokens ({rate:,.0f} tokens/s)",
+                print(f"{self.desc}: processed {self.docs} documents, {self.tokens} tokens ({rate:,.0f} tokens/s)",
                       file=sys.stderr)
 
     def close(self) -> None:
@@ -146,94 +194,186 @@ def _terminate_as_exit(signum, frame):  # noqa: ARG001
     raise SystemExit(128 + signum)
 
 
+@dataclass
+class _ChunkDone:
+    """What a rank reports of one chunk it processed."""
+
+    file_index: int
+    index: int
+    read: int  # records
+    written: int  # documents
+    bad: list[BadRecord]
+
+
+def _open_writers(args: argparse.Namespace, prefix_of: Callable[[str], str],
+                  token_dtype: type) -> dict[str, WeightedDatasetWriter]:
+    writers: dict[str, WeightedDatasetWriter] = {}
+    try:
+        for i, key in enumerate(args.json_keys):
+            # The images go with the first (with images, the only) key's dataset.
+            images = with_images(args) and i == 0
+            writers[key] = WeightedDatasetWriter(prefix_of(key), token_dtype, with_kinds=bool(args.kinds_key),
+                                                 image_size=args.image_size if images else None,
+                                                 image_store=args.image_store, image_aspect=args.image_aspect)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return writers
+
+
+def _notes(args: argparse.Namespace, key: str, skipped: int) -> dict:
+    return {"json_key": key, "append_eod": bool(args.append_eod), "inputs": list(args.input),
+            "input_format": args.input_format, "skipped_bad_records": skipped}
+
+
+def _process_share(args: argparse.Namespace, info: parallel.LaunchInfo, paths: list[str], scorer, unigram: bool,
+                   writers: dict[str, WeightedDatasetWriter], pool) -> tuple[list[_ChunkDone], Optional[BadRecord]]:
+    """Tokenize, score and write this rank's chunks; (the chunks done, the bad record that
+    stopped the run without --skip-bad-records)."""
+    rank, world = info.rank, info.world_size
+    processor = RecordProcessor(args)
+    mine = (c for c in iter_chunks(args.input_format, paths, read_options(args), args.chunk_records,
+                                   read_file=lambda i: len(paths) < world or i % world == rank)
+            if chunk_owner(c.file_index, c.index, len(paths), world) == rank)
+    progress = _Progress(args.log_interval, "preprocess" if world == 1 else f"preprocess rank {rank}")
+    done: list[_ChunkDone] = []
+    try:
+        for chunk, results in _in_order(pool, processor, mine, 2 * max(1, args.workers)):
+            bad = [r for r in results if isinstance(r, BadRecord)]
+            good = [r for r in results if not isinstance(r, BadRecord)]
+            if bad and not args.skip_bad_records:
+                return done, bad[0]
+            scores = {}
+            for key in args.json_keys:
+                if unigram:
+                    for p in good:
+                        scorer.update(p.tokens[key])
+                else:
+                    scores[key] = scorer.score([p.tokens[key] for p in good])
+            for i, p in enumerate(good):
+                for key, writer in writers.items():
+                    writer.add_document(p.tokens[key], None if unigram else scores[key][i],
+                                        p.kinds.get(key) if args.kinds_key else None,
+                                        p.image if writer.images is not None else None)
+            done.append(_ChunkDone(chunk.file_index, chunk.index, len(results), len(good), bad))
+            progress.update(len(good), sum(len(t) for p in good for t in p.tokens.values()))
+    finally:
+        progress.close()
+    return done, None
+
+
+def _merge_ranks(args: argparse.Namespace, shard_prefix: Callable[[int, str], str], done: list[_ChunkDone],
+                 world: int, n_files: int, writers: dict[str, WeightedDatasetWriter]) -> None:
+    """Copy every rank's documents into ``writers`` in input order (rank 0)."""
+    for key, writer in writers.items():
+        shards = [WeightedIndexedDataset(shard_prefix(r, key)) for r in range(world)]
+        stores = [s.open_images() if writer.images is not None else None for s in shards]
+        cursor = [0] * world
+        for chunk in tqdm(done, desc=f"merge {key}", unit="chunk", file=sys.stderr, disable=None):
+            r = chunk_owner(chunk.file_index, chunk.index, n_files, world)
+            shard, store = shards[r], stores[r]
+            for doc in range(cursor[r], cursor[r] + chunk.written):
+                tokens, logprobs = shard[doc]
+                image = None
+                if store is not None:
+                    image = store.encoded(doc) if store.kind == "encoded" else np.asarray(store[doc])
+                writer.add_document(tokens, logprobs, shard.kinds[doc] if shard.has_kinds else None, image)
+            cursor[r] += chunk.written
+
+
 def run(args: argparse.Namespace) -> int:
     """Preprocess per ``args`` (see tools/preprocess_with_weights.py); returns the exit status."""
+    info = parallel.launch_info()
+    rank, world = info.rank, info.world_size
+    paths = expand_inputs(args.input)
+    if args.input_format == "auto":
+        args.input_format = detect_format(paths)
     tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
     token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    processor = RecordProcessor(args)
     # The pool starts before any model is loaded: workers fork from a process that has not
     # started torch's thread pools.
     pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
     previous_handler = signal.signal(signal.SIGTERM, _terminate_as_exit)
+    distributed = world > 1 or args.reference_type == "gpt"
+    shard_dir = args.output_prefix + ".ranks"
+
+    def shard_prefix(r: int, key: str) -> str:
+        return os.path.join(shard_dir, f"rank{r:05d}_{key}_document")
+
     writers: dict[str, WeightedDatasetWriter] = {}
-    progress = _Progress(args.log_interval)
-    bad: list[BadRecord] = []
+    done: list[_ChunkDone] = []
     try:
-        if args.reference_type == "gpt":
-            parallel.initialize()
+        if distributed:
+            # Ranks wait for the slowest one and for rank 0's merge: allow hours, not minutes.
+            parallel.initialize(timeout_minutes=24 * 60)
+        if rank == 0:
+            print(f"reading {len(paths)} {args.input_format} file(s)" + (f" on {world} ranks" if world > 1 else ""),
+                  file=sys.stderr)
         scorer, reference = load_reference(args.reference_type, args.reference_load, tokenizer,
                                            args.reference_window, args.score_batch_tokens)
         unigram = reference["type"] == "unigram"
-        for i, key in enumerate(args.json_keys):
-            # The images go with the first (with --image-key, the only) key's dataset.
-            writers[key] = WeightedDatasetWriter(output_prefix(args, key), token_dtype,
-                                                 with_kinds=bool(args.kinds_key),
-                                                 image_size=args.image_size if args.image_key and i == 0 else None)
-        pending: list[Processed] = []
-
-        def flush() -> None:
-            """Score (GPT) and write the pending records, in input order."""
-            scores = {}
-            if not unigram:
-                for key in args.json_keys:
-                    scores[key] = scorer.score([p.tokens[key] for p in pending])
-            for i, p in enumerate(pending):
-                for key in args.json_keys:
-                    writers[key].add_document(p.tokens[key], None if unigram else scores[key][i],
-                                              p.kinds.get(key) if args.kinds_key else None,
-                                              p.image if writers[key].images is not None else None)
-            progress.update(len(pending), sum(len(t) for p in pending for t in p.tokens.values()))
-            pending.clear()
-
-        results = pool.imap(processor, _tasks(args.input)) if pool else map(processor, _tasks(args.input))
-        pending_tokens = 0
-        for task_results in results:
-            for result in task_results:
-                if isinstance(result, BadRecord):
-                    if not args.skip_bad_records:
-                        print(f"error: {result}", file=sys.stderr)
-                        print("(--skip-bad-records skips such records and lists them in a log)", file=sys.stderr)
-                        raise _Failed()
-                    bad.append(result)
-                    continue
-                if unigram:
-                    for tokens in result.tokens.values():
-                        scorer.update(tokens)
-                pending.append(result)
-                pending_tokens += sum(len(t) for t in result.tokens.values())
-            if pending_tokens >= args.score_chunk_tokens:
-                flush()
-                pending_tokens = 0
-        flush()
-        if writers[args.json_keys[0]].token_count == 0:
-            print("error: no documents to write" + (f" ({len(bad)} bad records skipped)" if bad else ""),
-                  file=sys.stderr)
+        writers = _open_writers(args, (lambda key: output_prefix(args, key)) if world == 1
+                                else (lambda key: shard_prefix(rank, key)), token_dtype)
+        done, stopped = _process_share(args, info, paths, scorer, unigram, writers, pool)
+        if stopped is not None:
+            print(f"error: {stopped}", file=sys.stderr)
+            print("(--skip-bad-records skips such records and lists them in a log)", file=sys.stderr)
+        if world > 1:
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, (stopped is not None, done))
+            if any(failed for failed, _ in everyone):
+                raise _Failed()
+            done = sorted((c for _, rank_done in everyone for c in rank_done), key=lambda c: (c.file_index, c.index))
+            if unigram:
+                counts = torch.from_numpy(scorer.counts).to(parallel.device())
+                dist.all_reduce(counts)
+                scorer.counts = counts.cpu().numpy()
+        elif stopped is not None:
+            raise _Failed()
+        bad = [b for c in done for b in c.bad]
+        written = sum(c.written for c in done)
+        if written == 0:
+            if rank == 0:
+                print("error: no documents to write" + (f" ({len(bad)} bad records skipped)" if bad else ""),
+                      file=sys.stderr)
             raise _Failed()
         for key, writer in writers.items():
             if unigram:
                 writer.fill_logprobs(scorer)
-            notes = {"json_key": key, "append_eod": bool(args.append_eod), "inputs": list(args.input),
-                     "skipped_bad_records": len(bad)}
-            writer.finalize(tokenizer.fingerprint, reference, notes)
-        if bad:
+            writer.finalize(tokenizer.fingerprint, reference, _notes(args, key, len(bad)))
+        if world > 1:
+            dist.barrier()  # every rank's dataset is in place
+            if rank == 0:
+                writers = _open_writers(args, lambda key: output_prefix(args, key), token_dtype)
+                _merge_ranks(args, shard_prefix, done, world, len(paths), writers)
+                for key, writer in writers.items():
+                    writer.finalize(tokenizer.fingerprint, reference, _notes(args, key, len(bad)))
+                shutil.rmtree(shard_dir)
+            dist.barrier()
+        tokens = sum(w.token_count for w in writers.values())
+        if bad and rank == 0:
             _write_bad_record_log(args.output_prefix + "_bad_records.log", bad)
     except _Failed:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        progress.close()
         for writer in writers.values():
             writer.abort()  # a no-op for committed writers
         if pool is not None:
             pool.terminate()
             pool.join()
-        if args.reference_type == "gpt":
+        if distributed:
             parallel.destroy()
-    n_docs = len(writers[args.json_keys[0]].builder.sequence_lengths)
-    print(f"wrote {n_docs} documents, {sum(w.token_count for w in writers.values())} tokens to "
-          + ", ".join(output_prefix(args, k) for k in args.json_keys)
-          + (f"; skipped {len(bad)} bad records (listed in {args.output_prefix}_bad_records.log)" if bad else ""),
-          file=sys.stderr)
+    if rank == 0:
+        read = sum(c.read for c in done)
+        why = Counter(b.category for b in bad)
+        print(f"read {read} records: wrote {written} documents, {tokens} tokens to "
+              + ", ".join(output_prefix(args, k) for k in args.json_keys)
+              + (f"; skipped {len(bad)} bad records ("
+                 + ", ".join(f"{n} {category}" for category, n in sorted(why.items()))
+                 + f"; listed in {args.output_prefix}_bad_records.log)" if bad else ""),
+              file=sys.stderr)
     return 0
 
 

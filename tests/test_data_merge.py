@@ -55,7 +55,7 @@ def test_merge_equals_single_run(tmp_path):
     (dict(fingerprint="sha256:other"), "tokenizer sha256:other differs"),
     (dict(reference={"type": "gpt", "path": "x"}), "reference model"),
     (dict(kinds=False), "kinds False differs"),
-    (dict(image_size=(5, 3)), r"images \(5, 3, 3\) differs"),
+    (dict(image_size=(5, 3)), r"images \(store, shape, aspect\) \('raw', \(5, 3, 3\), None\) differs"),
 ])
 def test_refused_mixes(tmp_path, capsys, change, match):
     a = write(tmp_path / "a", _docs(0, 3))

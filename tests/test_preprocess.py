@@ -12,7 +12,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_prior.data import FormatError, ImageStore, WeightedIndexedDataset
+from megatron_prior.data import FormatError, WeightedIndexedDataset, open_image_store
 from megatron_prior.data.images import load_image
 from megatron_prior.data.kinds import KIND_IDS
 from megatron_prior.tokenizer import load_tokenizer
@@ -183,7 +183,7 @@ def test_gpt_reference_end_to_end(corpus, reference, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_tool(*_base_args(jsonl, tok_path, one, "gpt"), "--reference-load", reference)
     run_tool(*_base_args(jsonl, tok_path, two, "gpt"), "--reference-load", reference, "--workers", "2",
-             "--score-batch-tokens", "16", "--score-chunk-tokens", "100")
+             "--score-batch-tokens", "16", "--chunk-records", "7")
     for suffix in (".bin", ".idx", ".logprobs.idx"):
         assert open(f"{one}_caption_document{suffix}", "rb").read() == open(f"{two}_caption_document{suffix}",
                                                                              "rb").read()
@@ -271,7 +271,7 @@ def test_bad_records(corpus, tmp_path, capsys):
         assert entry.startswith(f"{bad}:{line}: ") and reason in entry, entry
     ds = WeightedIndexedDataset(str(tmp_path / "out_caption_document"))
     assert len(ds) == 5 and ds.metadata.notes["skipped_bad_records"] == len(expected)
-    assert len(ImageStore(str(tmp_path / "out_caption_document.images"))) == 5
+    assert len(open_image_store(str(tmp_path / "out_caption_document.images"))) == 5
 
 
 def test_refused_arguments_and_references(corpus, reference, tmp_path, capsys):
@@ -309,7 +309,7 @@ def test_interrupted_run_leaves_nothing_that_looks_finished(corpus, tmp_path, si
     os.mkfifo(fifo)
     out = tmp_path / "out" / "demo"
     proc = subprocess.Popen([sys.executable, TOOL, *map(str, _base_args(fifo, tok_path, out)),
-                             "--score-chunk-tokens", "1"], stderr=subprocess.PIPE)
+                             "--chunk-records", "1"], stderr=subprocess.PIPE)
     lines = open(jsonl, "rb").read().splitlines()
     writer = open(fifo, "wb")
     for _ in range(20):  # enough for the first tasks of 256 lines to be written out

@@ -2,7 +2,8 @@
 """Merge preprocessed shards (tokens, log-probs, kinds, images) into one dataset.
 
 Every shard is validated first (as training would open it) and all must agree: token
-dtype, tokenizer, reference model, and whether they carry kinds and images (of one size).
+dtype, tokenizer, reference model, and whether they carry kinds and images (of one store
+kind, size and aspect).
 Tokens are concatenated by megatron-core's own IndexedDatasetBuilder.add_index (as
 Megatron's merge_datasets.py does); the log-probs, kinds and images follow in the same
 order, and the new metadata binds the scores to the merged token file. Outputs are written
@@ -26,8 +27,9 @@ from typing import Optional
 # megatron-core warns on import that Transformer Engine and Apex are missing; this tool uses neither.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
 
-from megatron_prior.data import FormatError, ImageStore, WeightedDatasetWriter, WeightedIndexedDataset  # noqa: E402
+from megatron_prior.data import FormatError, WeightedDatasetWriter, WeightedIndexedDataset  # noqa: E402
 from megatron_prior.data.formats import all_files  # noqa: E402
+from megatron_prior.data.images import AnyImageStore  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,14 +63,18 @@ def merge(prefixes: list[str], output_prefix: str) -> dict:
     _check_output_is_no_input(prefixes, output_prefix)
     shards = [WeightedIndexedDataset(p) for p in prefixes]
     first = shards[0]
-    stores: list[Optional[ImageStore]] = [s.open_images() if s.has_images else None for s in shards]
+    stores: list[Optional[AnyImageStore]] = [s.open_images() if s.has_images else None for s in shards]
+
+    def layout(store: Optional[AnyImageStore]) -> Optional[tuple]:
+        return (store.kind, store.shape[1:], store.aspect) if store is not None else None
+
     for prefix, shard, store in zip(prefixes[1:], shards[1:], stores[1:]):
         checks = [
             ("token dtype", shard.token_array.dtype, first.token_array.dtype),
             ("tokenizer", shard.metadata.tokenizer_fingerprint, first.metadata.tokenizer_fingerprint),
             ("reference model", shard.metadata.reference, first.metadata.reference),
             ("kinds", shard.has_kinds, first.has_kinds),
-            ("images", store.shape[1:] if store else None, stores[0].shape[1:] if stores[0] else None),
+            ("images (store, shape, aspect)", layout(store), layout(stores[0])),
         ]
         for what, mine, theirs in checks:
             if mine != theirs:
@@ -76,7 +82,8 @@ def merge(prefixes: list[str], output_prefix: str) -> dict:
 
     image_size = stores[0].shape[1:3] if stores[0] is not None else None
     with WeightedDatasetWriter(output_prefix, first.token_array.dtype.type, with_kinds=first.has_kinds,
-                               image_size=image_size) as writer:
+                               image_size=image_size, image_store=stores[0].kind if stores[0] else "raw",
+                               image_aspect=stores[0].aspect if stores[0] else None) as writer:
         for prefix, store in zip(prefixes, stores):
             writer.add_shard(prefix, store)
         notes = {"merged_from": [{"prefix": p, "tokens_sha256": s.metadata.files["tokens.bin"]["sha256"],

@@ -3,7 +3,7 @@
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
 from megatron_prior.data.formats import FormatError, ScoreMetadata
 from megatron_prior.data.gpt_dataset import WeightedGPTDataset, WeightedGPTDatasetConfig
-from megatron_prior.data.images import ImageStore
+from megatron_prior.data.images import EncodedImageStore, ImageStore, open_image_store
 from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 from megatron_prior.data.writer import WeightedDatasetWriter
@@ -12,6 +12,7 @@ __all__ = [
     "CaptionDataset",
     "CaptionDatasetConfig",
     "FormatError",
+    "EncodedImageStore",
     "ImageStore",
     "KIND_NAMES",
     "ScoreMetadata",
@@ -19,4 +20,5 @@ __all__ = [
     "WeightedGPTDataset",
     "WeightedGPTDatasetConfig",
     "WeightedIndexedDataset",
+    "open_image_store",
 ]

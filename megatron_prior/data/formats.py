@@ -6,7 +6,8 @@ For a token prefix ``T`` (``T.bin``/``T.idx``, megatron-core's MMIDIDX, written 
 - ``T.logprobs.bin/.idx``: float32 MMIDIDX (dtype code 7) with the same sequence lengths
   and document indices, holding ``log p_ref(t_i | t_<i)`` per token;
 - ``T.kinds.bin/.idx`` (optional): uint8 MMIDIDX of token kind ids (``kinds.KIND_NAMES``);
-- ``T.images`` (optional): the image store of ``images.py``, image ``i`` for document ``i``;
+- ``T.images`` (optional): the image store of ``images.py`` (encoded image bytes, or decoded
+  pixels in the older raw store), image ``i`` for document ``i``;
 - ``T.logprobs.json``: what binds them: format version, what the values are, the tokenizer
   fingerprint, the reference model, the counts, and the size and sha256 of *every* file
   above (``files``), so a file replaced, reordered or left over from another write onto the
@@ -52,6 +53,8 @@ TOKEN_DTYPE_CODES = {1, 2, 3, 4, 5, 8}  # the integer codes of megatron-core's D
 REQUIRED_ROLES = ("tokens.bin", "tokens.idx", "logprobs.bin", "logprobs.idx")
 OPTIONAL_ROLES = ("kinds.bin", "kinds.idx", "images")
 _SHA256_HEX = set("0123456789abcdef")
+# How an image store fits images to its size (``images.ASPECTS``, which imports this module).
+IMAGE_ASPECTS = ("pad", "crop", "stretch")
 
 
 class FormatError(ValueError):
@@ -208,6 +211,10 @@ def _check_files(path: str, files: object) -> dict:
                 or not set(entry["sha256"]) <= _SHA256_HEX):
             raise FormatError(path, f"'files' entry {role!r} must hold a 64-digit hex 'sha256' and "
                                     f"natural numbers {list(keys)}")
+    images = files.get("images", {})
+    if images.get("store", "raw") not in ("raw", "encoded") or images.get("aspect", "pad") not in IMAGE_ASPECTS:
+        raise FormatError(path, f"'files' entry 'images': store {images.get('store')!r} (expected raw or encoded), "
+                                f"aspect {images.get('aspect')!r} (expected one of {', '.join(IMAGE_ASPECTS)})")
     return files
 
 

@@ -1,29 +1,34 @@
-"""Reading JSONL records line by line, with every bad line reported as ``file:line: reason``."""
+"""Reading JSONL records line by line, with every bad record reported as ``file:record: reason``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 from megatron_prior.files import parse_json
 
 
 class BadRecord(ValueError):
-    """A JSONL line that cannot be used; ``str()`` is ``file:line: reason``."""
+    """An input record that cannot be used; ``str()`` is ``file:record: reason``.
 
-    def __init__(self, path: str, line: int, reason: str) -> None:
+    ``line`` is how the input format counts its records: a JSONL line (1-based), or a label
+    such as ``record 17 (id '004539375')`` or ``sample '000017'``. ``category`` groups the
+    reasons in the counts a run reports (``record``, ``image``, ``shard``).
+    """
+
+    def __init__(self, path: str, line: Union[int, str], reason: str, category: str = "record") -> None:
         super().__init__(f"{path}:{line}: {reason}")
-        self.path, self.line, self.reason = path, line, reason
+        self.path, self.line, self.reason, self.category = path, line, reason, category
 
     def __reduce__(self):
         # Worker processes send these back to the main one.
-        return BadRecord, (self.path, self.line, self.reason)
+        return BadRecord, (self.path, self.line, self.reason, self.category)
 
 
 @dataclass
 class Record:
     path: str
-    line: int  # 1-based, as editors and compilers count
+    line: Union[int, str]  # a JSONL line, 1-based as editors count; a record label for other formats
     data: dict
 
 
@@ -35,7 +40,7 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
                 yield number, raw
 
 
-def parse_line(path: str, line: int, raw: bytes) -> Record:
+def parse_line(path: str, line: Union[int, str], raw: bytes) -> Record:
     """Decode one JSONL line into a Record (an object), or raise BadRecord."""
     try:
         text = raw.decode("utf-8")

@@ -31,7 +31,7 @@ from megatron_prior.data.formats import (
     scores_prefix,
     verify_files,
 )
-from megatron_prior.data.images import ImageStore
+from megatron_prior.data.images import AnyImageStore, open_image_store
 from megatron_prior.data.kinds import KIND_NAMES
 
 _CHECK_CHUNK = 1 << 24
@@ -144,13 +144,13 @@ class WeightedIndexedDataset:
     def has_images(self) -> bool:
         return self._image_shape is not None
 
-    def open_images(self) -> ImageStore:
-        """The image store the metadata binds (image ``i`` for sequence ``i``)."""
+    def open_images(self) -> AnyImageStore:
+        """The image store the metadata binds (image ``i`` for sequence ``i``), raw or encoded."""
         path = images_path(self.path_prefix)
         if self._image_shape is None:
             raise FormatError(path, f"missing file ({metadata_path(self.path_prefix)} binds no images: "
                                     "preprocess with --image-key)")
-        return ImageStore(path, expected=self._image_shape)
+        return open_image_store(path, expected=self._image_shape)
 
     def __getstate__(self) -> dict:
         return {"path_prefix": self.path_prefix, "tokenizer_fingerprint": self._tokenizer_fingerprint,

@@ -24,7 +24,7 @@ from megatron_prior.data.formats import (
     metadata_path,
     record_verified,
 )
-from megatron_prior.data.images import ImageStore, ImageStoreWriter
+from megatron_prior.data.images import DEFAULT_ASPECT, AnyImageStore, image_store_writer
 from megatron_prior.files import remove_stale_temps, sha256_file, temp_path
 
 # Rename order: the metadata, then companions, the token files last (stock megatron-core only
@@ -38,12 +38,15 @@ class WeightedDatasetWriter:
     One sequence per document, as megatron's ``preprocess_data.py`` writes without sentence
     splitting. Log-probs are given per document, or all at the end through
     ``fill_logprobs`` (for references that need the whole corpus first, like the unigram).
-    ``image_size`` (H, W) adds an image store, one image per document. Use as a context
-    manager: leaving it by an exception removes every temporary file.
+    ``image_size`` (H, W) adds an image store, one image per document: ``image_store`` ``raw``
+    takes decoded uint8 ``[H, W, 3]`` arrays, ``encoded`` the image files' bytes, decoded to
+    H x W per ``image_aspect`` when read (``images``). Use as a context manager: leaving it by
+    an exception removes every temporary file.
     """
 
     def __init__(self, prefix: str, token_dtype: type, with_kinds: bool = False,
-                 image_size: Optional[tuple[int, int]] = None) -> None:
+                 image_size: Optional[tuple[int, int]] = None, image_store: str = "raw",
+                 image_aspect: Optional[str] = None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.prefix = prefix
         remove_stale_temps(all_files(prefix))
@@ -55,7 +58,7 @@ class WeightedDatasetWriter:
         self._temps = {role: temp_path(final) for role, final in self._finals.items()}
         self._meta_temp = temp_path(metadata_path(prefix))
         self._handles: list = []
-        self.images: Optional[ImageStoreWriter] = None
+        self.images = None
         self._kinds_file = None
         try:
             self.builder = IndexedDatasetBuilder(self._temps["tokens.bin"], dtype=token_dtype)
@@ -66,7 +69,8 @@ class WeightedDatasetWriter:
                 self._kinds_file = open(self._temps["kinds.bin"], "wb")
                 self._handles.append(self._kinds_file)
             if image_size:
-                self.images = ImageStoreWriter(self._temps["images"], *image_size)
+                aspect = image_aspect if image_aspect or image_store == "raw" else DEFAULT_ASPECT
+                self.images = image_store_writer(self._temps["images"], image_store, *image_size, aspect)
                 self._handles.append(self.images._file)
         except BaseException:
             self.abort()
@@ -82,7 +86,7 @@ class WeightedDatasetWriter:
             self.abort()
 
     def add_document(self, tokens: np.ndarray, logprobs: Optional[np.ndarray] = None,
-                     kinds: Optional[np.ndarray] = None, image: Optional[np.ndarray] = None) -> None:
+                     kinds: Optional[np.ndarray] = None, image: Optional[np.ndarray | bytes] = None) -> None:
         n = len(tokens)
         if logprobs is not None:
             if len(logprobs) != n or self._logprobs_written != self.token_count:
@@ -102,7 +106,7 @@ class WeightedDatasetWriter:
         self.builder.add_document(np.asarray(tokens), [n])
         self.token_count += n
 
-    def add_shard(self, prefix: str, images: Optional[ImageStore] = None) -> None:
+    def add_shard(self, prefix: str, images: Optional[AnyImageStore] = None) -> None:
         """Append a whole finished dataset (tokens via megatron-core's ``add_index``)."""
         if (images is not None) != (self.images is not None):
             raise ValueError(f"{prefix}: images must come with every shard iff the writer has images")
@@ -158,7 +162,7 @@ class WeightedDatasetWriter:
         files = {role: {"size": os.path.getsize(self._temps[role]), "sha256": digest}
                  for role, digest in digests.items()}
         if self.images is not None:
-            files["images"].update(count=self.images.count, height=self.images.height, width=self.images.width)
+            files["images"].update(self.images.binding())
         meta = ScoreMetadata(
             tokenizer_fingerprint=tokenizer_fingerprint,
             reference=reference,

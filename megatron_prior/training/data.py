@@ -27,7 +27,7 @@ from megatron_prior import parallel
 from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
 from megatron_prior.data.gpt_dataset import PackedGPTDataset, PackedGPTDatasetConfig
-from megatron_prior.data.images import ImageStore, images_path
+from megatron_prior.data.images import images_path, open_image_store
 from megatron_prior.models.arch import get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.tokenizer import load_tokenizer
@@ -199,7 +199,7 @@ def build_training_data(args: argparse.Namespace,
     image_sequence_length = None
     if get_arch(args.model).needs_images and model_config_for is not None:
         prefixes, _ = get_blend_from_list(args.data_path)
-        side = ImageStore(images_path(prefixes[0])).shape[1]  # every store's, _image_size checks below
+        side = open_image_store(images_path(prefixes[0])).shape[1]  # every store's, _image_size checks below
         image_sequence_length = model_config_for(tokenizer, side).image_sequence_length
     train_samples = args.train_iters * args.global_batch_size
     valid_samples = max(1, args.eval_iters) * args.global_batch_size if args.eval_iters > 0 else 0
