@@ -28,17 +28,20 @@ RULES: list[tuple[str, tuple[str, ...], str]] = [
      "data/ holds formats, datasets and packing, below models, scoring and training"),
     (P + "loss", (P,), "loss/ is the kernel layer: it imports nothing else of the package"),
     (P + "checkpoint", (P,), "checkpoint sits below models and training: it imports only files and models.config"),
-    (P + "models", tuple(P + m for m in ("training", "eval", "demo", "sweeps", "scoring", "preprocess", "results")),
+    (P + "models", tuple(P + m for m in ("training", "eval", "demo", "sweeps", "scoring", "preprocess", "results",
+                                         "convert")),
      "models sit below scoring, training and everything above them"),
     (P + "scoring", tuple(P + m for m in ("training", "eval", "demo", "sweeps", "preprocess")),
      "scoring (a reference model over token streams) sits below the pipelines that use it"),
-    (P + "training", tuple(P + m for m in ("eval", "demo", "sweeps", "preprocess", "scoring")),
+    (P + "training", tuple(P + m for m in ("eval", "demo", "sweeps", "preprocess", "scoring", "convert")),
      "training sits below evaluation, sweeps, the demo and preprocessing"),
     (P + "results", tuple(P + m for m in ("training", "eval", "demo", "sweeps", "models")),
      "results (a run's files) sits below the reports that read them"),
     (P + "eval", tuple(P + m for m in ("training", "demo", "sweeps", "preprocess")),
      "evaluation loads checkpoints through checkpoint and models, not through training"),
     (P + "sweeps", (P + "demo", P + "eval"), "sweeps and the demo do not import each other"),
+    (P + "convert", tuple(P + m for m in ("training", "eval", "demo", "sweeps", "scoring", "preprocess", "results")),
+     "convert (Hugging Face models in and out) sits on models and checkpoint; only the tools use it"),
 ]
 # What a rule's forbidden prefix P allows after all (the layer's own modules, checkpoint's two).
 ALLOWED: dict[str, tuple[str, ...]] = {

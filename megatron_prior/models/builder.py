@@ -29,15 +29,7 @@ def build_model(
     ``config_overrides`` go into the language model's TransformerConfig (dropout, init std,
     FP8, p2p overlap)."""
     arch = get_arch(cfg.arch)
-    language_config = transformer_config(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        bf16=bf16,
-        normalization=cfg.normalization,
-        **(config_overrides or {}),
-    )
+    language_config = transformer_config(bf16=bf16, **cfg.language_config_kwargs(), **(config_overrides or {}))
     model = arch.build(cfg, language_config, BuildContext.for_this_rank(vp_stage, use_te=use_te, bf16=bf16))
     if not hasattr(model, "model_type"):
         # megatron-core's schedules read it; the LVLMs are decoder-only on the pipeline too.

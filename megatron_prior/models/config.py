@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 from megatron_prior.models.arch import get_arch
 
 
@@ -30,6 +32,18 @@ class ModelConfig:
     position_embedding_type: str = "rope"
     share_embeddings_and_output_weights: bool = True
     normalization: str = "LayerNorm"
+    # The language model's shape beyond its sizes, by megatron-core's TransformerConfig names.
+    # The defaults are what every model had before these fields existed (a model_config.json
+    # without them builds the same model): GELU MLP, full multi-head attention, biases on
+    # every linear layer, megatron-core's rotary base and norm epsilon.
+    swiglu: bool = False
+    num_query_groups: Optional[int] = None  # grouped-query attention: key/value heads (None: one per head)
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False  # biases on the q/k/v projection alone (Qwen2), with add_bias_linear off
+    rotary_base: float = 10000
+    rope_scaling: bool = False  # Llama 3.1's frequency scaling of the rotary embedding
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
     tokenizer_fingerprint: Optional[str] = None
     # Image input (architectures with needs_images).
     image_size: int = 32
@@ -52,6 +66,11 @@ class ModelConfig:
             problems.append(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups "
+                            f"{self.num_query_groups}")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            problems.append(f"normalization {self.normalization!r} is neither 'LayerNorm' nor 'RMSNorm'")
         problems += arch.validate_config(self)
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
@@ -94,6 +113,15 @@ class ModelConfig:
     def combined_seq_length(self) -> int:
         """Positions per sample the language model computes: the image's, then the text's."""
         return self.image_offset + self.seq_length
+
+    def language_config_kwargs(self) -> dict:
+        """The language model's shape as megatron-core ``TransformerConfig`` arguments."""
+        return dict(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                    num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
+                    normalization=self.normalization, gated_linear_unit=self.swiglu,
+                    num_query_groups=self.num_query_groups, add_bias_linear=self.add_bias_linear,
+                    add_qkv_bias=self.add_qkv_bias, layernorm_epsilon=self.norm_epsilon,
+                    activation_func=torch.nn.functional.silu if self.swiglu else torch.nn.functional.gelu)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

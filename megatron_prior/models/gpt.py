@@ -60,7 +60,6 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         # The fused kernels need CUDA (and apex/TE for some); the unfused paths are exact.
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -68,6 +67,12 @@ def transformer_config(
         calculate_per_token_loss=True,
     )
     kwargs.update(overrides)
+    if "bias_activation_fusion" not in kwargs:
+        # megatron-core fuses bias + GELU only with a bias, and quick GELU only gated.
+        gated = kwargs.get("gated_linear_unit", False)
+        activation = kwargs.get("activation_func", torch.nn.functional.gelu)
+        kwargs["bias_activation_fusion"] = on_gpu and (
+            gated if activation is not torch.nn.functional.gelu else kwargs.get("add_bias_linear", True))
     return TransformerConfig(**kwargs)
 
 
@@ -95,8 +100,10 @@ def build_gpt(
     vp_stage: Optional[int] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    **rotary,
 ) -> GPTModel:
-    """The GPTModel stage this rank owns (by default the stage ``BuildContext.for_this_rank`` says)."""
+    """The GPTModel stage this rank owns (by default the stage ``BuildContext.for_this_rank`` says);
+    ``rotary`` are GPTModel's rotary settings (``rotary_kwargs``)."""
     if pre_process is None or post_process is None:
         ctx = BuildContext.for_this_rank(vp_stage)
         pre_process = ctx.pre_process if pre_process is None else pre_process
@@ -112,7 +119,14 @@ def build_gpt(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
         vp_stage=vp_stage,
+        **rotary,
     )
+
+
+def rotary_kwargs(cfg: ModelConfig) -> dict:
+    """The rotary embedding's settings, as GPTModel takes them (LLaVAModel prefixes ``language_``)."""
+    return dict(rotary_base=cfg.rotary_base, rope_scaling=cfg.rope_scaling,
+                rope_scaling_factor=cfg.rope_scaling_factor)
 
 
 def language_model(cfg: ModelConfig, config: TransformerConfig, ctx: BuildContext) -> GPTModel:
@@ -121,7 +135,7 @@ def language_model(cfg: ModelConfig, config: TransformerConfig, ctx: BuildContex
                      position_embedding_type=cfg.position_embedding_type,
                      share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
                      use_te=ctx.use_te, vp_stage=ctx.vp_stage, pre_process=ctx.pre_process,
-                     post_process=ctx.post_process)
+                     post_process=ctx.post_process, **rotary_kwargs(cfg))
 
 
 def forward_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ from megatron.core.transformer.mlp import MLPSubmodules
 
 from megatron_prior.models.arch import Arch, BuildContext, register
 from megatron_prior.models.config import ModelConfig
-from megatron_prior.models.gpt import layer_spec, transformer_config
+from megatron_prior.models.gpt import layer_spec, rotary_kwargs, transformer_config
 
 
 class HLVLM(LLaVAModel):
@@ -78,6 +78,7 @@ def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContex
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         language_position_embedding_type=cfg.position_embedding_type,
+        **{f"language_{k}": v for k, v in rotary_kwargs(cfg).items()},
         pre_process=ctx.pre_process,
         post_process=ctx.post_process,
         add_encoder=ctx.pre_process,

@@ -15,9 +15,10 @@ from megatron_prior.models.builder import build_model
 from megatron_prior.models.config import ModelConfig
 
 
-def load_inference_model(load_dir: str | os.PathLike, iteration: Optional[int] = None,
-                         bf16: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
-    """Build the saved architecture for the current parallel layout and load its weights.
+def load_inference_model(load_dir: str | os.PathLike, iteration: Optional[int] = None, bf16: bool = False,
+                         params_dtype: Optional[torch.dtype] = None) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the saved architecture for the current parallel layout and load its weights
+    (in ``params_dtype`` when given, e.g. the checkpoint's own for an exact export).
 
     Returns ``(model, model_config)`` with the model in eval mode. Pipeline parallelism is
     not supported here (scoring runs the whole model per rank).
@@ -26,7 +27,9 @@ def load_inference_model(load_dir: str | os.PathLike, iteration: Optional[int] =
         raise ValueError("load_inference_model needs pipeline parallel size 1")
     ckpt = checkpoint_dir(load_dir, iteration)
     model_config = read_model_config(ckpt)
-    model = build_model(model_config, bf16=bf16)
+    # Not initialised: the strict load below overwrites every parameter.
+    overrides = dict(perform_initialization=False, **({"params_dtype": params_dtype} if params_dtype else {}))
+    model = build_model(model_config, bf16=bf16 or params_dtype == torch.bfloat16, config_overrides=overrides)
     restore_model([model], load_state(ckpt, model_state([model])), ckpt)
     model.eval()
     return model, model_config

@@ -12,15 +12,16 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from megatron.core.transformer.enums import AttnBackend
 
+from megatron_prior.checkpoint import CheckpointError, checkpoint_dir, read_model_config
 from megatron_prior.compat import have_transformer_engine
 from megatron_prior.loss import LOSSES
 from megatron_prior.models import packed
 from megatron_prior.models.arch import ARCHS, get_arch
-from megatron_prior.models.config import PRESETS
+from megatron_prior.models.config import PRESETS, ModelConfig
 from megatron_prior.parallel import launch_info
 from megatron_prior.tokenizer import TOKENIZER_TYPES, infer_tokenizer_type, load_tokenizer
 
@@ -74,11 +75,11 @@ DOMAINS: dict[str, Domain] = {
                      "num_layers_per_virtual_pipeline_stage", "micro_batch_size", "global_batch_size",
                      "seq_length", "train_iters", "train_samples", "lr_decay_iters", "save_interval",
                      "eval_interval", "log_interval", "exit_interval", "context_parallel_size",
-                     "recompute_num_layers"], AT_LEAST_1),
+                     "recompute_num_layers", "num_query_groups"], AT_LEAST_1),
     **dict.fromkeys(["lr_warmup_iters", "eval_iters", "num_workers"], NON_NEGATIVE),
     **dict.fromkeys(["lr", "min_lr", "weight_decay", "clip_grad", "prior_alpha"], NON_NEGATIVE),
     **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], FRACTION),
-    "init_method_std": POSITIVE,
+    **dict.fromkeys(["init_method_std", "norm_epsilon", "rotary_base", "rope_scaling_factor"], POSITIVE),
     "adam_eps": POSITIVE,
     "exit_duration_in_mins": POSITIVE,  # 0 makes every weight matrix zero: no symmetry to break
     "seed": Domain(low=0, high=2 ** 32 - 1),  # numpy's RandomState (megatron-core's datasets)
@@ -130,12 +131,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="default: the model's sequence length (text + image positions)")
-    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope",
-                   help="rotary or learned absolute positions (the U-LVLM needs rope)")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+    # The language model's shape flags default to None: unset, they come from --lm-load's checkpoint when
+    # one is given (LM_SHAPE_FLAGS), else from LM_SHAPE_DEFAULTS.
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default=None,
+                   help="rotary or learned absolute positions (the U-LVLM needs rope); default rope")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
                    help="separate input embedding and output layer weights (default: shared)")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
-                   help="normalisation layers of the language model")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default=None,
+                   help="normalisation layers of the language model; default LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=None,
+                   help="epsilon of the language model's LayerNorm/RMSNorm; default 1e-5")
+    g.add_argument("--swiglu", action="store_true", default=None,
+                   help="SwiGLU MLP (SiLU-gated, as Llama); --ffn-hidden-size is then the gate's width")
+    g.add_argument("--group-query-attention", action="store_true", default=None,
+                   help="grouped-query attention: --num-query-groups key/value heads shared by the query heads")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="with --group-query-attention: key/value heads (must divide --num-attention-heads; "
+                        "default 1)")
+    g.add_argument("--rotary-base", type=int, default=None,
+                   help="base of the rotary embedding's periods; default 10000")
+    g.add_argument("--use-rope-scaling", action="store_true", default=None,
+                   help="Llama 3.1's scaling of the rotary frequencies (by --rope-scaling-factor)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="with --use-rope-scaling: the factor; default 8")
+    g.add_argument("--disable-bias-linear", action="store_true", default=None,
+                   help="no biases in the language model's linear layers (Llama)")
+    g.add_argument("--add-qkv-bias", action="store_true", default=None,
+                   help="biases on the query/key/value projection even with --disable-bias-linear (Qwen2)")
+    g.add_argument("--lm-load", default=None,
+                   help="initialise the language model (of every --model) from this GPT checkpoint, converted "
+                        "(tools/convert_hf_to_megatron.py) or trained here: weights only, no optimizer, iteration "
+                        "or RNG state. Its model_config.json supplies the shape flags above that are not given "
+                        "(given ones must agree); vocabulary rows the run adds keep their initialisation. "
+                        "Skipped when --load holds a checkpoint: resuming wins, as in Megatron-LM")
     g.add_argument("--patch-size", type=int, default=8, help="image patch side (ViT and U-LVLM)")
     g.add_argument("--vit-num-layers", type=int, default=2, help="H-LVLM: transformer layers of the ViT")
     g.add_argument("--vit-hidden-size", type=int, default=64, help="H-LVLM: width of the ViT")
@@ -375,9 +403,77 @@ def _check_scale_features(args: argparse.Namespace) -> None:
                                     f"(got {args.recompute_granularity or 'no recomputation'})")
 
 
+# The language model's shape flags (argparse dests), each with how a ModelConfig holds it.
+LM_SHAPE_FLAGS: dict[str, Callable[[ModelConfig], Any]] = {
+    "num_layers": lambda c: c.num_layers,
+    "hidden_size": lambda c: c.hidden_size,
+    "num_attention_heads": lambda c: c.num_attention_heads,
+    "ffn_hidden_size": lambda c: c.ffn_hidden_size or 4 * c.hidden_size,
+    "position_embedding_type": lambda c: c.position_embedding_type,
+    "untie_embeddings_and_output_weights": lambda c: not c.share_embeddings_and_output_weights,
+    "normalization": lambda c: c.normalization,
+    "norm_epsilon": lambda c: c.norm_epsilon,
+    "swiglu": lambda c: c.swiglu,
+    "group_query_attention": lambda c: c.num_query_groups is not None,
+    "num_query_groups": lambda c: c.num_query_groups,
+    "rotary_base": lambda c: c.rotary_base,
+    "use_rope_scaling": lambda c: c.rope_scaling,
+    "rope_scaling_factor": lambda c: c.rope_scaling_factor,
+    "disable_bias_linear": lambda c: not c.add_bias_linear,
+    "add_qkv_bias": lambda c: c.add_qkv_bias,
+}
+# Their values without --lm-load (a ModelConfig's defaults, so older runs build as before).
+LM_SHAPE_DEFAULTS = dict(position_embedding_type="rope", untie_embeddings_and_output_weights=False,
+                         normalization="LayerNorm", norm_epsilon=1e-5, swiglu=False, group_query_attention=False,
+                         rotary_base=10000, use_rope_scaling=False, rope_scaling_factor=8.0,
+                         disable_bias_linear=False, add_qkv_bias=False)
+
+
+def _lm_shape_from_checkpoint(args: argparse.Namespace) -> None:
+    """Unset shape flags from --lm-load's model_config.json; a given flag must agree with it."""
+    try:
+        saved = read_model_config(checkpoint_dir(args.lm_load))
+    except CheckpointError as err:
+        raise ArgumentError(f"--lm-load {args.lm_load}: {err}") from None
+    disagree = []
+    for dest, value_of in LM_SHAPE_FLAGS.items():
+        value = value_of(saved)
+        given = getattr(args, dest)
+        if given is None:
+            setattr(args, dest, value)
+        elif given != value:
+            disagree.append(f"--{dest.replace('_', '-')} {given} (checkpoint: {value})")
+    if disagree:
+        raise ArgumentError(f"--lm-load {args.lm_load}: the language model's shape flags disagree with its "
+                            f"model_config.json: {'; '.join(disagree)} (leave them out to take the checkpoint's)")
+    args.lm_load_vocab_size = saved.vocab_size
+
+
+def _check_lm_shape(args: argparse.Namespace) -> None:
+    for dest, value in LM_SHAPE_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.group_query_attention:
+        if args.num_query_groups is None:
+            args.num_query_groups = 1  # Megatron-LM's default: multi-query attention
+        if args.num_attention_heads % args.num_query_groups:
+            raise ArgumentError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                                f"--num-query-groups {args.num_query_groups}")
+        if args.num_query_groups % args.tensor_model_parallel_size:
+            raise ArgumentError(f"--num-query-groups {args.num_query_groups} is not divisible by "
+                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    elif args.num_query_groups is not None:
+        raise ArgumentError("--num-query-groups needs --group-query-attention")
+    if args.add_qkv_bias and not args.disable_bias_linear:
+        raise ArgumentError("--add-qkv-bias needs --disable-bias-linear (without it every linear layer has biases)")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Fill defaults that depend on other flags and refuse bad combinations."""
     world_size = world_size or launch_info().world_size
+    args.lm_load_vocab_size = None
+    if args.lm_load is not None:
+        _lm_shape_from_checkpoint(args)
     preset = PRESETS.get(args.model_size, {}) if args.model_size else {}
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         if getattr(args, key) is None and key in preset:
@@ -409,6 +505,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.hidden_size % args.num_attention_heads:
         raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
                             f"--num-attention-heads {args.num_attention_heads}")
+    _check_lm_shape(args)
     if args.num_layers % pp:
         raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by "
                             f"--pipeline-model-parallel-size {pp}")

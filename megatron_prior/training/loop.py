@@ -34,6 +34,7 @@ from megatron_prior.models.arch import get_arch
 from megatron_prior.models.builder import build_model
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.init import initialize_weights
+from megatron_prior.models.language_model import load_language_model
 from megatron_prior.models.vision_encoder import load_vision_encoder
 from megatron_prior.training import checkpointing
 from megatron_prior.training.data import TrainingData, build_training_data
@@ -52,12 +53,20 @@ def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Opti
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size,
-        vocab_size=padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size),
+        vocab_size=vocab_size(tokenizer.vocab_size, args),
         max_position_embeddings=args.max_position_embeddings,  # None: the positions per sample
         seq_length=args.seq_length,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         normalization=args.normalization,
+        swiglu=args.swiglu,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        add_bias_linear=not args.disable_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        norm_epsilon=args.norm_epsilon,
         tokenizer_fingerprint=tokenizer.fingerprint,
         image_size=image_size if image else 32,
         patch_size=args.patch_size,
@@ -75,6 +84,17 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     """Megatron's rule: pad the vocabulary to a multiple of 128 x TP so every shard is even."""
     step = multiple * tensor_parallel
     return ((vocab_size + step - 1) // step) * step
+
+
+def vocab_size(tokenizer_vocab_size: int, args: argparse.Namespace) -> int:
+    """The language model's vocabulary: Megatron's padding of the tokenizer's, or with --lm-load
+    the checkpoint's when it holds the tokenizer's ids and tensor parallelism divides it (a
+    converted model keeps its exact vocabulary: padding rows would take probability mass)."""
+    saved = getattr(args, "lm_load_vocab_size", None)
+    tp = args.tensor_model_parallel_size
+    if saved is not None and tokenizer_vocab_size <= saved and saved % tp == 0:
+        return saved
+    return padded_vocab_size(max(tokenizer_vocab_size, saved or 0), tp)
 
 
 def count_parameters(model_chunks) -> int:
@@ -146,6 +166,13 @@ class Trainer:
             for chunk in chunks:
                 chunk.freeze(freeze_language_model=args.freeze_lm, freeze_vision_model=args.freeze_vit,
                              freeze_vision_projection=False)
+        resuming = args.load is not None and checkpointing.resolve_iteration(args.load) is not None
+        if args.lm_load and resuming:
+            log.info("--load %s holds a checkpoint: resuming from it, not initialising the language model from "
+                     "--lm-load %s", args.load, args.lm_load)
+        elif args.lm_load:
+            loaded = sum(load_language_model(chunk, args.lm_load) for chunk in chunks)
+            log.info("language model initialised from --lm-load %s (%d tensors on this rank)", args.lm_load, loaded)
         if args.vit_load:
             for chunk in chunks:
                 load_vision_encoder(chunk, args.vit_load)

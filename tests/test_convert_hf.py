@@ -1,0 +1,275 @@
+"""Hugging Face Llama-family models into megatron-core and back (tools/convert_hf_to_megatron.py,
+tools/convert_megatron_to_hf.py, the trainer's --lm-load), on tiny random models built here.
+
+The converted GPT's logits equal the HF model's at TP=1, TP=2 and PP=2 (fp32; the two compute
+the same sums in another order, so they agree to a few float32 ulps of the logits' scale);
+HF -> Megatron -> HF gives the same tensors bit for bit; --lm-load puts the converted weights
+into the trainer's language model, growing the vocabulary where the run's tokenizer needs it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from megatron_prior.testing import run_on_ranks
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+VOCAB, SEQ = 96, 12
+# name -> (config class, fields beyond the common ones). GQA untied, MHA tied, Qwen2's q/k/v biases.
+MODELS = {
+    "llama-gqa-untied": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "llama-tied": (LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True, rms_norm_eps=1e-6)),
+    "qwen2-bias": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama3-scaled": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=16384,
+                                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 8192})),
+}
+
+
+def _hf_model(name: str, dtype=torch.float32, vocab: int = VOCAB, seed: int = 0):
+    cls, fields = MODELS[name]
+    config = cls(**{**dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64), **fields})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():  # HF zero-initialises biases and ones the norms: make every tensor count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _logits_at(tp: int, pp: int, checkpoints: list) -> list:
+    """Each checkpoint's full-vocabulary logits of ``_tokens()`` at this layout (last stage, TP rank 0)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_prior import parallel
+    from megatron_prior.checkpoint import checkpoint_dir, load_state, model_state, read_model_config, restore_model
+    from megatron_prior.models.builder import build_model
+
+    parallel.initialize(tensor_parallel=tp, pipeline_parallel=pp)
+    tokens = _tokens()
+    positions = torch.arange(SEQ).expand_as(tokens)
+    out = []
+    for load in checkpoints:
+        ckpt = checkpoint_dir(load)
+        cfg = read_model_config(ckpt)
+        model = build_model(cfg, config_overrides=dict(perform_initialization=False))
+        restore_model([model], load_state(ckpt, model_state([model])), ckpt)
+        with torch.no_grad():
+            if not parallel_state.is_pipeline_first_stage():  # PP: the previous stage's hidden states
+                hidden = torch.empty(SEQ, tokens.shape[0], cfg.hidden_size)
+                dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
+            output = model.eval()(tokens, positions, None)
+            if not parallel_state.is_pipeline_last_stage():
+                dist.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+                output = None
+        last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        out.append(gather_from_tensor_model_parallel_region(output) if output is not None else None)
+        out[-1] = out[-1] if last else None
+    return out
+
+
+def _convert_all(root: str) -> dict:
+    """HF -> Megatron for every model (and a bf16 one), then Megatron -> HF: their model configs."""
+    from megatron_prior import parallel
+    from megatron_prior.convert.llama import convert_hf_to_megatron, convert_megatron_to_hf
+
+    parallel.initialize()
+    configs = {}
+    for name in [*MODELS, "llama-bf16"]:
+        cfg = convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt")
+        convert_megatron_to_hf(Path(root) / name / "ckpt", Path(root) / name / "back")
+        configs[name] = cfg.to_dict()
+    return configs
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    models = {name: _hf_model(name) for name in MODELS}
+    models["llama-bf16"] = _hf_model("llama-gqa-untied", dtype=torch.bfloat16)
+    for name, model in models.items():
+        model.save_pretrained(root / name / "hf")
+    (configs,) = run_on_ranks(_convert_all, 1, str(root))
+    with torch.no_grad():
+        reference = {name: models[name](_tokens()).logits for name in MODELS}
+    return dict(root=root, models=models, configs=configs, reference=reference)
+
+
+def _assert_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
+    # Same float32 arithmetic in another order (fused q/k/v and gate/up GEMMs, megatron-core's
+    # attention): a few ulps of the largest logit.
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_configs_carry_the_shape(converted):
+    c = converted["configs"]
+    assert c["llama-gqa-untied"]["num_query_groups"] == 2 and not c["llama-gqa-untied"][
+        "share_embeddings_and_output_weights"]
+    assert c["llama-gqa-untied"]["rotary_base"] == 500000.0 and c["llama-gqa-untied"]["vocab_size"] == VOCAB
+    assert c["llama-tied"]["num_query_groups"] is None and c["llama-tied"]["norm_epsilon"] == 1e-6
+    assert (c["qwen2-bias"]["add_bias_linear"], c["qwen2-bias"]["add_qkv_bias"]) == (False, True)
+    assert (c["llama3-scaled"]["rope_scaling"], c["llama3-scaled"]["rope_scaling_factor"]) == (True, 32.0)
+    assert all(c[n]["swiglu"] and c[n]["normalization"] == "RMSNorm" for n in c)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_logits_equal_hf(converted, tp, pp):
+    names = list(MODELS)
+    results = run_on_ranks(_logits_at, tp * pp, tp, pp, [str(converted["root"] / n / "ckpt") for n in names])
+    last = results[-1] if pp > 1 else results[0]
+    for name, logits in zip(names, last):
+        assert logits.shape == (2, SEQ, VOCAB), name  # no padded vocabulary rows
+        _assert_logits(logits, converted["reference"][name])
+
+
+@pytest.mark.parametrize("name", [*MODELS, "llama-bf16"])
+def test_round_trip_gives_identical_tensors(converted, name):
+    back = AutoModelForCausalLM.from_pretrained(converted["root"] / name / "back")
+    original, returned = converted["models"][name].state_dict(), back.state_dict()
+    assert sorted(original) == sorted(returned)
+    for key in original:
+        assert original[key].dtype == returned[key].dtype, key
+        assert torch.equal(original[key], returned[key]), key
+    assert type(back).__name__ == type(converted["models"][name]).__name__
+
+
+def _tool(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True)
+
+
+def test_bad_inputs_are_refused_by_name(converted, tmp_path):
+    hub = _tool("convert_hf_to_megatron.py", "--hf-dir", "meta-llama/Llama-3.2-3B", "--output", str(tmp_path / "x"))
+    assert hub.returncode == 1 and "download it first" in hub.stderr, hub.stderr
+    taken = _tool("convert_hf_to_megatron.py", "--hf-dir", str(converted["root"] / "llama-tied" / "hf"),
+                  "--output", str(converted["root"] / "llama-tied" / "ckpt"))
+    assert taken.returncode == 1 and "already holds a checkpoint" in taken.stderr, taken.stderr
+    gelu = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, hidden_act="gelu")
+    AutoModelForCausalLM.from_config(gelu).save_pretrained(tmp_path / "gelu")
+    refused = _tool("convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "gelu"), "--output", str(tmp_path / "y"))
+    assert refused.returncode == 1 and "hidden_act 'gelu'" in refused.stderr and "config.json" in refused.stderr
+    exists = _tool("convert_megatron_to_hf.py", "--load", str(converted["root"] / "llama-tied" / "ckpt"),
+                   "--output", str(converted["root"] / "llama-tied" / "back"))
+    assert exists.returncode == 1 and "exists" in exists.stderr, exists.stderr
+
+
+def test_layernorm_gpt_is_not_a_llama():
+    from megatron_prior.convert.llama import ConversionError, hf_config_from_gpt
+    from megatron_prior.models.config import ModelConfig
+
+    with pytest.raises(ConversionError, match="normalization 'LayerNorm'.*swiglu False"):
+        hf_config_from_gpt(ModelConfig(vocab_size=VOCAB), torch.float32, Path("ckpt/model_config.json"))
+
+
+# --- --lm-load ---------------------------------------------------------------------------------
+
+def _lm_load_run(argv: list, with_hf: str) -> dict:
+    """Build the trainer from ``argv``; the per-token CE of its first micro-batch, its model
+    config, its language model's global tensors, and (``with_hf``) the HF model's CE there."""
+    from megatron_prior import parallel
+    from megatron_prior.models.arch import get_arch
+    from megatron_prior.models.init import parameter_shards
+    from megatron_prior.models.language_model import language_model_of
+    from megatron_prior.training.arguments import parse_args
+    from megatron_prior.training.loop import Trainer
+
+    args = parse_args(argv)
+    parallel.initialize(tensor_parallel=args.tensor_model_parallel_size)
+    trainer = Trainer.build(args)
+    model = trainer.model[0].module
+    batch = next(iter(trainer.data.train_batches(0)))
+    with torch.no_grad():
+        ce = get_arch(args.model).forward_loss(model.eval(), batch)
+    lm = language_model_of(model)
+    shards = [(k, i, s, p.detach().double().numpy().copy()) for k, i, s, p in parameter_shards(lm)]
+    out = dict(ce=ce, config=trainer.model_config.to_dict(), shards=shards, hf_ce=None)
+    if with_hf:
+        hf = AutoModelForCausalLM.from_pretrained(with_hf).eval()
+        with torch.no_grad():
+            logits = hf(batch["tokens"]).logits
+        out["hf_ce"] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+    return out
+
+
+def _trainer_argv(corpus: dict, model: str, *extra: str) -> list:
+    image = ["--seq-length", "24", "--patch-size", "4"] if model != "gpt" else ["--seq-length", "16"]
+    return ["--model", model, *image, "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
+            "--data-path", corpus["data"], "--tokenizer-model", corpus["tokenizer"], "--split", "90,10,0",
+            "--eval-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0", "--transformer-impl", "local",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def lm_checkpoints(tiny_corpus, tmp_path_factory):
+    """Llamas over the corpus's 200-id tokenizer: one with 256 vocabulary rows (Megatron's
+    padding of 200), one with 160 (the run's vocabulary grows)."""
+    root = tmp_path_factory.mktemp("lm")
+    for name, vocab in (("full", 256), ("short", 160)):
+        _hf_model("llama-gqa-untied", vocab=vocab, seed=3).save_pretrained(root / name / "hf")
+        result = _tool("convert_hf_to_megatron.py", "--hf-dir", str(root / name / "hf"), "--output",
+                       str(root / name / "ckpt"))
+        assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_lm_load_gives_the_converted_models_loss(tiny_corpus, lm_checkpoints):
+    ckpt, hf = lm_checkpoints / "full" / "ckpt", lm_checkpoints / "full" / "hf"
+    (run,) = run_on_ranks(_lm_load_run, 1, _trainer_argv(tiny_corpus, "gpt", "--lm-load", str(ckpt)), str(hf))
+    cfg = run["config"]
+    shape = (cfg["vocab_size"], cfg["num_query_groups"], cfg["swiglu"], cfg["normalization"])
+    assert shape == (256, 2, True, "RMSNorm")
+    torch.testing.assert_close(run["ce"], run["hf_ce"], rtol=1e-5, atol=1e-5)
+
+
+def test_lm_load_shape_flags_must_agree(tiny_corpus, lm_checkpoints, tmp_path):
+    from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args
+
+    argv = _trainer_argv(tiny_corpus, "gpt", "--lm-load", str(lm_checkpoints / "full" / "ckpt"), "--rotary-base",
+                         "10000", "--swiglu")
+    with pytest.raises(ArgumentError, match=r"--rotary-base 10000 \(checkpoint: 500000.0\)"):
+        validate_args(build_parser().parse_args(argv), world_size=1)
+
+
+def test_lm_load_grows_the_vocabulary_at_tp2(tiny_corpus, lm_checkpoints):
+    """U-LVLM at TP=2 from a 160-row LM: rows 0..159 are the checkpoint's on both vocabulary
+    shards, the rest and the patch projection keep the run's initialisation."""
+    from megatron_prior.testing import assemble_global
+
+    ckpt = lm_checkpoints / "short" / "ckpt"
+    loaded = run_on_ranks(_lm_load_run, 2, _trainer_argv(tiny_corpus, "ulvlm", "--lm-load", str(ckpt),
+                                                         "--tensor-model-parallel-size", "2"), "")
+    fresh = run_on_ranks(_lm_load_run, 1, _trainer_argv(tiny_corpus, "ulvlm", *(
+        f"--{k}" for k in ("swiglu", "disable-bias-linear", "untie-embeddings-and-output-weights")),
+        "--normalization", "RMSNorm", "--group-query-attention", "--num-query-groups", "2", "--rotary-base", "500000",
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
+        "--norm-epsilon", "1e-6"), "")
+    got = assemble_global([s for r in loaded for s in r["shards"]])
+    init = assemble_global(fresh[0]["shards"])
+    hf = AutoModelForCausalLM.from_pretrained(lm_checkpoints / "short" / "hf")
+    embed = hf.model.embed_tokens.weight.detach().double().numpy()
+    assert got["embedding.word_embeddings.weight"].shape == (256, 32)
+    np.testing.assert_array_equal(got["embedding.word_embeddings.weight"][:160], embed)
+    np.testing.assert_array_equal(got["embedding.word_embeddings.weight"][160:],
+                                  init["embedding.word_embeddings.weight"][160:])
+    np.testing.assert_array_equal(got["output_layer.weight"][:160], hf.lm_head.weight.detach().double().numpy())
+    np.testing.assert_array_equal(got["decoder.final_layernorm.weight"],
+                                  hf.model.norm.weight.detach().double().numpy())
+    assert json.dumps(loaded[0]["config"]["vocab_size"]) == "256"
