@@ -1,0 +1,71 @@
+"""tools/preprocess_with_weights.py under several ranks writes, byte for byte, what one process writes."""
+
+import json
+import os
+
+import pytest
+
+from megatron_prior.preprocess import chunk_owner
+from megatron_prior.testing import run_on_ranks
+from megatron_prior.tokenizer import load_tokenizer
+from tests.test_data_sources import run_tool, samples  # noqa: F401 - samples is a fixture
+from tests.test_preprocess import _save_reference
+
+pytestmark = pytest.mark.timeout(300)
+FILES = (".bin", ".idx", ".logprobs.bin", ".logprobs.idx", ".images", ".logprobs.json")
+
+
+def _tool_on_rank(argv: list[str]) -> int:
+    from tools.preprocess_with_weights import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def reference(samples, tmp_path_factory):  # noqa: F811
+    from megatron_prior import parallel
+
+    ckpt = tmp_path_factory.mktemp("reference")
+    parallel.initialize(seed=5)
+    try:
+        _save_reference(ckpt, load_tokenizer(samples["tok"]), window=6)
+    finally:
+        parallel.destroy()
+    return str(ckpt)
+
+
+def _same_output(one: str, two: str) -> None:
+    for suffix in FILES:
+        assert open(f"{one}_caption_document{suffix}", "rb").read() == \
+            open(f"{two}_caption_document{suffix}", "rb").read(), suffix
+    assert not os.path.exists(two + ".ranks")  # the ranks' own datasets are gone
+
+
+def test_two_ranks_score_a_llava_file_like_one(samples, reference, tmp_path):  # noqa: F811
+    """One input file: its chunks of 3 records go to the ranks in turn; a GPT reference scores
+    each chunk on its rank; a bad record keeps its place in the log."""
+    entries = json.loads(samples["llava"].read_text())
+    entries.insert(4, {"id": "bad", "image": "missing.png", "conversations": [{"from": "gpt", "value": "a cube"}]})
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps(entries))
+    args = ["--input", str(llava), "--image-root", str(samples["root"] / "images"), "--json-keys", "caption",
+            "--tokenizer-model", samples["tok"], "--append-eod", "--image-size", "12", "--reference-type", "gpt",
+            "--reference-load", reference, "--score-batch-tokens", "12", "--chunk-records", "3",
+            "--skip-bad-records"]
+    assert [chunk_owner(0, c, 1, 2) for c in range(3)] == [0, 1, 0]  # 9 records: rank 1 has the middle chunk
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_tool(*args, "--output-prefix", one)
+    assert run_on_ranks(_tool_on_rank, 2, args + ["--output-prefix", two, "--workers", "2"]) == [0, 0]
+    _same_output(one, two)
+    assert open(one + "_bad_records.log").read() == open(two + "_bad_records.log").read()
+    assert "record 4 (id 'bad')" in open(two + "_bad_records.log").read()
+
+
+def test_two_ranks_take_whole_shards_with_unigram_counts_summed(samples, tmp_path):  # noqa: F811
+    args = ["--input", samples["wds"], "--json-keys", "caption", "--tokenizer-model", samples["tok"],
+            "--append-eod", "--image-size", "12", "--reference-type", "unigram", "--chunk-records", "2"]
+    assert [chunk_owner(f, 0, 2, 2) for f in (0, 1)] == [0, 1]  # a shard each
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_tool(*args, "--output-prefix", one)
+    assert run_on_ranks(_tool_on_rank, 2, args + ["--output-prefix", two]) == [0, 0]
+    _same_output(one, two)
