@@ -129,6 +129,19 @@ def test_resume_is_exact_and_reshards(tiny_corpus, tmp_path):
     _assert_same_losses(_losses(resumed_tp1), _losses(full))
 
 
+def test_resume_is_bitwise_at_megatrons_dropout(tiny_corpus, tmp_path):
+    """Dropout 0.1 draws from the CPU generator and the TP tracker's: both are restored, and
+    nothing else (the DataLoader's seed draw included) moves them, so the losses are identical."""
+    dropout = ["--loss", "prior", "--tensor-model-parallel-size", "2", "--hidden-dropout", "0.1",
+               "--attention-dropout", "0.1"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", full, *dropout, iters=4))
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, *dropout, "--save", part, "--save-interval", "2",
+                                  "--exit-interval", "2", iters=4))
+    run_on_ranks(_train, 2, _argv(tiny_corpus, "gpt", part, *dropout, "--save", part, "--load", part, iters=4))
+    assert _losses(part) == _losses(full)
+
+
 def test_resume_is_exact_with_virtual_pipeline_stages(tiny_corpus, tmp_path):
     """Two model chunks per rank: the checkpoint holds model0/model1 and both resume exactly."""
     vpp = ["--loss", "prior", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]

@@ -117,8 +117,12 @@ class BatchStream:
                                     parallel_state.get_data_parallel_rank())
         workers = (dict(num_workers=self.num_workers, multiprocessing_context=WORKER_START_METHOD,
                         worker_init_fn=_ignore_sigterm) if self.num_workers else {})
+        # Each DataLoader iterator draws its workers' base seed from ``generator``; left unset,
+        # that is torch's global generator, which dropout also draws from. A resumed run starts
+        # its loader after the RNG state is restored, the uninterrupted run long before, so the
+        # draw would shift every later dropout mask. A private generator keeps resume exact.
         self._loader = iter(torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=stack,
+            self.dataset, batch_sampler=sampler, collate_fn=stack, generator=torch.Generator().manual_seed(start),
             pin_memory=parallel.device().type == "cuda", **workers))
         self._position = start
 
