@@ -16,9 +16,9 @@ A checkpoint is untrusted input, and nothing read from it is ever unpickled with
   enums and dtypes torch.distributed.checkpoint writes there; its storage entries must name
   files inside the checkpoint and lie within them.
 - Byte entries (megatron ``ShardedObject``s such as ``*._extra_state``, megatron-core 0.19's
-  ``common_state``) and megatron-core 0.16's ``common.pt`` go through torch's weights-only
-  unpickler: tensors and plain data load, anything else is refused with ``CheckpointError``
-  naming the file. Tensors are read by torch's own weights-only path.
+  ``common_state``) and the ``common.pt`` of checkpoints written by megatron-core <= 0.16 go
+  through torch's weights-only unpickler: tensors and plain data load, anything else is
+  refused with ``CheckpointError`` naming the file. Tensors are read by torch's own weights-only path.
 - Transformer Engine would ``pickle.loads`` its FP8 scaling state (``_extra_state``) when a
   model loads it, so that state is dropped, with a warning, before it reaches a module.
 
@@ -73,8 +73,8 @@ from megatron_prior.models.config import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.json"
-# megatron-core 0.16 writes the non-sharded state (optimizer param groups) to this file;
-# 0.19 stores it as the ShardedObject ``common_state`` among the byte entries.
+# megatron-core <= 0.16 wrote the non-sharded state (optimizer param groups) to this file, and
+# 0.19 still reads it when present; 0.19 writes the ShardedObject ``common_state`` instead.
 COMMON_PT = "common.pt"
 COMMON_STATE_KEY = ShardedObject("common_state", None, (1,), (0,)).unique_key
 

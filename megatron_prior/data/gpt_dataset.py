@@ -20,7 +20,6 @@ built on it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -34,11 +33,6 @@ from megatron_prior.data.formats import TOKEN_DTYPE_CODES, read_index
 from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 
 log = logging.getLogger(__name__)
-
-# megatron-core 0.19's _query_document_sample_shuffle_indices also returns the documents'
-# lengths (its inter_document_masking reads them); 0.16's returns text and document ids.
-_QUERY_RETURNS_LENGTHS = "inter_document_masking" in {f.name for f in dataclasses.fields(GPTDatasetConfig)}
-
 
 @dataclass
 class PackedGPTDatasetConfig(GPTDatasetConfig):
@@ -162,7 +156,8 @@ class PackedGPTDataset(GPTDataset):
         parts = self._row_parts(idx)
         row[int(parts.sum()):] = self._pad_token_id
         ids = self._row_documents(idx)
-        return (row, ids, parts.tolist()) if _QUERY_RETURNS_LENGTHS else (row, ids)
+        # The documents' lengths too: megatron-core's inter_document_masking reads them.
+        return row, ids, parts.tolist()
 
     def _row_parts(self, idx: int) -> np.ndarray:
         """Tokens each document of row ``idx`` puts in it (the last one cut at the row's end)."""

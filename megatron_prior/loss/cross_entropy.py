@@ -14,8 +14,8 @@ fp32, keeps that fp32 softmax alive until backward and all-reduces three times. 
 
 Label smoothing uses megatron-core's formula ``(1 - s) * ce - s * mean_j log p_j`` with
 ``s = label_smoothing * V / (V - 1)``, where V and the mean run over the *global*
-vocabulary. (megatron-core 0.16 uses the local partition's size and mean there, so with
-TP > 1 and smoothing its ranks disagree; with TP = 1 both are the same formula.)
+vocabulary. (megatron-core's own kernel, through 0.19, uses the local partition's size and
+mean there, so with TP > 1 and smoothing its ranks disagree; with TP = 1 both are the same.)
 
 The per-chunk pieces (statistics, the cross-rank reduction, the in-place softmax gradient)
 are shared with ``fused_linear_ce``.
