@@ -239,7 +239,7 @@ def _process_share(args: argparse.Namespace, info: parallel.LaunchInfo, paths: l
     progress = _Progress(args.log_interval, "preprocess" if world == 1 else f"preprocess rank {rank}")
     done: list[_ChunkDone] = []
     try:
-        for chunk, results in _in_order(pool, processor, mine, 2 * max(1, args.workers)):
+        for chunk, results in _in_order(pool, processor, mine, args.workers + 1):
             bad = [r for r in results if isinstance(r, BadRecord)]
             good = [r for r in results if not isinstance(r, BadRecord)]
             if bad and not args.skip_bad_records:

@@ -43,7 +43,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     _run(tmp_path / "a", "--seed", "3", "--noise-rate", "0.3")
     _run(tmp_path / "b", "--seed", "3", "--noise-rate", "0.3")
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
-    assert len(a) == 80 + 30 + 4  # images + train/heldout/probe jsonl + summary
+    assert len(a) == 80 + 30 + 4 + 2  # images + train/heldout/probe jsonl + summary + a shard per split
     assert a == b
     _run(tmp_path / "c", "--seed", "4", "--noise-rate", "0.3")
     c = _digests(tmp_path / "c")
@@ -181,3 +181,23 @@ def test_summary_counts_match_the_records(data):
 def test_bad_flags_are_refused_by_name(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         _run(tmp_path, *flags)
+
+
+def test_shards_hold_the_jsonl_records_and_image_files(tmp_path):
+    """The webdataset shards the pipeline preprocesses: the JSONL's records and the image files'
+    bytes, in order, split into shards of --samples-per-shard."""
+    import webdataset
+
+    _run(tmp_path, "--seed", "5", "--samples-per-shard", "30")
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["heldout-00000.tar"] + \
+        [f"train-0000{i}.tar" for i in range(3)]
+    for split in ("train", "heldout"):
+        records = _read(tmp_path / f"{split}.jsonl")
+        shards = sorted(str(p) for p in tmp_path.glob(f"{split}-*.tar"))
+        samples = list(webdataset.tarfile_samples([{"url": s} for s in shards]))
+        assert [s["__key__"] for s in samples] == [r["id"] for r in records]
+        for sample, record in zip(samples, records):
+            assert json.loads(sample["json"]) == record
+            assert sample["png"] == (tmp_path / record["image"]).read_bytes()
+    _run(tmp_path, "--seed", "5", "--samples-per-shard", "1000")
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["heldout-00000.tar", "train-00000.tar"]

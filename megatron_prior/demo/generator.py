@@ -11,6 +11,11 @@ writes (image paths in the JSONL are relative to the JSONL's directory):
   spans tile the caption (see ``captions.py``); ``noise`` lists the words deliberately made
   wrong (training only, ``--noise-rate``; they keep the kind "grounded");
 - ``images/{id}.png``: RGB, ``--image-size`` square;
+- ``train-00000.tar``, ... and ``heldout-00000.tar``, ...: the same records as webdataset shards
+  of ``--samples-per-shard`` samples (the Megatron/energon convention), each sample the image
+  (``{id}.png``, the bytes of ``images/{id}.png``) and its record (``{id}.json``, as in the
+  JSONL). The pipeline preprocesses these, as a user's shards would be; the JSONL and the
+  image folder serve the tokenizer, the probe and the analyses;
 - ``probe.jsonl``: three POPE-style items per held-out image (see ``probe_items.py``);
 - ``kinds_summary.json``: the configuration, word counts by kind, and the probe's
   text-prior baseline; written last, so its presence marks a complete data set.
@@ -25,17 +30,20 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import webdataset
 from tqdm import tqdm
 
 from megatron_prior.demo.captions import GROUNDED, TEMPLATE, UNRELATED, add_noise, build_caption
 from megatron_prior.demo.probe_items import ObjectStats, pair_frequency_scorer, probe_items_for
 from megatron_prior.demo.scenes import SceneObject, SceneSpec, render_scene, sample_scene
-from megatron_prior.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from megatron_prior.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, temp_path
 from megatron_prior.eval.probe import load_probe_items, probe_accuracy
 
 FORMAT_VERSION = 1
@@ -55,8 +63,11 @@ class GeneratorConfig:
     object_skew: float = 0.5
     unrelated_rate: float = 0.3
     noise_rate: float = 0.0
+    samples_per_shard: int = 1000
 
     def validate(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.num_train < 1 or self.num_heldout < 1:
             raise ValueError(f"--num-train and --num-heldout must be >= 1, got {self.num_train} and {self.num_heldout}")
         for flag, rate in (("--unrelated-rate", self.unrelated_rate), ("--noise-rate", self.noise_rate)):
@@ -82,6 +93,7 @@ class _Example:
     record: dict
     scene: list[SceneObject]
     object_spans: list[dict]
+    png: bytes
 
 
 def _make_example(cfg: GeneratorConfig, spec: SceneSpec, split: str, index: int, out: Path) -> _Example:
@@ -96,7 +108,27 @@ def _make_example(cfg: GeneratorConfig, spec: SceneSpec, split: str, index: int,
     atomic_write_bytes(out / "images" / f"{rid}.png", buf.getvalue())
     record = {"id": rid, "caption": cap.text, "image": f"images/{rid}.png", "kinds": cap.spans,
               "objects": [o.to_json() for o in scene], "noise": noise}
-    return _Example(record, scene, cap.object_spans)
+    return _Example(record, scene, cap.object_spans, buf.getvalue())
+
+
+def _write_shards(out: Path, split: str, examples: list[_Example], per_shard: int) -> None:
+    """``{split}-NNNNN.tar`` webdataset shards of the examples (fixed mtime: the same seed gives
+    the same bytes); shards of an earlier, larger run are removed first (a glob would read them)."""
+    for stale in out.glob(f"{split}-*.tar"):
+        stale.unlink()
+    for n, start in enumerate(range(0, len(examples), per_shard)):
+        final = out / f"{split}-{n:05d}.tar"
+        tmp = temp_path(str(final))
+        try:
+            with open(tmp, "wb") as f, webdataset.TarWriter(f, mtime=0) as sink:
+                for ex in examples[start:start + per_shard]:
+                    # Serialised as the JSONL lines are (files.atomic_write_jsonl).
+                    record = json.dumps(ex.record, ensure_ascii=False, allow_nan=False)
+                    sink.write({"__key__": ex.record["id"], "png": ex.png, "json": record.encode("utf-8")})
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def _split_summary(examples: list[_Example]) -> dict:
@@ -150,6 +182,8 @@ def generate(cfg: GeneratorConfig, progress: bool = True) -> dict:
              for item in probe_items_for(ex.record, ex.scene, ex.object_spans, _rng(cfg.seed, "probe", i), spec, stats)]
     atomic_write_jsonl(out / "train.jsonl", [ex.record for ex in train])
     atomic_write_jsonl(out / "heldout.jsonl", [ex.record for ex in heldout])
+    _write_shards(out, "train", train, cfg.samples_per_shard)
+    _write_shards(out, "heldout", heldout, cfg.samples_per_shard)
     atomic_write_jsonl(out / "probe.jsonl", probe)
 
     baseline = probe_accuracy(pair_frequency_scorer(spec, stats), load_probe_items(out / "probe.jsonl"))
@@ -179,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "The same flags and seed give byte-identical files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", required=True, help="folder for train.jsonl, heldout.jsonl, probe.jsonl, "
-                   "kinds_summary.json and images/")
+                   "kinds_summary.json, images/ and the webdataset shards train-*.tar, heldout-*.tar")
     p.add_argument("--num-train", type=int, default=d.num_train, help="training image-caption pairs")
     p.add_argument("--num-heldout", type=int, default=d.num_heldout,
                    help="held-out pairs; each gives 3 probe items")
@@ -196,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of captions that end with an unrelated metadata tag")
     p.add_argument("--noise-rate", type=float, default=d.noise_rate,
                    help="fraction of training captions with one colour or shape word replaced by a wrong one")
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
+                   help="samples per webdataset shard (train-00000.tar, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -8,7 +8,9 @@ Every stage runs the project's real command-line tools as subprocesses, from the
 folder (default ``demo_output/``):
 
 1. ``data``: render train/held-out image-caption pairs and probe items
-   (``megatron_prior.demo.generator``) into ``data/``;
+   (``megatron_prior.demo.generator``) into ``data/``, the pairs also as webdataset shards
+   (``data/train-*.tar``, ``data/heldout-*.tar``), which the preprocessing stages read as
+   they would a user's shards;
 2. ``tokenizer``: a BPE SentencePiece model on the training captions
    (``tools/train_tokenizer.py``) -> ``data/tokenizer.model``;
 3. ``text_data``: tokens, kinds and images of the training set with unigram scores
@@ -147,12 +149,12 @@ def run_specs(s: DemoSettings) -> list[RunSpec]:
             for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]]
 
 
-def _preprocess(jsonl: Path, prefix: Path, reference: Optional[Path], s: DemoSettings) -> list[str]:
+def _preprocess(split: str, prefix: Path, reference: Optional[Path], s: DemoSettings) -> list[str]:
+    """The split's webdataset shards (the generator's) through the path a user's shards take."""
     ref = ["--reference-type", "gpt", "--reference-load", str(reference)] if reference else ["--reference-type", "unigram"]
-    return [PREPROCESS, "--input", str(jsonl), "--json-keys", "caption",
+    return [PREPROCESS, "--input", str(DemoPaths.data / f"{split}-*.tar"), "--json-keys", "caption",
             "--tokenizer-model", str(DemoPaths.tokenizer), "--append-eod", "--output-prefix", str(prefix), *ref,
-            "--kinds-key", "kinds", "--image-key", "image",
-            "--image-size", str(s.image_size), "--log-interval", "100000"]
+            "--kinds-key", "kinds", "--image-size", str(s.image_size), "--log-interval", "100000"]
 
 
 def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: DemoSettings,
@@ -188,7 +190,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
               "--vocab-size", str(s.vocab_size), "--model-type", "bpe",
               "--output-prefix", str(L.tokenizer.with_suffix(""))], deps=["data"]),
         Step("text_data", "tokenize the training set (unigram scores) for the pre-training runs",
-             L.preprocessed(L.unigram_prefix), _preprocess(L.data / "train.jsonl", L.unigram_prefix, None, s),
+             L.preprocessed(L.unigram_prefix), _preprocess("train", L.unigram_prefix, None, s),
              deps=["tokenizer"]),
         Step("reference", "train the text-only reference LM (GPT, NTP)", [L.reference / "summary.json"],
              _train("gpt", L.reference, L.unigram_prefix, s.data_seed, s.reference_iters, s,
@@ -198,7 +200,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
     for split in ("train", "heldout"):
         steps.append(Step(f"score_{split}", f"score the {split} captions with the reference LM",
                           L.preprocessed(L.prefix(split)),
-                          _preprocess(L.data / f"{split}.jsonl", L.prefix(split), L.reference, s),
+                          _preprocess(split, L.prefix(split), L.reference, s),
                           deps=["reference"]))
     for arch in _vit_archs(s.archs)[:1]:  # one warm-up (runs/vit_warmup): H-LVLM is the only such arch
         steps.append(Step("vit_warmup", f"pre-train the {get_arch(arch).display_name} vision encoder (NTP warm-up)",
