@@ -3,7 +3,8 @@ tools/convert_megatron_to_hf.py, the trainer's --lm-load), on tiny random models
 
 The converted GPT's logits equal the HF model's at TP=1, TP=2 and PP=2 (fp32; the two compute
 the same sums in another order, so they agree to a few float32 ulps of the logits' scale);
-HF -> Megatron -> HF gives the same tensors bit for bit; --lm-load puts the converted weights
+HF -> Megatron -> HF gives the same tensors bit for bit; a converted CLIP tower loaded by
+--vit-load gives HF's features; --lm-load puts the converted weights
 into the trainer's language model, growing the vocabulary where the run's tokenizer needs it.
 """
 
@@ -15,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    Qwen2Config,
+)
 
 from megatron_prior.testing import run_on_ranks
 
@@ -35,16 +44,36 @@ MODELS = {
 }
 
 
+def _perturbed(model):
+    with torch.no_grad():  # HF zero-initialises biases and ones the norms: make every tensor count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+# A CLIP tower: 16 px images in 4 px patches, OpenAI CLIP's quick GELU.
+CLIP_VISION = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+                   patch_size=4, hidden_act="quick_gelu")
+
+
+def _clip_models() -> dict:
+    torch.manual_seed(5)
+    full = CLIPConfig(vision_config=CLIP_VISION, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                   num_hidden_layers=1, num_attention_heads=4))
+    return {"clip-vision": _perturbed(CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION))),
+            "clip-full": _perturbed(CLIPModel(full))}
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
 def _hf_model(name: str, dtype=torch.float32, vocab: int = VOCAB, seed: int = 0):
     cls, fields = MODELS[name]
     config = cls(**{**dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=64), **fields})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    with torch.no_grad():  # HF zero-initialises biases and ones the norms: make every tensor count
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return _perturbed(AutoModelForCausalLM.from_config(config, dtype=dtype))
 
 
 def _tokens() -> torch.Tensor:
@@ -86,17 +115,32 @@ def _logits_at(tp: int, pp: int, checkpoints: list) -> list:
 
 
 def _convert_all(root: str) -> dict:
-    """HF -> Megatron for every model (and a bf16 one), then Megatron -> HF: their model configs."""
+    """HF -> Megatron for every model (and a bf16 one), then Megatron -> HF: their model configs;
+    and the refusals that come before any tensor is read, with their messages."""
     from megatron_prior import parallel
-    from megatron_prior.convert.llama import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_prior.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 
     parallel.initialize()
-    configs = {}
+    configs, refusals = {}, {}
     for name in [*MODELS, "llama-bf16"]:
         cfg = convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt")
         convert_megatron_to_hf(Path(root) / name / "ckpt", Path(root) / name / "back")
         configs[name] = cfg.to_dict()
-    return configs
+    for name, layer in (("clip-vision", -1), ("clip-full", -2)):
+        configs[name] = convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt",
+                                               vision_feature_layer=layer).to_dict()
+    for what, call in (
+            ("hub id", lambda: convert_hf_to_megatron("meta-llama/Llama-3.2-3B", Path(root) / "x")),
+            ("output taken", lambda: convert_hf_to_megatron(Path(root) / "llama-tied" / "hf",
+                                                            Path(root) / "llama-tied" / "ckpt")),
+            ("gelu", lambda: convert_hf_to_megatron(Path(root) / "gelu", Path(root) / "y")),
+            ("export exists", lambda: convert_megatron_to_hf(Path(root) / "llama-tied" / "ckpt",
+                                                             Path(root) / "llama-tied" / "back"))):
+        try:
+            call()
+        except ConversionError as err:
+            refusals[what] = str(err)
+    return configs, refusals
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +148,18 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     models = {name: _hf_model(name) for name in MODELS}
     models["llama-bf16"] = _hf_model("llama-gqa-untied", dtype=torch.bfloat16)
-    for name, model in models.items():
+    clips = _clip_models()
+    for name, model in {**models, **clips}.items():
         model.save_pretrained(root / name / "hf")
-    (configs,) = run_on_ranks(_convert_all, 1, str(root))
+    gelu = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, hidden_act="gelu")
+    AutoModelForCausalLM.from_config(gelu).save_pretrained(root / "gelu")
+    ((configs, refusals),) = run_on_ranks(_convert_all, 1, str(root))
     with torch.no_grad():
         reference = {name: models[name](_tokens()).logits for name in MODELS}
-    return dict(root=root, models=models, configs=configs, reference=reference)
+        reference["clip-vision"] = clips["clip-vision"](_images()).last_hidden_state
+        reference["clip-full"] = clips["clip-full"].vision_model(_images(), output_hidden_states=True).hidden_states[-2]
+    return dict(root=root, models=models, configs=configs, refusals=refusals, reference=reference)
 
 
 def _assert_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -127,7 +177,7 @@ def test_configs_carry_the_shape(converted):
     assert c["llama-tied"]["num_query_groups"] is None and c["llama-tied"]["norm_epsilon"] == 1e-6
     assert (c["qwen2-bias"]["add_bias_linear"], c["qwen2-bias"]["add_qkv_bias"]) == (False, True)
     assert (c["llama3-scaled"]["rope_scaling"], c["llama3-scaled"]["rope_scaling_factor"]) == (True, 32.0)
-    assert all(c[n]["swiglu"] and c[n]["normalization"] == "RMSNorm" for n in c)
+    assert all(c[n]["swiglu"] and c[n]["normalization"] == "RMSNorm" for n in MODELS)
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
@@ -151,24 +201,47 @@ def test_round_trip_gives_identical_tensors(converted, name):
     assert type(back).__name__ == type(converted["models"][name]).__name__
 
 
+def _vit_features(checkpoints: list) -> list:
+    """The H-LVLM's vision encoder from each converted CLIP (``--vit-load``), at TP=2: its features."""
+    from megatron_prior import parallel
+    from megatron_prior.checkpoint import checkpoint_dir, read_model_config
+    from megatron_prior.models.builder import build_model
+    from megatron_prior.models.vision_encoder import load_vision_encoder
+
+    parallel.initialize(tensor_parallel=2)
+    out = []
+    for load in checkpoints:
+        model = build_model(read_model_config(checkpoint_dir(load)))
+        assert load_vision_encoder(model, load) > 0
+        with torch.no_grad():
+            out.append(model.vision_model.eval()(_images()))
+    return out
+
+
+def test_clip_tower_features_equal_hf_at_tp2(converted):
+    names = ["clip-vision", "clip-full"]
+    c = converted["configs"]
+    assert (c["clip-vision"]["vit_num_layers"], c["clip-full"]["vit_num_layers"]) == (3, 2)  # -2: all but the last
+    assert c["clip-vision"]["vit_activation"] == "quick_gelu" and c["clip-vision"]["image_size"] == 16
+    results = run_on_ranks(_vit_features, 2, [str(converted["root"] / n / "ckpt") for n in names])
+    for rank in results:
+        for name, features in zip(names, rank):
+            _assert_logits(features, converted["reference"][name])
+
+
 def _tool(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True)
 
 
-def test_bad_inputs_are_refused_by_name(converted, tmp_path):
-    hub = _tool("convert_hf_to_megatron.py", "--hf-dir", "meta-llama/Llama-3.2-3B", "--output", str(tmp_path / "x"))
-    assert hub.returncode == 1 and "download it first" in hub.stderr, hub.stderr
-    taken = _tool("convert_hf_to_megatron.py", "--hf-dir", str(converted["root"] / "llama-tied" / "hf"),
-                  "--output", str(converted["root"] / "llama-tied" / "ckpt"))
-    assert taken.returncode == 1 and "already holds a checkpoint" in taken.stderr, taken.stderr
-    gelu = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                       num_attention_heads=4, hidden_act="gelu")
-    AutoModelForCausalLM.from_config(gelu).save_pretrained(tmp_path / "gelu")
-    refused = _tool("convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "gelu"), "--output", str(tmp_path / "y"))
-    assert refused.returncode == 1 and "hidden_act 'gelu'" in refused.stderr and "config.json" in refused.stderr
-    exists = _tool("convert_megatron_to_hf.py", "--load", str(converted["root"] / "llama-tied" / "ckpt"),
-                   "--output", str(converted["root"] / "llama-tied" / "back"))
-    assert exists.returncode == 1 and "exists" in exists.stderr, exists.stderr
+def test_bad_inputs_are_refused_by_name(converted):
+    refusals, root = converted["refusals"], converted["root"]
+    assert "download it first" in refusals["hub id"] and "meta-llama/Llama-3.2-3B" in refusals["hub id"]
+    assert "already holds a checkpoint" in refusals["output taken"]
+    assert "hidden_act 'gelu'" in refusals["gelu"] and str(root / "gelu" / "config.json") in refusals["gelu"]
+    assert "exists" in refusals["export exists"] and str(root / "llama-tied" / "back") in refusals["export exists"]
+    # The command line says it in one line and exits 1.
+    cli = _tool("convert_hf_to_megatron.py", "--hf-dir", "meta-llama/Llama-3.2-3B", "--output", str(root / "z"))
+    assert cli.returncode == 1 and cli.stderr.strip().splitlines()[-1].startswith("error: --hf-dir"), cli.stderr
 
 
 def test_layernorm_gpt_is_not_a_llama():
@@ -217,16 +290,24 @@ def _trainer_argv(corpus: dict, model: str, *extra: str) -> list:
             *extra]
 
 
+def _convert_tool(*argvs: list) -> list:
+    """tools/convert_hf_to_megatron.py's main on each argv, in this (spawned) process."""
+    sys.path.insert(0, str(TOOLS))
+    from convert_hf_to_megatron import main
+
+    return [main(argv) for argv in argvs]
+
+
 @pytest.fixture(scope="module")
 def lm_checkpoints(tiny_corpus, tmp_path_factory):
     """Llamas over the corpus's 200-id tokenizer: one with 256 vocabulary rows (Megatron's
     padding of 200), one with 160 (the run's vocabulary grows)."""
     root = tmp_path_factory.mktemp("lm")
+    argvs = []
     for name, vocab in (("full", 256), ("short", 160)):
         _hf_model("llama-gqa-untied", vocab=vocab, seed=3).save_pretrained(root / name / "hf")
-        result = _tool("convert_hf_to_megatron.py", "--hf-dir", str(root / name / "hf"), "--output",
-                       str(root / name / "ckpt"))
-        assert result.returncode == 0, result.stderr
+        argvs.append(["--hf-dir", str(root / name / "hf"), "--output", str(root / name / "ckpt")])
+    assert run_on_ranks(_convert_tool, 1, *argvs) == [[0, 0]]
     return root
 
 

@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not ins
 
 from megatron_prior import parallel  # noqa: E402
 from megatron_prior.checkpoint import CheckpointError  # noqa: E402
-from megatron_prior.convert.llama import ConversionError, convert_megatron_to_hf  # noqa: E402
+from megatron_prior.convert import ConversionError, convert_megatron_to_hf  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

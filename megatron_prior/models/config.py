@@ -53,6 +53,7 @@ class ModelConfig:
     vit_num_layers: int = 2
     vit_hidden_size: int = 64
     vit_num_attention_heads: int = 4
+    vit_activation: str = "gelu"  # quick_gelu: OpenAI CLIP's (a converted CLIP tower)
     # U-LVLM image markers (SOLO-style): start, row break, end.
     image_start_id: Optional[int] = None
     image_row_id: Optional[int] = None

@@ -24,11 +24,16 @@ from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
+from megatron.core.activations import quick_gelu
 from megatron.core.transformer.mlp import MLPSubmodules
 
 from megatron_prior.models.arch import Arch, BuildContext, register
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.gpt import layer_spec, rotary_kwargs, transformer_config
+
+
+# The ViT's MLP activation by ModelConfig.vit_activation.
+VIT_ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu}
 
 
 class HLVLM(LLaVAModel):
@@ -58,7 +63,7 @@ def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContex
         raise ValueError("H-LVLM (LLaVAModel) does not support virtual pipeline stages")
     vision_config = transformer_config(num_layers=cfg.vit_num_layers, hidden_size=cfg.vit_hidden_size,
                                        num_attention_heads=cfg.vit_num_attention_heads, bf16=ctx.bf16,
-                                       pipelined=False)
+                                       pipelined=False, activation_func=VIT_ACTIVATIONS[cfg.vit_activation])
     # Megatron-LM's training arguments put this on the config; LLaVAModel reads it.
     vision_config.vision_model_type = "clip"
     # An MLP has no heads; the language model's count satisfies the TP divisibility check.
@@ -101,6 +106,8 @@ def validate_config(cfg: ModelConfig) -> list[str]:
         problems.append(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
     if cfg.image_token_id is None:
         problems.append(f"arch {cfg.arch} needs image_token_id (the tokenizer's <image> id)")
+    if cfg.vit_activation not in VIT_ACTIVATIONS:
+        problems.append(f"vit_activation {cfg.vit_activation!r} is not one of {sorted(VIT_ACTIVATIONS)}")
     if cfg.vit_hidden_size % cfg.vit_num_attention_heads:
         problems.append("vit_hidden_size is not divisible by vit_num_attention_heads")
     return problems

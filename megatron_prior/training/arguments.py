@@ -164,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or RNG state. Its model_config.json supplies the shape flags above that are not given "
                         "(given ones must agree); vocabulary rows the run adds keep their initialisation. "
                         "Skipped when --load holds a checkpoint: resuming wins, as in Megatron-LM")
-    g.add_argument("--patch-size", type=int, default=8, help="image patch side (ViT and U-LVLM)")
-    g.add_argument("--vit-num-layers", type=int, default=2, help="H-LVLM: transformer layers of the ViT")
-    g.add_argument("--vit-hidden-size", type=int, default=64, help="H-LVLM: width of the ViT")
-    g.add_argument("--vit-num-attention-heads", type=int, default=4, help="H-LVLM: attention heads of the ViT")
-    g.add_argument("--vit-load", default=None, help="H-LVLM: load the vision encoder from this checkpoint")
+    g.add_argument("--patch-size", type=int, default=None, help="image patch side (ViT and U-LVLM); default 8")
+    g.add_argument("--vit-num-layers", type=int, default=None, help="H-LVLM: transformer layers of the ViT; default 2")
+    g.add_argument("--vit-hidden-size", type=int, default=None, help="H-LVLM: width of the ViT; default 64")
+    g.add_argument("--vit-num-attention-heads", type=int, default=None,
+                   help="H-LVLM: attention heads of the ViT; default 4")
+    g.add_argument("--vit-load", default=None,
+                   help="H-LVLM: load the vision encoder from this checkpoint (an H-LVLM's, or a CLIP tower converted "
+                        "by tools/convert_hf_to_megatron.py); its model_config.json supplies the ViT flags above "
+                        "that are not given (given ones must agree) and the ViT's activation")
     g.add_argument("--freeze-vit", action="store_true", help="H-LVLM: do not train the vision encoder")
     g.add_argument("--freeze-lm", action="store_true", help="H-LVLM: do not train the language model")
 
@@ -429,29 +433,44 @@ LM_SHAPE_DEFAULTS = dict(position_embedding_type="rope", untie_embeddings_and_ou
                          disable_bias_linear=False, add_qkv_bias=False)
 
 
-def _lm_shape_from_checkpoint(args: argparse.Namespace) -> None:
-    """Unset shape flags from --lm-load's model_config.json; a given flag must agree with it."""
+# The H-LVLM's vision encoder, likewise from --vit-load (vit_activation has no flag: it comes with
+# the encoder's checkpoint, e.g. a converted CLIP's quick GELU).
+VIT_SHAPE_FLAGS: dict[str, Callable[[ModelConfig], Any]] = {
+    "vit_num_layers": lambda c: c.vit_num_layers,
+    "vit_hidden_size": lambda c: c.vit_hidden_size,
+    "vit_num_attention_heads": lambda c: c.vit_num_attention_heads,
+    "patch_size": lambda c: c.patch_size,
+    "vit_activation": lambda c: c.vit_activation,
+}
+VIT_SHAPE_DEFAULTS = dict(vit_num_layers=2, vit_hidden_size=64, vit_num_attention_heads=4, patch_size=8,
+                          vit_activation="gelu")
+
+
+def _shape_from_checkpoint(args: argparse.Namespace, flag: str, fields: dict) -> ModelConfig:
+    """Unset shape flags from the model_config.json of the checkpoint ``flag`` names; a given
+    flag must agree with it. Returns that config."""
+    load = getattr(args, flag.lstrip("-").replace("-", "_"))
     try:
-        saved = read_model_config(checkpoint_dir(args.lm_load))
+        saved = read_model_config(checkpoint_dir(load))
     except CheckpointError as err:
-        raise ArgumentError(f"--lm-load {args.lm_load}: {err}") from None
+        raise ArgumentError(f"{flag} {load}: {err}") from None
     disagree = []
-    for dest, value_of in LM_SHAPE_FLAGS.items():
+    for dest, value_of in fields.items():
         value = value_of(saved)
-        given = getattr(args, dest)
+        given = getattr(args, dest, None)
         if given is None:
             setattr(args, dest, value)
         elif given != value:
             disagree.append(f"--{dest.replace('_', '-')} {given} (checkpoint: {value})")
     if disagree:
-        raise ArgumentError(f"--lm-load {args.lm_load}: the language model's shape flags disagree with its "
-                            f"model_config.json: {'; '.join(disagree)} (leave them out to take the checkpoint's)")
-    args.lm_load_vocab_size = saved.vocab_size
+        raise ArgumentError(f"{flag} {load}: shape flags disagree with its model_config.json: {'; '.join(disagree)} "
+                            "(leave them out to take the checkpoint's)")
+    return saved
 
 
 def _check_lm_shape(args: argparse.Namespace) -> None:
-    for dest, value in LM_SHAPE_DEFAULTS.items():
-        if getattr(args, dest) is None:
+    for dest, value in {**LM_SHAPE_DEFAULTS, **VIT_SHAPE_DEFAULTS}.items():
+        if getattr(args, dest, None) is None:
             setattr(args, dest, value)
     if args.group_query_attention:
         if args.num_query_groups is None:
@@ -473,7 +492,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     world_size = world_size or launch_info().world_size
     args.lm_load_vocab_size = None
     if args.lm_load is not None:
-        _lm_shape_from_checkpoint(args)
+        args.lm_load_vocab_size = _shape_from_checkpoint(args, "--lm-load", LM_SHAPE_FLAGS).vocab_size
+    if args.vit_load is not None:
+        _shape_from_checkpoint(args, "--vit-load", VIT_SHAPE_FLAGS)
     preset = PRESETS.get(args.model_size, {}) if args.model_size else {}
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         if getattr(args, key) is None and key in preset:

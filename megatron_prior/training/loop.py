@@ -74,6 +74,7 @@ def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Opti
         vit_num_layers=args.vit_num_layers,
         vit_hidden_size=args.vit_hidden_size,
         vit_num_attention_heads=args.vit_num_attention_heads,
+        vit_activation=args.vit_activation,
         image_start_id=tokenizer.image_start_id if image else None,
         image_row_id=tokenizer.image_row_id if image else None,
         image_end_id=tokenizer.image_end_id if image else None,
