@@ -16,6 +16,7 @@ from fuzz.common import pack, unpack, write_files
 from fuzz.seeds import Corpus
 from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.data.records import BadRecord, iter_lines, iter_texts
+from megatron_prior.data.sources import SourceRecord
 from megatron_prior.preprocess import RecordProcessor
 
 ERRORS = (BadRecord,)
@@ -36,8 +37,11 @@ def seeds(corpus: Corpus) -> list[bytes]:
 
 def prepare(corpus: Corpus, workdir: str) -> Callable[[bytes], None]:
     paths = (os.path.join(workdir, "records.jsonl"), os.path.join(workdir, IMAGE))
+    # The raw store: the image is decoded and fitted here, so PIL's decoders see the fuzzed bytes.
     args = argparse.Namespace(json_keys=["caption"], kinds_key="kinds", image_key="image", image_size=IMAGE_SIZE,
-                              append_eod=True, tokenizer_model=corpus.tokenizer, tokenizer_type=None)
+                              append_eod=True, tokenizer_model=corpus.tokenizer, tokenizer_type=None,
+                              input_format="jsonl", image_root=None, coco_captions_per_image="all",
+                              image_store="raw", image_aspect="pad")
     processor = RecordProcessor(args)
 
     def one(data: bytes) -> None:
@@ -47,7 +51,7 @@ def prepare(corpus: Corpus, workdir: str) -> Callable[[bytes], None]:
         texts = list(iter_texts([paths[0]], ["caption"], errors=bad))
         assert all(isinstance(t, str) and t.strip() for t in texts) and all(isinstance(b, BadRecord) for b in bad)
         for line, raw in iter_lines(paths[0]):
-            out = processor.process(paths[0], line, raw)
+            out = processor.process(SourceRecord(paths[0], line, json=raw))
             tokens, kinds = out.tokens["caption"], out.kinds["caption"]
             assert len(tokens) == len(kinds) >= 2 and tokens[-1] == processor.tokenizer.eod
             assert np.all(kinds < len(KIND_NAMES)) and out.image.shape == (*IMAGE_SIZE, 3)

@@ -228,9 +228,12 @@ class EncodedImageStore:
                                                      "an image store")
         if version != VERSION:
             raise FormatError(path, f"encoded image store version {version}, expected {VERSION}")
-        if h == 0 or w == 0 or h * w * 3 > _MAX_ARRAY_BYTES or code >= len(ASPECTS):
+        # Every read decodes to H x W: a size past PIL's decompression-bomb limit would make each
+        # read allocate that much, so it is refused like such an image.
+        if h == 0 or w == 0 or h * w > Image.MAX_IMAGE_PIXELS or code >= len(ASPECTS):
             raise FormatError(path, f"unsupported layout H={h} W={w} aspect code {code} (expected non-empty "
-                                    f"images numpy can address, aspect code < {len(ASPECTS)})")
+                                    f"images of at most {Image.MAX_IMAGE_PIXELS} pixels, PIL's decompression-bomb "
+                                    f"limit, and aspect code < {len(ASPECTS)})")
         blobs = size - HEADER_SIZE - 16 * n
         if n > size or blobs < 0:
             raise FormatError(path, f"{size} bytes, too short for the index of {n} images (truncated or unfinished)")
