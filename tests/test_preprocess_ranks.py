@@ -62,8 +62,10 @@ def test_two_ranks_score_a_llava_file_like_one(samples, reference, tmp_path):  #
 
 
 def test_two_ranks_take_whole_shards_with_unigram_counts_summed(samples, tmp_path):  # noqa: F811
+    """Two shards, one per rank; the raw store's pixels travel through the merge too."""
     args = ["--input", samples["wds"], "--json-keys", "caption", "--tokenizer-model", samples["tok"],
-            "--append-eod", "--image-size", "12", "--reference-type", "unigram", "--chunk-records", "2"]
+            "--append-eod", "--image-size", "12", "--reference-type", "unigram", "--chunk-records", "2",
+            "--image-store", "raw"]
     assert [chunk_owner(f, 0, 2, 2) for f in (0, 1)] == [0, 1]  # a shard each
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_tool(*args, "--output-prefix", one)
