@@ -41,7 +41,8 @@ def prepare(corpus: Corpus, workdir: str) -> Callable[[bytes], None]:
     args = argparse.Namespace(json_keys=["caption"], kinds_key="kinds", image_key="image", image_size=IMAGE_SIZE,
                               append_eod=True, tokenizer_model=corpus.tokenizer, tokenizer_type=None,
                               input_format="jsonl", image_root=None, coco_captions_per_image="all",
-                              image_store="raw", image_aspect="pad")
+                              image_store="raw", image_aspect="pad",
+                              special_tokens=None)
     processor = RecordProcessor(args)
 
     def one(data: bytes) -> None:

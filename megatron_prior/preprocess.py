@@ -7,9 +7,9 @@ chunks of ``--chunk-records`` records, each within one input file. A process poo
 (``--workers`` per rank) parses, tokenizes, turns kind spans into per-token kinds and reads the
 images (checked and kept encoded, or decoded and fitted for a raw store); chunks come back in
 input order, at most a few ahead of the writer so memory stays bounded. The main process
-scores each chunk with the reference (the GPT in length-sorted batches; the unigram once the
-whole corpus is counted) and streams everything to temporary files renamed only when all is
-complete.
+scores each chunk with the reference (a language model, GPT or Hugging Face, in length-sorted
+batches; the unigram once the whole corpus is counted) and streams everything to temporary
+files renamed only when all is complete.
 
 Under torchrun (or srun) the chunks are dealt to the ranks: whole files (file ``i`` to rank
 ``i mod N``) when there are at least as many input files as ranks, else each file's chunks in
@@ -83,7 +83,8 @@ class RecordProcessor:
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:  # loaded once per worker process
-            self.tokenizer = load_tokenizer(self.args.tokenizer_model, self.args.tokenizer_type)
+            self.tokenizer = load_tokenizer(self.args.tokenizer_model, self.args.tokenizer_type,
+                                            self.args.special_tokens)
         return self.tokenizer
 
     def process(self, source: SourceRecord) -> Processed:
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.input)
     if args.input_format == "auto":
         args.input_format = detect_format(paths)
-    tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
+    tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type, args.special_tokens)
     token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
     # The pool starts before any model is loaded: workers fork from a process that has not
     # started torch's thread pools.
@@ -313,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
         scorer, reference = load_reference(args.reference_type, args.reference_load, tokenizer,
                                            args.reference_window, args.score_batch_tokens)
         unigram = reference["type"] == "unigram"
+        if not unigram and rank == 0:
+            print(f"reference: {reference['type']} {reference['path']}, window {reference['window']}, first token "
+                  f"scored after token {reference['start_token_id']} ({reference['first_token_context']})",
+                  file=sys.stderr)
         writers = _open_writers(args, (lambda key: output_prefix(args, key)) if world == 1
                                 else (lambda key: shard_prefix(rank, key)), token_dtype)
         done, stopped = _process_share(args, info, paths, scorer, unigram, writers, pool)

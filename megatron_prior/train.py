@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from megatron_prior.checkpoint import CheckpointError  # noqa: E402
+from megatron_prior.data import FormatError  # noqa: E402
 from megatron_prior.parallel import launch_info  # noqa: E402
 from megatron_prior.training.arguments import parse_args  # noqa: E402
 from megatron_prior.training.loop import run  # noqa: E402
@@ -33,8 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
     try:
         summary = run(args)
-    except CheckpointError as err:
-        # A refused --load / --vit-load checkpoint is bad input: one line, as a bad flag is.
+    except (CheckpointError, FormatError) as err:
+        # A refused --load / --vit-load checkpoint, or --data-path files that do not match (another
+        # tokenizer's, damaged), are bad input: one line, as a bad flag is.
         raise SystemExit(f"python -m megatron_prior.train: error: {err}") from None
     info = launch_info()
     if summary and info.rank == info.world_size - 1:  # the rank that wrote summary.json

@@ -51,7 +51,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 # Imports inside functions, each for an optional dependency (with a comment saying so).
 LOCAL_IMPORTS: set[tuple[str, str]] = {
     (P + "models.gpt", "transformer_engine"),
-    (P + "tokenizer", "tokenizers"),
+    (P + "scoring", "transformers"),
+    (P + "tokenizer", "transformers"),
     (P + "training.metrics", "torch.utils.tensorboard"),
     (P + "training.metrics", "wandb"),
 }

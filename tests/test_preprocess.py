@@ -157,9 +157,9 @@ def test_gpt_scorer_equals_float64_reference_and_is_batching_invariant():
         model = build_gpt(transformer_config(num_layers=2, hidden_size=32, num_attention_heads=4), 50, 8).eval()
         rng = np.random.default_rng(0)
         docs = [rng.integers(3, 50, n) for n in (1, 5, 8, 9, 23, 3)]  # shorter and longer than the window
-        small = GPTScorer(model, eod=2, window=8, max_batch_tokens=8).score(docs)
+        small = GPTScorer(model, start_token=2, window=8, max_batch_tokens=8).score(docs)
         seen = []
-        big = GPTScorer(model, eod=2, window=8, max_batch_tokens=64).score(docs, progress=seen.append)
+        big = GPTScorer(model, start_token=2, window=8, max_batch_tokens=64).score(docs, progress=seen.append)
         assert sum(seen) == sum(map(len, docs))
         for doc, a, b in zip(docs, small, big):
             ref = _float64_reference(model, doc, 2, 8)
@@ -167,7 +167,7 @@ def test_gpt_scorer_equals_float64_reference_and_is_batching_invariant():
             np.testing.assert_allclose(b, a, rtol=0, atol=2e-5)
             assert a.dtype == np.float32 and (a <= 0).all()
         with pytest.raises(ValueError, match="must hold one full window"):
-            GPTScorer(model, eod=2, window=8, max_batch_tokens=4)
+            GPTScorer(model, start_token=2, window=8, max_batch_tokens=4)
     finally:
         parallel.destroy()
 
@@ -347,7 +347,7 @@ def _score_on_rank(tp: int):
     assign_global_weights(model)
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 64, n) for n in (4, 9, 17)]
-    return GPTScorer(model, eod=2, window=8, max_batch_tokens=16).score(docs)
+    return GPTScorer(model, start_token=2, window=8, max_batch_tokens=16).score(docs)
 
 
 @pytest.mark.slow

@@ -21,8 +21,18 @@ For each --json-keys KEY it writes, beside Megatron's usual {output_prefix}_{KEY
   *.verified.json       hashes already checked, by file stat (opening skips re-hashing them)
 
 The reference is a text-only GPT saved by megatron-prior's training (--reference-type gpt
---reference-load DIR; it sees each document after an EOD, in windows of its sequence
-length) or the corpus's own unigram frequencies (--reference-type unigram).
+--reference-load CKPT), a Hugging Face causal LM in a local directory (--reference-type hf
+--reference-load DIR: Llama, Qwen2, SmolLM2, GPT-2, ... whatever AutoModelForCausalLM loads
+from config.json + *.safetensors; bfloat16 on a GPU, float32 on the CPU), or the corpus's own
+unigram frequencies (--reference-type unigram). Both language models score by one rule: a
+document's first token given one start token (the tokenizer's BOS if it has one, else its
+EOS), each later token given the document before it, in windows of --reference-window tokens.
+
+The tokenizer is a SentencePiece model from tools/train_tokenizer.py or a Hugging Face one
+(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR, as save_pretrained writes it):
+its EOS ends documents, and the image markers are added when it lacks them (--special-tokens
+names other tokens). An HF reference must have the data's tokenizer: pass its directory as
+--tokenizer-model.
 
 Under torchrun (torchrun --nproc-per-node N tools/preprocess_with_weights.py ...) or srun, the
 ranks share the input chunk by chunk, each scores its share on its own device, and rank 0
@@ -45,6 +55,9 @@ Examples:
       --input blip_laion_cc_sbu_558k.json --image-root LLaVA-Pretrain/images --json-keys caption \\
       --tokenizer-model tok.model --append-eod --output-prefix data/llava --image-size 336 \\
       --reference-type gpt --reference-load runs/reference --workers 4
+  python tools/preprocess_with_weights.py --input captions.jsonl --json-keys caption \\
+      --tokenizer-type HuggingFaceTokenizer --tokenizer-model models/SmolLM2-135M --append-eod \\
+      --output-prefix data/train --reference-type hf --reference-load models/SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -60,7 +73,8 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not ins
 from megatron_prior.data.images import ASPECTS, DEFAULT_ASPECT  # noqa: E402
 from megatron_prior.data.sources import CAPTIONS_PER_IMAGE, FORMATS, detect_format, expand_inputs  # noqa: E402
 from megatron_prior.preprocess import run  # noqa: E402
-from megatron_prior.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron_prior.scoring import REFERENCE_TYPES  # noqa: E402
+from megatron_prior.tokenizer import SPECIAL_TOKENS_HELP, TOKENIZER_TYPES, parse_special_tokens  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,16 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
                        help="inferred from --tokenizer-model when omitted")
-    group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or HuggingFace tokenizer.json")
+    group.add_argument("--tokenizer-model", required=True,
+                       help="SentencePiece .model, or a HuggingFace tokenizer: a local directory as save_pretrained "
+                            "writes it (tokenizer.json + tokenizer_config.json) or a bare tokenizer.json")
+    group.add_argument("--special-tokens", type=parse_special_tokens, default=None, help=SPECIAL_TOKENS_HELP)
     group.add_argument("--append-eod", action="store_true", help="append the <eod> token to every document")
 
     group = parser.add_argument_group("reference model")
-    group.add_argument("--reference-type", choices=["gpt", "unigram"], required=True,
-                       help="gpt: a trained text-only reference LM; unigram: token frequencies of the input")
-    group.add_argument("--reference-load", help="checkpoint directory of the reference GPT (--reference-type gpt)")
+    group.add_argument("--reference-type", choices=REFERENCE_TYPES, required=True,
+                       help="gpt: a text-only reference LM trained here; hf: a Hugging Face causal LM "
+                            "(AutoModelForCausalLM); unigram: token frequencies of the input")
+    group.add_argument("--reference-load",
+                       help="the reference: checkpoint directory of the GPT (--reference-type gpt) or local "
+                            "save_pretrained directory of the HF model (--reference-type hf; a hub id must be "
+                            "downloaded first)")
     group.add_argument("--reference-window", type=int,
-                       help="tokens of context per scoring window (default: the model's seq_length, the text "
-                            "length it was trained on)")
+                       help="tokens of context per scoring window (default: gpt, the model's seq_length, the text "
+                            "length it was trained on; hf, its max_position_embeddings, at most "
+                            "--score-batch-tokens)")
     group.add_argument("--score-batch-tokens", type=int, default=16384,
                        help="padded tokens per scoring batch (default: 16384)")
     group.add_argument("--chunk-records", type=int, default=2048,
@@ -125,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.reference_type == "gpt" and not args.reference_load:
-        parser.error("--reference-type gpt needs --reference-load DIR")
+    if args.reference_type in ("gpt", "hf") and not args.reference_load:
+        parser.error(f"--reference-type {args.reference_type} needs --reference-load DIR")
     if args.reference_type == "unigram" and args.reference_load:
-        parser.error("--reference-load is for --reference-type gpt")
+        parser.error("--reference-load is for --reference-type gpt or hf")
     try:
         paths = expand_inputs(args.input)
         if args.input_format == "auto":

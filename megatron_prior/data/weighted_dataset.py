@@ -75,6 +75,10 @@ class WeightedIndexedDataset:
         self.path_prefix = path_prefix
         self._tokenizer_fingerprint, self._vocab_size = tokenizer_fingerprint, vocab_size
         tokens = read_index(path_prefix, TOKEN_DTYPE_CODES)
+        if vocab_size is not None and vocab_size - 1 > np.iinfo(tokens.dtype).max:
+            raise FormatError(get_bin_path(path_prefix), f"{tokens.dtype.name} token ids cannot hold the {vocab_size} "
+                                                         "ids of the tokenizer in use: the data were made with "
+                                                         "another tokenizer")
         scores = read_index(scores_prefix(path_prefix), {7})
         _check_same_structure(tokens, scores)
         self.metadata = self._check_metadata(tokens, tokenizer_fingerprint)

@@ -14,7 +14,7 @@ import os
 from typing import Callable, Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexWriter
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexWriter, get_bin_path
 
 from megatron_prior.data.formats import (
     FORMAT_VERSION,
@@ -88,6 +88,14 @@ class WeightedDatasetWriter:
     def add_document(self, tokens: np.ndarray, logprobs: Optional[np.ndarray] = None,
                      kinds: Optional[np.ndarray] = None, image: Optional[np.ndarray | bytes] = None) -> None:
         n = len(tokens)
+        tokens = np.asarray(tokens)
+        if n:
+            # megatron-core's builder casts without a check: an id past the dtype would wrap.
+            limits, low, high = np.iinfo(self.builder.dtype), int(tokens.min()), int(tokens.max())
+            if low < limits.min or high > limits.max:
+                raise ValueError(f"{get_bin_path(self.prefix)}: token id {high if high > limits.max else low} does "
+                                 f"not fit the token file's {np.dtype(self.builder.dtype).name}: the tokenizer's "
+                                 "ids must come from the vocabulary the dtype was chosen for")
         if logprobs is not None:
             if len(logprobs) != n or self._logprobs_written != self.token_count:
                 raise ValueError("log-probs must come with every document, one per token")
@@ -103,7 +111,7 @@ class WeightedDatasetWriter:
             self._kinds_file.write(np.asarray(kinds, dtype=np.uint8).tobytes())
         if image is not None:
             self.images.add(image)
-        self.builder.add_document(np.asarray(tokens), [n])
+        self.builder.add_document(tokens, [n])
         self.token_count += n
 
     def add_shard(self, prefix: str, images: Optional[AnyImageStore] = None) -> None:

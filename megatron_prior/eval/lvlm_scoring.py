@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,8 +55,9 @@ class LVLMScorer:
             lvlms = ", ".join(a.name for a in ARCHS.values() if a.needs_images)
             raise ValueError(f"LVLMScorer scores vision-language models ({lvlms}), not {model_config.arch!r}")
         if model_config.tokenizer_fingerprint not in (None, tokenizer.fingerprint):
-            raise ValueError(f"the model was trained with tokenizer {model_config.tokenizer_fingerprint}, "
-                             f"not with the one given ({tokenizer.fingerprint})")
+            raise ValueError(f"--tokenizer-model {tokenizer.path}: the model was trained with tokenizer "
+                             f"{model_config.tokenizer_fingerprint}, not with this one ({tokenizer.fingerprint}); "
+                             "give the --tokenizer-model, --tokenizer-type and --special-tokens it was trained with")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -192,8 +193,12 @@ def evaluate(scorer: LVLMScorer, heldout_prefix: Optional[str], probe_items: Opt
 
 
 def load_scorer(load_dir: str | os.PathLike, tokenizer_model: str, batch_size: int = 64,
-                iteration: Optional[int] = None) -> LVLMScorer:
-    """Load a checkpoint (latest iteration unless given) and its tokenizer into a scorer;
-    ``megatron_prior.parallel`` must be initialised."""
+                iteration: Optional[int] = None, tokenizer_type: Optional[str] = None,
+                special_tokens: Optional[Mapping[str, str]] = None) -> LVLMScorer:
+    """Load a checkpoint (latest iteration unless given) and its tokenizer (as the trainer's
+    ``--tokenizer-model``, ``--tokenizer-type`` and ``--special-tokens`` give it) into a scorer;
+    ``megatron_prior.parallel`` must be initialised. The tokenizer is loaded first: a wrong one
+    is refused before the weights are read."""
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type, special_tokens)
     model, model_config = load_inference_model(load_dir, iteration)
-    return LVLMScorer(model, model_config, load_tokenizer(tokenizer_model), batch_size)
+    return LVLMScorer(model, model_config, tokenizer, batch_size)

@@ -30,6 +30,7 @@ from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer  # noqa: E402
 from megatron_prior.eval.probe import load_probe_items  # noqa: E402
 from megatron_prior.files import atomic_write_json  # noqa: E402
 from megatron_prior.models.arch import ARCHS  # noqa: E402
+from megatron_prior.tokenizer import SPECIAL_TOKENS_HELP, TOKENIZER_TYPES, parse_special_tokens  # noqa: E402
 
 log = logging.getLogger("megatron_prior.eval")
 
@@ -45,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory of the run (its --save)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
-    p.add_argument("--tokenizer-model", required=True, help="the tokenizer the model was trained with")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="the tokenizer the model was trained with (SentencePiece .model, HuggingFace directory or "
+                        "tokenizer.json)")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="as in training (default: from --tokenizer-model's name)")
+    p.add_argument("--special-tokens", type=parse_special_tokens, default=None,
+                   help=SPECIAL_TOKENS_HELP)
     p.add_argument("--data-path", default=None,
                    help="held-out token prefix with .kinds and .images companions (per-kind losses)")
     p.add_argument("--probe", default=None, help="probe.jsonl (POPE-style items; image paths relative to it)")
@@ -72,13 +79,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         start = time.perf_counter()
         parallel.initialize()
         try:
-            scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration)
+            scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration,
+                                 args.tokenizer_type, args.special_tokens)
             result = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
             arch = scorer.config.arch
         finally:
             parallel.destroy()
     except CheckpointError as err:
         raise SystemExit(f"megatron_prior.eval.run: --load {err}") from None
+    except (FileNotFoundError, ValueError) as err:  # a missing, broken or other tokenizer (the message names it)
+        raise SystemExit(f"megatron_prior.eval.run: {err}") from None
     result.update(load=str(args.load), iteration=int(iteration), arch=arch, data_path=args.data_path,
                   probe=args.probe, wall_time_s=time.perf_counter() - start)
     atomic_write_json(args.output, result)

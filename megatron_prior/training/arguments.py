@@ -23,7 +23,8 @@ from megatron_prior.models import packed
 from megatron_prior.models.arch import ARCHS, get_arch
 from megatron_prior.models.config import PRESETS, ModelConfig
 from megatron_prior.parallel import launch_info
-from megatron_prior.tokenizer import TOKENIZER_TYPES, infer_tokenizer_type, load_tokenizer
+from megatron_prior.tokenizer import (SPECIAL_TOKENS_HELP, TOKENIZER_TYPES, infer_tokenizer_type, load_tokenizer,
+                                      parse_special_tokens, require_local)
 
 
 class ArgumentError(ValueError):
@@ -257,10 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or '0.7 P1 0.3 P2'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece .model (tools/train_tokenizer.py) or HuggingFace tokenizer.json")
+                   help="SentencePiece .model (tools/train_tokenizer.py) or HuggingFace tokenizer (a local "
+                        "save_pretrained directory, or a bare tokenizer.json)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                    help="default: from --tokenizer-model's name (tokenizer.json or a folder holding one: "
                         "HuggingFaceTokenizer, else SentencePieceTokenizer)")
+    g.add_argument("--special-tokens", type=parse_special_tokens, default=None, help=SPECIAL_TOKENS_HELP)
     g.add_argument("--data-cache-path", default=None, help="where megatron-core caches dataset indices")
     g.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes per rank that read and pack batches ahead of the "
@@ -324,14 +327,18 @@ def _blend_prefixes(data_path: Sequence[str]) -> list[str]:
     return prefixes
 
 
-def _check_tokenizer(path: str, tokenizer_type: Optional[str]) -> None:
+def _check_tokenizer(path: str, tokenizer_type: Optional[str], special_tokens: Optional[dict]) -> None:
+    try:
+        require_local(path, "--tokenizer-model")
+    except FileNotFoundError as err:
+        raise ArgumentError(str(err)) from None
     if tokenizer_type is not None:
         inferred = infer_tokenizer_type(path)
         if inferred != tokenizer_type:
             raise ArgumentError(f"--tokenizer-type {tokenizer_type}: --tokenizer-model {path} is a {inferred} file "
                                 "(a HuggingFaceTokenizer is a tokenizer.json or a folder holding one)")
     try:
-        load_tokenizer(path)
+        load_tokenizer(path, tokenizer_type, special_tokens)
     # SentencePiece raises RuntimeError for a file it cannot parse, HuggingFace's tokenizers
     # a bare Exception, a missing special piece ValueError: whatever it is, the file is wrong.
     except Exception as err:  # noqa: BLE001
@@ -568,9 +575,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--data-path is required")
     if args.tokenizer_model is None:
         raise ArgumentError("--tokenizer-model is required")
-    if not os.path.exists(args.tokenizer_model):
-        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file")
-    _check_tokenizer(args.tokenizer_model, args.tokenizer_type)
+    _check_tokenizer(args.tokenizer_model, args.tokenizer_type, args.special_tokens)
     for prefix in _blend_prefixes(args.data_path):
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):

@@ -199,7 +199,7 @@ def build_training_data(args: argparse.Namespace,
 
     ``model_config_for(tokenizer, image_size)`` is the model the batches are for: the positions
     its image takes budget packed rows (``--pack-samples``) and count the rows' padding."""
-    tokenizer = load_tokenizer(args.tokenizer_model)
+    tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type, args.special_tokens)
     image_sequence_length = None
     if get_arch(args.model).needs_images and model_config_for is not None:
         prefixes, _ = get_blend_from_list(args.data_path)
