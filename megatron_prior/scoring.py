@@ -211,6 +211,15 @@ def _start_context(tokenizer: Tokenizer) -> dict:
             "start_token_id": tokenizer.start_token}
 
 
+def _check_vocabulary(where: str, vocab_size: int, tokenizer: Tokenizer) -> None:
+    """The reference must score every id of the tokenizer's own; the tokens added here (image
+    markers, a pad) never occur in a caption, so a model converted from the tokenizer's LM,
+    which lacks them, qualifies."""
+    if vocab_size < tokenizer.own_vocab_size:
+        raise ValueError(f"--reference-load {where}: vocabulary of {vocab_size} tokens, smaller than the "
+                         f"{tokenizer.own_vocab_size} ids of the tokenizer (--tokenizer-model)")
+
+
 def _load_gpt(load_dir: str, tokenizer: Tokenizer, window: Optional[int],
               max_batch_tokens: int) -> tuple[GPTScorer, dict]:
     model, cfg = load_inference_model(load_dir)
@@ -218,9 +227,7 @@ def _load_gpt(load_dir: str, tokenizer: Tokenizer, window: Optional[int],
     if get_arch(cfg.arch).needs_images:
         raise ValueError(f"--reference-load {where}: a {cfg.arch} checkpoint, the reference must be a text-only "
                          "language model")
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"--reference-load {where}: vocabulary of {cfg.vocab_size} tokens, smaller than the "
-                         f"tokenizer's {tokenizer.vocab_size}")
+    _check_vocabulary(where, cfg.vocab_size, tokenizer)
     if cfg.tokenizer_fingerprint and cfg.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ValueError(f"--reference-load {where}: trained with tokenizer {cfg.tokenizer_fingerprint}, "
                          f"not {tokenizer.fingerprint} (--tokenizer-model)")
@@ -249,9 +256,7 @@ def _load_hf(load_dir: str, tokenizer: Tokenizer, window: Optional[int],
         config = AutoConfig.from_pretrained(load_dir, local_files_only=True).get_text_config()
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"--reference-load {load_dir}: transformers cannot read its config.json: {err}") from None
-    if config.vocab_size < tokenizer.own_vocab_size:
-        raise ValueError(f"--reference-load {load_dir}: vocabulary of {config.vocab_size} tokens, smaller than "
-                         f"the {tokenizer.own_vocab_size} ids of the tokenizer (--tokenizer-model)")
+    _check_vocabulary(load_dir, config.vocab_size, tokenizer)
     if os.path.isfile(os.path.join(load_dir, HF_TOKENIZER_FILES[0])):
         own = load_tokenizer(load_dir, "HuggingFaceTokenizer", tokenizer.special_pieces)
         if own.fingerprint != tokenizer.fingerprint:

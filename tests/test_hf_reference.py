@@ -158,3 +158,32 @@ def test_references_that_do_not_fit_are_refused_by_name(setup, tmp_path, capsys,
         run_tool(*_args(jsonl, tok_bos, tmp_path / "u", untokenized))
     assert any(re.search(rf"{untokenized} holds no tokenizer.json: only its vocabulary size \({own}\) was checked",
                          r.getMessage()) for r in caplog.records)
+
+
+def _convert(hf_dir: str, output: str) -> None:
+    from megatron_prior import parallel
+    from megatron_prior.convert import convert_hf_to_megatron
+
+    parallel.initialize()
+    convert_hf_to_megatron(hf_dir, output)
+
+
+def test_the_converted_gpt_scores_as_the_hf_model(setup, tmp_path):
+    """One rule for both references: the Llama converted into this project's GPT (its own
+    vocabulary, without the markers the tokenizer adds) and scored as ``--reference-type gpt``
+    gives the HF model's log-probs (float32; the two sum in other orders)."""
+    from megatron_prior.testing import run_on_ranks
+
+    model_dir, tok_dir = setup["llama"]
+    tok = load_tokenizer(tok_dir)
+    ckpt = str(tmp_path / "ckpt")
+    run_on_ranks(_convert, 1, model_dir, ckpt)
+    out = {}
+    for kind, load in (("hf", model_dir), ("gpt", ckpt)):
+        args = _args(setup["jsonl"], tok_dir, tmp_path / kind, load, "--append-eod", "--reference-window", "24")
+        args[args.index("--reference-type") + 1] = kind
+        run_tool(*args)
+        out[kind] = WeightedIndexedDataset(f"{tmp_path / kind}_caption_document", tok.fingerprint, tok.vocab_size)
+    assert out["gpt"].metadata.reference["start_token_id"] == tok.bos == out["hf"].metadata.reference["start_token_id"]
+    assert np.array_equal(out["gpt"].token_array, out["hf"].token_array)
+    np.testing.assert_allclose(out["gpt"].logprob_array, out["hf"].logprob_array, rtol=0, atol=1e-4)
