@@ -173,6 +173,15 @@ def test_raw_store_still_works(samples, tmp_path):
         np.testing.assert_array_equal(raw[i], enc[i])
         np.testing.assert_array_equal(raw[i], load_image(str(samples["root"] / "images" / it["name"]), 12, 12, "crop"))
     assert os.path.getsize(tmp_path / "raw_caption_document.images") == 64 + len(samples["items"]) * 12 * 12 * 3
+    # Evaluation fits probe images by the rule the data was stored with; stores from before the
+    # rule was recorded were stretched.
+    from megatron_prior.eval.run import _data_aspect
+
+    assert {_data_aspect(str(tmp_path / f"{store}_caption_document")) for store in ("raw", "enc")} == {"crop"}
+    with WeightedDatasetWriter(str(tmp_path / "old"), np.uint16, image_size=(2, 2)) as writer:
+        writer.add_document(np.array([5, 6]), np.full(2, -1.0, np.float32), image=np.zeros((2, 2, 3), np.uint8))
+        writer.finalize("sha256:x", {"type": "unigram"})
+    assert _data_aspect(str(tmp_path / "old")) == "stretch" and _data_aspect(None) == "pad"
 
 
 def test_coco_captions_per_image(samples, tmp_path):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megatron_prior import parallel
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
-from megatron_prior.data.images import load_image
+from megatron_prior.data.images import DEFAULT_ASPECT, load_image
 from megatron_prior.data.kinds import KIND_NAMES
 from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
 from megatron_prior.eval.probe import PROBE_SPLITS, ProbeItem, probe_accuracy
@@ -47,9 +47,12 @@ class LVLMScorer:
         model_config: its ``ModelConfig``.
         tokenizer: the tokenizer the model was trained with (its fingerprint is checked).
         batch_size: captions per forward pass.
+        image_aspect: how probe images are fitted to the model's size (``images.ASPECTS``): the
+            rule its training images were fitted by.
     """
 
-    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, tokenizer, batch_size: int = 64) -> None:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, tokenizer, batch_size: int = 64,
+                 image_aspect: str = DEFAULT_ASPECT) -> None:
         self.arch = get_arch(model_config.arch)
         if not self.arch.needs_images:
             lvlms = ", ".join(a.name for a in ARCHS.values() if a.needs_images)
@@ -64,6 +67,7 @@ class LVLMScorer:
         self.config = model_config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.image_aspect = image_aspect
         self.image_offset = model_config.image_offset
         # Text positions the model was built for (training's --seq-length).
         self.text_length = model_config.seq_length
@@ -77,7 +81,7 @@ class LVLMScorer:
     def image_tensor(self, path: str) -> torch.Tensor:
         """An image file as the caption dataset feeds it: float32 ``[3, H, W]``, normalised."""
         size = self.config.image_size
-        image = load_image(path, size, size).astype(np.float32).transpose(2, 0, 1) / 255.0
+        image = load_image(path, size, size, self.image_aspect).astype(np.float32).transpose(2, 0, 1) / 255.0
         return torch.from_numpy((image - self._mean) / self._std)
 
     def text_batch(self, captions: Sequence[Sequence[int]]) -> dict:
@@ -194,11 +198,12 @@ def evaluate(scorer: LVLMScorer, heldout_prefix: Optional[str], probe_items: Opt
 
 def load_scorer(load_dir: str | os.PathLike, tokenizer_model: str, batch_size: int = 64,
                 iteration: Optional[int] = None, tokenizer_type: Optional[str] = None,
-                special_tokens: Optional[Mapping[str, str]] = None) -> LVLMScorer:
+                special_tokens: Optional[Mapping[str, str]] = None,
+                image_aspect: str = DEFAULT_ASPECT) -> LVLMScorer:
     """Load a checkpoint (latest iteration unless given) and its tokenizer (as the trainer's
     ``--tokenizer-model``, ``--tokenizer-type`` and ``--special-tokens`` give it) into a scorer;
     ``megatron_prior.parallel`` must be initialised. The tokenizer is loaded first: a wrong one
     is refused before the weights are read."""
     tokenizer = load_tokenizer(tokenizer_model, tokenizer_type, special_tokens)
     model, model_config = load_inference_model(load_dir, iteration)
-    return LVLMScorer(model, model_config, tokenizer, batch_size)
+    return LVLMScorer(model, model_config, tokenizer, batch_size, image_aspect)

@@ -26,6 +26,8 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not ins
 
 from megatron_prior import parallel  # noqa: E402
 from megatron_prior.checkpoint import CheckpointError, resolve_iteration  # noqa: E402
+from megatron_prior.data.formats import ScoreMetadata, metadata_path  # noqa: E402
+from megatron_prior.data.images import ASPECTS, DEFAULT_ASPECT  # noqa: E402
 from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer  # noqa: E402
 from megatron_prior.eval.probe import load_probe_items  # noqa: E402
 from megatron_prior.files import atomic_write_json  # noqa: E402
@@ -56,10 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", default=None,
                    help="held-out token prefix with .kinds and .images companions (per-kind losses)")
     p.add_argument("--probe", default=None, help="probe.jsonl (POPE-style items; image paths relative to it)")
+    p.add_argument("--image-aspect", choices=ASPECTS, default=None,
+                   help="how probe images are fitted to the model's size (default: the rule --data-path's images "
+                        "were stored with, else pad)")
     p.add_argument("--micro-batch-size", type=int, default=64, help="captions per forward pass")
     p.add_argument("--output", required=True, help="eval.json to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _data_aspect(data_path: Optional[str]) -> str:
+    """The aspect rule of ``data_path``'s image store: recorded in its metadata; a store written
+    before the rule was recorded was stretched."""
+    if data_path is None:
+        return DEFAULT_ASPECT
+    images = ScoreMetadata.load(metadata_path(data_path)).files.get("images", {})
+    return images.get("aspect", "stretch")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -80,7 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parallel.initialize()
         try:
             scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration,
-                                 args.tokenizer_type, args.special_tokens)
+                                 args.tokenizer_type, args.special_tokens,
+                                 args.image_aspect or _data_aspect(args.data_path))
             result = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
             arch = scorer.config.arch
         finally:
