@@ -223,6 +223,7 @@ def test_clip_tower_features_equal_hf_at_tp2(converted):
     c = converted["configs"]
     assert (c["clip-vision"]["vit_num_layers"], c["clip-full"]["vit_num_layers"]) == (3, 2)  # -2: all but the last
     assert c["clip-vision"]["vit_activation"] == "quick_gelu" and c["clip-vision"]["image_size"] == 16
+    assert c["clip-vision"]["image_mean"] == [0.48145466, 0.4578275, 0.40821073]  # CLIP's pixel normalisation
     results = run_on_ranks(_vit_features, 2, [str(converted["root"] / n / "ckpt") for n in names])
     for rank in results:
         for name, features in zip(names, rank):

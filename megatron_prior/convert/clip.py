@@ -10,7 +10,8 @@ the last layer's hidden states without the post-LayerNorm, HF's ``last_hidden_st
 The checkpoint holds only the ``vision_model.*`` tensors of an H-LVLM, keyed as the H-LVLM keys
 them, so ``--vit-load`` reads it at any tensor-parallel size. Its ``model_config.json`` is an
 ``hlvlm`` config whose ViT fields, ``image_size`` and ``patch_size`` describe the tower; the
-language model fields are placeholders (``extra["contents"]`` says so).
+language model fields are placeholders (``extra["contents"]`` says so). It records OpenAI CLIP's
+pixel mean and std, which the trainer then applies to every image (the tower was trained on them).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 from transformers import PretrainedConfig
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from megatron_prior.convert.hf import QKV, ConversionError, SafetensorsFiles, TensorMap, check_names, write_checkpoint
 from megatron_prior.models.config import ModelConfig
@@ -61,6 +63,7 @@ def vit_config_from_hf(hf: PretrainedConfig, where: Path, vision_feature_layer: 
         arch="hlvlm", vocab_size=128, max_position_embeddings=None, seq_length=1, image_token_id=0,
         image_size=vc.image_size, patch_size=vc.patch_size, vit_num_layers=layers, vit_hidden_size=vc.hidden_size,
         vit_num_attention_heads=vc.num_attention_heads, vit_activation=ACTIVATIONS[vc.hidden_act],
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
         extra={"contents": "vision_model only (a converted CLIP tower); the language model fields are placeholders"})
 
 

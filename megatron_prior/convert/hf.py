@@ -77,25 +77,26 @@ class SafetensorsFiles:
         else:
             raise ConversionError(f"{path}: no model.safetensors or model.safetensors.index.json (a PyTorch .bin "
                                   "checkpoint? re-save it with save_pretrained, which writes safetensors)")
-        self.handles, self.where = {}, {}
+        self.where, self.dtypes = {}, {}
         for file in files:
             if not file.is_file():
                 raise ConversionError(f"{index}: names {file.name}, which does not exist")
             try:
-                handle = safe_open(str(file), framework="pt")
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.where[name] = file
+                        self.dtypes[name] = handle.get_slice(name).get_dtype()
             except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
                 raise ConversionError(f"{file}: not a safetensors file ({err})") from None
-            self.handles[file] = handle
-            self.where.update((name, file) for name in handle.keys())
-
-    def shape(self, name: str) -> list[int]:
-        return self.handles[self.where[name]].get_slice(name).get_shape()
 
     def get(self, name: str) -> torch.Tensor:
-        return self.handles[self.where[name]].get_tensor(name)
+        # Opened for each tensor: safetensors memory-maps the file, and the pages a read touched
+        # would stay resident (the whole model a second time) while the mapping lives.
+        with safe_open(str(self.where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        kind = self.handles[self.where[name]].get_slice(name).get_dtype()
+        kind = self.dtypes[name]
         if kind not in SAFETENSORS_DTYPES:
             raise ConversionError(f"{self.where[name]}: {name} is {kind}, not a float32/bfloat16/float16 weight")
         return SAFETENSORS_DTYPES[kind]

@@ -13,7 +13,6 @@ Call ``megatron_prior.parallel.initialize()`` before loading a model and ``destr
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -32,10 +31,6 @@ from megatron_prior.models.arch import ARCHS, get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.pretrained import load_inference_model
 from megatron_prior.tokenizer import load_tokenizer
-
-
-def _caption_defaults(name: str) -> tuple[float, float, float]:
-    return next(f.default for f in dataclasses.fields(CaptionDatasetConfig) if f.name == name)
 
 
 class LVLMScorer:
@@ -74,8 +69,8 @@ class LVLMScorer:
         if self.text_length < 2:
             raise ValueError(f"model seq_length {model_config.seq_length} leaves no room for a caption token "
                              "after the <image> placeholder")
-        self._mean = np.asarray(_caption_defaults("image_mean"), dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(_caption_defaults("image_std"), dtype=np.float32).reshape(3, 1, 1)
+        self._mean = np.asarray(model_config.image_mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(model_config.image_std, dtype=np.float32).reshape(3, 1, 1)
 
     # --- batches -------------------------------------------------------------------------
     def image_tensor(self, path: str) -> torch.Tensor:
@@ -135,7 +130,8 @@ class LVLMScorer:
     def _caption_dataset(self, data_prefix: str) -> CaptionDataset:
         config = CaptionDatasetConfig(random_seed=0, sequence_length=self.text_length, blend=([data_prefix], None),
                                       split="0,0,100", tokenizer=self.tokenizer, path_to_cache=None,
-                                      mmap_bin_files=True)
+                                      mmap_bin_files=True, image_mean=tuple(self.config.image_mean),
+                                      image_std=tuple(self.config.image_std))
         low = CaptionDataset.build_low_level_dataset(data_prefix, config)
         dataset = CaptionDataset(low, data_prefix, np.arange(len(low), dtype=np.int32), None, Split.test, config)
         if dataset.images.shape[1:3] != (self.config.image_size, self.config.image_size):

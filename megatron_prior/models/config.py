@@ -54,6 +54,10 @@ class ModelConfig:
     vit_hidden_size: int = 64
     vit_num_attention_heads: int = 4
     vit_activation: str = "gelu"  # quick_gelu: OpenAI CLIP's (a converted CLIP tower)
+    # Pixels reach the model as (pixel / 255 - mean) / std per channel: a pretrained vision
+    # encoder's own normalisation (CLIP's); the defaults leave [0, 1] pixels as they are.
+    image_mean: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    image_std: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
     # U-LVLM image markers (SOLO-style): start, row break, end.
     image_start_id: Optional[int] = None
     image_row_id: Optional[int] = None

@@ -167,6 +167,7 @@ def _dataset_config(args: argparse.Namespace, tokenizer, image_sequence_length: 
     )
     if get_arch(args.model).needs_images:
         return CaptionDataset, CaptionDatasetConfig(prior_alpha=args.prior_alpha, pack_samples=args.pack_samples,
+                                                    image_mean=tuple(args.image_mean), image_std=tuple(args.image_std),
                                                     image_sequence_length=image_sequence_length, **common)
     gpt = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.mask_eod,
                create_attention_mask=False, pack_samples=args.pack_samples)

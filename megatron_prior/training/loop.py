@@ -75,6 +75,8 @@ def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Opti
         vit_hidden_size=args.vit_hidden_size,
         vit_num_attention_heads=args.vit_num_attention_heads,
         vit_activation=args.vit_activation,
+        image_mean=args.image_mean,
+        image_std=args.image_std,
         image_start_id=tokenizer.image_start_id if image else None,
         image_row_id=tokenizer.image_row_id if image else None,
         image_end_id=tokenizer.image_end_id if image else None,
