@@ -229,7 +229,7 @@ def bench_preprocessing(args) -> dict:
             parallel.initialize(seed=1)
             try:
                 model, _ = load_inference_model(str(folder / "ref"))
-                scorer = GPTScorer(model, tok.eod, args.window, batch_tokens)
+                scorer = GPTScorer(model, tok.start_token, args.window, batch_tokens)
                 flat = np.concatenate(docs)
                 scorer.forward_only(flat[: 4 * args.window], batch_size=16)  # warm up
                 with _Clock() as forward:
