@@ -28,8 +28,13 @@ from transformers import (
 
 from megatron_prior.testing import run_on_ranks
 
+pytestmark = pytest.mark.slow  # multi-rank: about 2.5 min of CPU time in all, spawned processes shared by tests
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 VOCAB, SEQ = 96, 12
+# Llamas for --lm-load over the test corpus's 200-id tokenizer: 256 vocabulary rows (Megatron's
+# padding of 200), and 160 (the run's vocabulary grows).
+LM_LOAD = {"lm-full": 256, "lm-short": 160}
 # name -> (config class, fields beyond the common ones). GQA untied, MHA tied, Qwen2's q/k/v biases.
 MODELS = {
     "llama-gqa-untied": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False,
@@ -64,6 +69,9 @@ def _clip_models() -> dict:
             "clip-full": _perturbed(CLIPModel(full))}
 
 
+CLIPS = ("clip-vision", "clip-full")
+
+
 def _images() -> torch.Tensor:
     return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
 
@@ -80,17 +88,16 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def _logits_at(tp: int, pp: int, checkpoints: list) -> list:
-    """Each checkpoint's full-vocabulary logits of ``_tokens()`` at this layout (last stage, TP rank 0)."""
+def _logits(checkpoints: list) -> list:
+    """Each checkpoint's full-vocabulary logits of ``_tokens()`` at this process's layout (on the
+    last stage's TP rank 0, else None)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_prior import parallel
     from megatron_prior.checkpoint import checkpoint_dir, load_state, model_state, read_model_config, restore_model
     from megatron_prior.models.builder import build_model
 
-    parallel.initialize(tensor_parallel=tp, pipeline_parallel=pp)
     tokens = _tokens()
     positions = torch.arange(SEQ).expand_as(tokens)
     out = []
@@ -114,6 +121,13 @@ def _logits_at(tp: int, pp: int, checkpoints: list) -> list:
     return out
 
 
+def _logits_at(tp: int, pp: int, checkpoints: list) -> list:
+    from megatron_prior import parallel
+
+    parallel.initialize(tensor_parallel=tp, pipeline_parallel=pp)
+    return _logits(checkpoints)
+
+
 def _convert_all(root: str) -> dict:
     """HF -> Megatron for every model (and a bf16 one), then Megatron -> HF: their model configs;
     and the refusals that come before any tensor is read, with their messages."""
@@ -126,6 +140,8 @@ def _convert_all(root: str) -> dict:
         cfg = convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt")
         convert_megatron_to_hf(Path(root) / name / "ckpt", Path(root) / name / "back")
         configs[name] = cfg.to_dict()
+    for name in LM_LOAD:
+        convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt")
     for name, layer in (("clip-vision", -1), ("clip-full", -2)):
         configs[name] = convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt",
                                                vision_feature_layer=layer).to_dict()
@@ -140,7 +156,7 @@ def _convert_all(root: str) -> dict:
             call()
         except ConversionError as err:
             refusals[what] = str(err)
-    return configs, refusals
+    return configs, refusals, _logits([str(Path(root) / n / "ckpt") for n in MODELS])
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +167,18 @@ def converted(tmp_path_factory):
     clips = _clip_models()
     for name, model in {**models, **clips}.items():
         model.save_pretrained(root / name / "hf")
+    for name, vocab in LM_LOAD.items():
+        _hf_model("llama-gqa-untied", vocab=vocab, seed=3).save_pretrained(root / name / "hf")
     gelu = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                        num_attention_heads=4, hidden_act="gelu")
     AutoModelForCausalLM.from_config(gelu).save_pretrained(root / "gelu")
-    ((configs, refusals),) = run_on_ranks(_convert_all, 1, str(root))
+    ((configs, refusals, tp1_logits),) = run_on_ranks(_convert_all, 1, str(root))
     with torch.no_grad():
         reference = {name: models[name](_tokens()).logits for name in MODELS}
         reference["clip-vision"] = clips["clip-vision"](_images()).last_hidden_state
         reference["clip-full"] = clips["clip-full"].vision_model(_images(), output_hidden_states=True).hidden_states[-2]
-    return dict(root=root, models=models, configs=configs, refusals=refusals, reference=reference)
+    return dict(root=root, models=models, configs=configs, refusals=refusals, reference=reference,
+                tp1_logits=tp1_logits)
 
 
 def _assert_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -180,12 +199,29 @@ def test_configs_carry_the_shape(converted):
     assert all(c[n]["swiglu"] and c[n]["normalization"] == "RMSNorm" for n in MODELS)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
-def test_logits_equal_hf(converted, tp, pp):
-    names = list(MODELS)
-    results = run_on_ranks(_logits_at, tp * pp, tp, pp, [str(converted["root"] / n / "ckpt") for n in names])
-    last = results[-1] if pp > 1 else results[0]
-    for name, logits in zip(names, last):
+def _tp2(root: str) -> tuple:
+    """At TP=2: the converted LMs' logits, and the converted CLIP towers' features through --vit-load."""
+    from megatron_prior import parallel
+
+    parallel.initialize(tensor_parallel=2)
+    return (_logits([str(Path(root) / n / "ckpt") for n in MODELS]),
+            _vit_features([str(Path(root) / n / "ckpt") for n in CLIPS]))
+
+
+@pytest.fixture(scope="module")
+def tp2(converted):
+    return run_on_ranks(_tp2, 2, str(converted["root"]))
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_logits_equal_hf(converted, tp2, layout):
+    if layout == "tp1":
+        last = converted["tp1_logits"]
+    elif layout == "tp2":
+        last = tp2[0][0]
+    else:
+        last = run_on_ranks(_logits_at, 2, 1, 2, [str(converted["root"] / n / "ckpt") for n in MODELS])[-1]
+    for name, logits in zip(MODELS, last):
         assert logits.shape == (2, SEQ, VOCAB), name  # no padded vocabulary rows
         _assert_logits(logits, converted["reference"][name])
 
@@ -202,13 +238,11 @@ def test_round_trip_gives_identical_tensors(converted, name):
 
 
 def _vit_features(checkpoints: list) -> list:
-    """The H-LVLM's vision encoder from each converted CLIP (``--vit-load``), at TP=2: its features."""
-    from megatron_prior import parallel
+    """The H-LVLM's vision encoder from each converted CLIP (``--vit-load``): its features."""
     from megatron_prior.checkpoint import checkpoint_dir, read_model_config
     from megatron_prior.models.builder import build_model
     from megatron_prior.models.vision_encoder import load_vision_encoder
 
-    parallel.initialize(tensor_parallel=2)
     out = []
     for load in checkpoints:
         model = build_model(read_model_config(checkpoint_dir(load)))
@@ -218,15 +252,13 @@ def _vit_features(checkpoints: list) -> list:
     return out
 
 
-def test_clip_tower_features_equal_hf_at_tp2(converted):
-    names = ["clip-vision", "clip-full"]
+def test_clip_tower_features_equal_hf_at_tp2(converted, tp2):
     c = converted["configs"]
     assert (c["clip-vision"]["vit_num_layers"], c["clip-full"]["vit_num_layers"]) == (3, 2)  # -2: all but the last
     assert c["clip-vision"]["vit_activation"] == "quick_gelu" and c["clip-vision"]["image_size"] == 16
     assert c["clip-vision"]["image_mean"] == [0.48145466, 0.4578275, 0.40821073]  # CLIP's pixel normalisation
-    results = run_on_ranks(_vit_features, 2, [str(converted["root"] / n / "ckpt") for n in names])
-    for rank in results:
-        for name, features in zip(names, rank):
+    for _, rank in tp2:
+        for name, features in zip(CLIPS, rank):
             _assert_logits(features, converted["reference"][name])
 
 
@@ -291,61 +323,60 @@ def _trainer_argv(corpus: dict, model: str, *extra: str) -> list:
             *extra]
 
 
-def _convert_tool(*argvs: list) -> list:
-    """tools/convert_hf_to_megatron.py's main on each argv, in this (spawned) process."""
-    sys.path.insert(0, str(TOOLS))
-    from convert_hf_to_megatron import main
+def _lm_load_runs(*runs: tuple) -> list:
+    """``_lm_load_run`` for each ``(argv, with_hf)``, one after the other in this process."""
+    from megatron_prior import parallel
 
-    return [main(argv) for argv in argvs]
+    out = []
+    for argv, with_hf in runs:
+        out.append(_lm_load_run(argv, with_hf))
+        parallel.destroy()
+    return out
 
 
 @pytest.fixture(scope="module")
-def lm_checkpoints(tiny_corpus, tmp_path_factory):
-    """Llamas over the corpus's 200-id tokenizer: one with 256 vocabulary rows (Megatron's
-    padding of 200), one with 160 (the run's vocabulary grows)."""
-    root = tmp_path_factory.mktemp("lm")
-    argvs = []
-    for name, vocab in (("full", 256), ("short", 160)):
-        _hf_model("llama-gqa-untied", vocab=vocab, seed=3).save_pretrained(root / name / "hf")
-        argvs.append(["--hf-dir", str(root / name / "hf"), "--output", str(root / name / "ckpt")])
-    assert run_on_ranks(_convert_tool, 1, *argvs) == [[0, 0]]
-    return root
+def single_process_runs(tiny_corpus, converted):
+    """In one process: the gpt trainer with --lm-load of the 256-row Llama, and a U-LVLM of the
+    160-row Llama's shape without --lm-load (its initialisation)."""
+    root = converted["root"]
+    gpt = _trainer_argv(tiny_corpus, "gpt", "--lm-load", str(root / "lm-full" / "ckpt"))
+    fresh = _trainer_argv(tiny_corpus, "ulvlm", *(f"--{k}" for k in ("swiglu", "disable-bias-linear",
+                                                                      "untie-embeddings-and-output-weights")),
+                          "--normalization", "RMSNorm", "--group-query-attention", "--num-query-groups", "2",
+                          "--rotary-base", "500000", "--num-layers", "2", "--hidden-size", "32",
+                          "--num-attention-heads", "4", "--ffn-hidden-size", "48", "--norm-epsilon", "1e-6")
+    (runs,) = run_on_ranks(_lm_load_runs, 1, (gpt, str(root / "lm-full" / "hf")), (fresh, ""))
+    return runs
 
 
-def test_lm_load_gives_the_converted_models_loss(tiny_corpus, lm_checkpoints):
-    ckpt, hf = lm_checkpoints / "full" / "ckpt", lm_checkpoints / "full" / "hf"
-    (run,) = run_on_ranks(_lm_load_run, 1, _trainer_argv(tiny_corpus, "gpt", "--lm-load", str(ckpt)), str(hf))
+def test_lm_load_gives_the_converted_models_loss(single_process_runs):
+    run = single_process_runs[0]
     cfg = run["config"]
     shape = (cfg["vocab_size"], cfg["num_query_groups"], cfg["swiglu"], cfg["normalization"])
     assert shape == (256, 2, True, "RMSNorm")
     torch.testing.assert_close(run["ce"], run["hf_ce"], rtol=1e-5, atol=1e-5)
 
 
-def test_lm_load_shape_flags_must_agree(tiny_corpus, lm_checkpoints, tmp_path):
+def test_lm_load_shape_flags_must_agree(tiny_corpus, converted):
     from megatron_prior.training.arguments import ArgumentError, build_parser, validate_args
 
-    argv = _trainer_argv(tiny_corpus, "gpt", "--lm-load", str(lm_checkpoints / "full" / "ckpt"), "--rotary-base",
+    argv = _trainer_argv(tiny_corpus, "gpt", "--lm-load", str(converted["root"] / "lm-full" / "ckpt"), "--rotary-base",
                          "10000", "--swiglu")
     with pytest.raises(ArgumentError, match=r"--rotary-base 10000 \(checkpoint: 500000.0\)"):
         validate_args(build_parser().parse_args(argv), world_size=1)
 
 
-def test_lm_load_grows_the_vocabulary_at_tp2(tiny_corpus, lm_checkpoints):
+def test_lm_load_grows_the_vocabulary_at_tp2(tiny_corpus, converted, single_process_runs):
     """U-LVLM at TP=2 from a 160-row LM: rows 0..159 are the checkpoint's on both vocabulary
     shards, the rest and the patch projection keep the run's initialisation."""
     from megatron_prior.testing import assemble_global
 
-    ckpt = lm_checkpoints / "short" / "ckpt"
+    ckpt = converted["root"] / "lm-short" / "ckpt"
     loaded = run_on_ranks(_lm_load_run, 2, _trainer_argv(tiny_corpus, "ulvlm", "--lm-load", str(ckpt),
                                                          "--tensor-model-parallel-size", "2"), "")
-    fresh = run_on_ranks(_lm_load_run, 1, _trainer_argv(tiny_corpus, "ulvlm", *(
-        f"--{k}" for k in ("swiglu", "disable-bias-linear", "untie-embeddings-and-output-weights")),
-        "--normalization", "RMSNorm", "--group-query-attention", "--num-query-groups", "2", "--rotary-base", "500000",
-        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
-        "--norm-epsilon", "1e-6"), "")
     got = assemble_global([s for r in loaded for s in r["shards"]])
-    init = assemble_global(fresh[0]["shards"])
-    hf = AutoModelForCausalLM.from_pretrained(lm_checkpoints / "short" / "hf")
+    init = assemble_global(single_process_runs[1]["shards"])
+    hf = AutoModelForCausalLM.from_pretrained(converted["root"] / "lm-short" / "hf")
     embed = hf.model.embed_tokens.weight.detach().double().numpy()
     assert got["embedding.word_embeddings.weight"].shape == (256, 32)
     np.testing.assert_array_equal(got["embedding.word_embeddings.weight"][:160], embed)
