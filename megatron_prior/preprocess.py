@@ -267,9 +267,14 @@ def _process_share(args: argparse.Namespace, info: parallel.LaunchInfo, paths: l
 def _merge_ranks(args: argparse.Namespace, shard_prefix: Callable[[int, str], str], done: list[_ChunkDone],
                  world: int, n_files: int, writers: dict[str, WeightedDatasetWriter]) -> None:
     """Copy every rank's documents into ``writers`` in input order (rank 0)."""
+    written = [0] * world
+    for chunk in done:
+        written[chunk_owner(chunk.file_index, chunk.index, n_files, world)] += chunk.written
     for key, writer in writers.items():
-        shards = [WeightedIndexedDataset(shard_prefix(r, key)) for r in range(world)]
-        stores = [s.open_images() if writer.images is not None else None for s in shards]
+        # A rank that wrote nothing (fewer chunks than ranks) has an empty token file, which
+        # megatron-core's reader cannot map; nothing is copied from it anyway.
+        shards = [WeightedIndexedDataset(shard_prefix(r, key)) if written[r] else None for r in range(world)]
+        stores = [s.open_images() if s is not None and writer.images is not None else None for s in shards]
         cursor = [0] * world
         for chunk in tqdm(done, desc=f"merge {key}", unit="chunk", file=sys.stderr, disable=None):
             r = chunk_owner(chunk.file_index, chunk.index, n_files, world)

@@ -71,3 +71,15 @@ def test_two_ranks_take_whole_shards_with_unigram_counts_summed(samples, tmp_pat
     run_tool(*args, "--output-prefix", one)
     assert run_on_ranks(_tool_on_rank, 2, args + ["--output-prefix", two]) == [0, 0]
     _same_output(one, two)
+
+
+def test_a_rank_without_chunks(samples, tmp_path):  # noqa: F811
+    """Fewer chunks than ranks (a small held-out set on many GPUs): the idle rank writes an
+    empty dataset of its own, and the output is still the single process's."""
+    args = ["--input", str(samples["llava"]), "--image-root", str(samples["root"] / "images"), "--json-keys",
+            "caption", "--tokenizer-model", samples["tok"], "--append-eod", "--image-size", "12",
+            "--reference-type", "unigram"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_tool(*args, "--output-prefix", one)
+    assert run_on_ranks(_tool_on_rank, 2, args + ["--output-prefix", two]) == [0, 0]
+    _same_output(one, two)
