@@ -108,6 +108,18 @@ def resolve_iteration(load_dir: str | os.PathLike, iteration: Optional[int] = No
     return int(text)
 
 
+def checkpoint_iterations(load_dir: str | os.PathLike) -> list[int]:
+    """Every complete checkpoint under ``load_dir`` up to the tracker's, in training order (an
+    interrupted save leaves ``iter_N.tmp``, which is not one; a directory past the tracker's is
+    from a save that never finished replacing it)."""
+    latest = resolve_iteration(load_dir)
+    if latest is None:
+        return []
+    found = sorted(int(p.name[len("iter_"):]) for p in Path(load_dir).glob("iter_*")
+                   if p.is_dir() and p.name[len("iter_"):].isdigit() and p.name.isascii())
+    return [it for it in found if it <= latest]
+
+
 def checkpoint_dir(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> Path:
     """The iteration directory to load (the tracker's unless given), its metadata checked."""
     it = resolve_iteration(load_dir, iteration)

@@ -32,7 +32,11 @@ class RunResult:
     ``validation`` and ``train`` hold summary.json's ``eval_<key>`` and ``train_<key>`` losses by
     key (``ce``, ``weighted_ce``, ``ce_<kind>``); ``heldout`` holds eval.json's numbers
     (``heldout_ce``, ``heldout_ce_<kind>``, ``probe_accuracy``, ...), empty before evaluation.
-    ``size`` and ``budget`` place the run in a sweep's grid when it comes from one."""
+    ``checkpoints`` holds ``{"iteration": N, "metrics": {...}}`` for each evaluated checkpoint in
+    training order when eval.json lists them (``eval.run --all-checkpoints``), the last one's
+    metrics equal to ``heldout``; empty otherwise. ``noise_rate`` is the share of training captions with a
+    deliberately wrong word (the data's, 0 for clean captions). ``size`` and ``budget`` place the
+    run in a sweep's grid when it comes from one."""
 
     name: str
     arch: str
@@ -49,6 +53,8 @@ class RunResult:
     train: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
     heldout: dict[str, float] = field(default_factory=dict)
+    checkpoints: list[dict] = field(default_factory=list)
+    noise_rate: float = 0.0
     run_dir: Optional[Path] = None
     metrics_jsonl: Optional[Path] = None
     size: Optional[str] = None
@@ -148,6 +154,35 @@ def read_run(run_dir: str | Path, name: Optional[str] = None) -> RunResult:
     eval_path = run_dir / EVAL
     if eval_path.exists():
         ev = load_json(eval_path)
-        result.heldout = {k: number(ev, k, eval_path) for k, v in ev.items()
-                          if k.startswith(("heldout_", "probe_accuracy")) and v is not None}
+        result.heldout = _heldout_metrics(ev, eval_path)
+        result.checkpoints = _checkpoints(ev, eval_path, result.heldout)
     return result
+
+
+def _heldout_metrics(ev: dict, path: Path) -> dict[str, float]:
+    return {k: number(ev, k, path) for k, v in ev.items()
+            if k.startswith(("heldout_", "probe_accuracy")) and v is not None}
+
+
+def _checkpoints(ev: dict, path: Path, final: dict[str, float]) -> list[dict]:
+    """eval.json's ``checkpoints`` (ascending iterations, the last one the top-level numbers);
+    none when it has no such list (an evaluation of one checkpoint, or a sweep's own command)."""
+    entries = ev.get("checkpoints")
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ResultError(f"{path}: 'checkpoints' must be a non-empty list of objects")
+    out = []
+    for k, entry in enumerate(entries):
+        where = f"{path} (checkpoints[{k}])"
+        if not isinstance(entry.get("metrics"), dict):
+            raise ResultError(f"{where}: 'metrics' must be an object")
+        out.append({"iteration": number(entry, "iteration", Path(where), int),
+                    "metrics": _heldout_metrics(entry["metrics"], Path(where))})
+    its = [e["iteration"] for e in out]
+    if its != sorted(set(its)):
+        raise ResultError(f"{path}: checkpoint iterations must ascend without repeats, got {its}")
+    if out[-1]["iteration"] != ev.get("iteration") or out[-1]["metrics"] != final:
+        raise ResultError(f"{path}: the last of 'checkpoints' must be the evaluated checkpoint (iteration "
+                          f"{ev.get('iteration')!r}) with the top-level numbers")
+    return out

@@ -1,6 +1,7 @@
 """``make demo QUICK=1`` end to end: the quick pipeline through every real tool, its report
-files (results.json with the issue's schema, results.md, both figures), the data it trained
-on left in the report folder, and a rerun that skips every finished stage."""
+files (results.json with the issues' schema, results along training and the declared headline,
+results.md, the figures), the data it trained on left in the report folder, and a rerun that
+skips every finished stage."""
 
 import json
 import math
@@ -40,6 +41,14 @@ def test_results_json_schema(demo):
             assert _is_number(m[key]), key
         assert 0.0 <= m["probe_accuracy"] <= 1.0
         assert all(v > 0 for k, v in m.items() if k.startswith("heldout_ce"))
+        # Checkpoints at 1/2 and 1 of the run, each evaluated; the last is the run's final numbers.
+        assert [c["iteration"] for c in r["checkpoints"]] == [50, 100] and r["checkpoints"][-1]["metrics"] == m
+        assert r["checkpoints"][0]["metrics"] != m and r["noise_rate"] == 0.0
+    assert results["settings"]["headline"] == {"loss": "prior", "prior_alpha": 1.0, "checkpoint": "final"}
+    assert results["settings"]["seed_offset"] == 0 and results["settings"]["save_interval"] == 50
+    assert {(h["arch"], h["prior_alpha"], h["at"]) for h in results["headline_comparison"]} == {
+        (a, 1.0, at) for a in ("ulvlm", "hlvlm") for at in ("final", "mean_over_checkpoints")}
+    assert [e["iteration"] for e in results["along_training"]] == [50, 100]
     assert {p["arch"] for p in results["paired"]} == {"ulvlm", "hlvlm"}
     baseline = results["probe_text_prior_baseline"]
     assert set(baseline) == {"random", "popular", "adversarial", "all"}
@@ -52,7 +61,8 @@ def test_report_files_exist_and_parse(demo):
     out, _ = demo
     md = (out / "results.md").read_text()
     assert "| U-LVLM | NTP |" in md and "| H-LVLM | PRIOR α=1 |" in md and "Probe baseline" in md
-    for name in ("loss_curves.png", "token_weights.png"):
+    assert "## Headline: PRIOR α=1 − NTP at the final checkpoint" in md and "## Along training" in md
+    for name in ("checkpoint_curves.png", "loss_curves.png", "token_weights.png"):
         with Image.open(out / name) as img:
             img.verify()
         assert f"]({name})" in md

@@ -1,6 +1,8 @@
 """The report writer: results.json with issue 6's schema, results.md, the PNGs, all parse;
-bad run results are refused; a failed write leaves the previous file intact."""
+bad run results are refused; a failed write leaves the previous file intact; results along
+training (checkpoints) and the declared headline comparison, numbers by hand."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +13,7 @@ from PIL import Image
 
 from megatron_prior.files import atomic_write_json, atomic_write_text, atomic_write_with
 from megatron_prior.eval.report import CaptionWeights, write_report
-from megatron_prior.results import RunResult
+from megatron_prior.results import ResultError, RunResult, read_run
 
 METRICS = ("heldout_ce_grounded", "heldout_ce_template", "heldout_ce_unrelated", "probe_accuracy")
 
@@ -154,3 +156,89 @@ def test_caption_weights_from_offsets():
     assert cw.tokens == ["▁a", "▁ph", "oto", "▁of", "▁", "▁3", "▁small", "."]
     with pytest.raises(ValueError, match="ascending"):
         CaptionWeights.from_offsets(caption, [0, 5, 3], [1.0] * 3)
+
+
+def _with_checkpoints(runs: list[RunResult]) -> list[RunResult]:
+    """Each run also evaluated at iteration 100, where every number is twice its final one."""
+    for r in runs:
+        r.checkpoints = [{"iteration": 100, "metrics": {k: 2 * v for k, v in r.heldout.items()}},
+                         {"iteration": 200, "metrics": dict(r.heldout)}]
+    return runs
+
+
+def test_checkpoints_along_training_and_headline(tmp_path):
+    runs = _with_checkpoints(_runs(tmp_path, logs=False))
+    # PRIOR alpha 0.5: grounded CE 0.05 below NTP's where alpha 1 is 0.1 below.
+    runs += [dataclasses.replace(r, prior_alpha=0.5, checkpoints=[dict(c) for c in r.checkpoints],
+                                 heldout={**r.heldout, "heldout_ce_grounded": r.heldout["heldout_ce_grounded"] + 0.05})
+             for r in runs if r.loss == "prior"]
+    for r in runs[-6:]:
+        r.checkpoints[-1] = {"iteration": 200, "metrics": dict(r.heldout)}
+    out = tmp_path / "report"
+    written = write_report(out, runs, 0.9, headline={"loss": "prior", "prior_alpha": 0.5, "checkpoint": "final"})
+    assert set(written) == {"results_json", "results_md", "checkpoint_curves"}
+    doc = json.loads((out / "results.json").read_text())
+    for run in doc["runs"]:
+        assert [c["iteration"] for c in run["checkpoints"]] == [100, 200]
+        assert run["checkpoints"][-1]["metrics"] == run["metrics"] and run["noise_rate"] == 0.0
+    assert [e["iteration"] for e in doc["along_training"]] == [100, 200]
+    early = next(p for p in doc["along_training"][0]["paired"] if (p["arch"], p["prior_alpha"]) == ("ulvlm", 1.0))
+    assert early["prior_minus_ntp"]["heldout_ce_grounded"]["mean"] == pytest.approx(-0.2)
+
+    rows = {(r["arch"], r["prior_alpha"], r["at"]): r for r in doc["headline_comparison"]}
+    assert len(rows) == 8 and all(r["declared"] == (r["prior_alpha"] == 0.5) for r in rows.values())
+    final = rows[("hlvlm", 0.5, "final")]["metrics"]["heldout_ce_grounded"]
+    assert final["ntp"] == pytest.approx(0.62) and final["prior"] == pytest.approx(0.57)
+    assert final["difference"]["per_seed"] == pytest.approx([-0.05] * 3)
+    assert final["percent_change"] == pytest.approx(-0.05 / 0.62 * 100)
+    # Mean over checkpoints: NTP (2 x + x) / 2 = 1.5 x; PRIOR alpha 0.5 (2 (x - 0.1) + x - 0.05) / 2.
+    mean = rows[("ulvlm", 0.5, "mean_over_checkpoints")]["metrics"]["heldout_ce_grounded"]
+    assert mean["ntp"] == pytest.approx(0.93) and mean["difference"]["mean"] == pytest.approx(-0.125)
+    assert rows[("ulvlm", 1.0, "final")]["metrics"]["probe_accuracy"]["difference"]["mean"] == pytest.approx(0.1)
+
+    md = (out / "results.md").read_text()
+    assert "## Headline: PRIOR α=0.5 − NTP at the final checkpoint" in md
+    assert "| U-LVLM | PRIOR α=0.5 (declared) | final checkpoint (200) | 1, 2, 3 | 0.620 → 0.570 |" in md
+    assert "| H-LVLM | PRIOR α=1 | mean over checkpoints (100, 200) |" in md
+    assert "| U-LVLM | PRIOR α=1 | 100 | 1, 2, 3 | 1.040 ± 0.020 |" in md
+    assert "![Held-out results along training](checkpoint_curves.png)" in md
+    with Image.open(out / "checkpoint_curves.png") as im:
+        assert im.size[0] >= 800 and np.asarray(im.convert("L")).std() > 5
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.checkpoints.reverse(), "ascend"),
+    (lambda r: r.checkpoints[-1]["metrics"].update(probe_accuracy=0.0), "last checkpoint"),
+    (lambda r: r.checkpoints[0]["metrics"].pop("heldout_ce_template"), "lack heldout_ce_template"),
+])
+def test_bad_checkpoints_are_refused(tmp_path, change, message):
+    runs = _with_checkpoints(_runs(tmp_path, seeds=(1,), logs=False))
+    change(runs[0])
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path / "out", runs, 0.9)
+
+
+def test_headline_needs_its_runs(tmp_path):
+    with pytest.raises(ValueError, match="headline PRIOR α=0.5: no H-LVLM run of it shares a seed with the NTP runs"):
+        write_report(tmp_path / "out", _runs(tmp_path, seeds=(1,), logs=False), 0.9,
+                     headline={"loss": "prior", "prior_alpha": 0.5, "checkpoint": "final"})
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_read_run_takes_checkpoints_from_eval_json(tmp_path):
+    summary = {"model": "ulvlm", "loss": "ntp", "seed": 1, "iterations": 200, "parameters": 10, "flops": 1.0,
+               "loss_tokens": 5, "image_positions": 0, "padding_positions": 0}
+    atomic_write_json(tmp_path / "summary.json", summary)
+    final = {"heldout_ce_grounded": 0.5, "probe_accuracy": 0.75}
+    ckpts = [{"iteration": 100, "metrics": {"heldout_ce_grounded": 0.9, "probe_accuracy": 0.5}},
+             {"iteration": 200, "metrics": final}]
+    atomic_write_json(tmp_path / "eval.json", {**final, "iteration": 200, "checkpoints": ckpts})
+    assert read_run(tmp_path).checkpoints == ckpts
+    atomic_write_json(tmp_path / "eval.json", {**final, "iteration": 200, "checkpoints": ckpts[::-1]})
+    with pytest.raises(ResultError, match="eval.json: checkpoint iterations must ascend"):
+        read_run(tmp_path)
+    atomic_write_json(tmp_path / "eval.json", {**final, "probe_accuracy": 0.7, "iteration": 200, "checkpoints": ckpts})
+    with pytest.raises(ResultError, match="the last of 'checkpoints' must be the evaluated checkpoint"):
+        read_run(tmp_path)
+    atomic_write_json(tmp_path / "eval.json", final)  # one evaluated checkpoint: no list
+    assert read_run(tmp_path).checkpoints == []

@@ -1,7 +1,8 @@
 """LVLM evaluation: the per-token CE it reads is the model's own cross-entropy at the right
 combined positions (float64 reference from the logits), the probe's caption path and the
 held-out dataset path agree caption by caption, batching and padding change nothing, kind
-counts are exact, and the command-line tool writes eval.json from a saved checkpoint."""
+counts are exact, and the command-line tool writes eval.json from a saved checkpoint, and with
+--all-checkpoints each saved checkpoint's numbers in training order."""
 
 import json
 import os
@@ -61,6 +62,16 @@ def _work(corpus: dict, ckpt_root: str) -> dict:
     try:
         for arch in ("ulvlm", "hlvlm"):
             cfg = _config(arch, tok)
+            if arch == "ulvlm":
+                # An earlier checkpoint of other weights, for --all-checkpoints; a save interrupted
+                # later (iter_*.tmp) is not a checkpoint.
+                early = build_model(cfg)
+                initialize_weights(early, seed=12, std=0.3, num_layers=cfg.num_layers)
+                early.eval()
+                sums = LVLMScorer(early, cfg, tok, batch_size=5).heldout_kind_sums(corpus["data"])
+                out["early_kind_means"] = (sums[:, 0] / sums[:, 1]).tolist()
+                save_checkpoint(os.path.join(ckpt_root, arch), 3, [early], cfg)
+                os.makedirs(os.path.join(ckpt_root, arch, "iter_0000009.tmp"))
             model = build_model(cfg)
             # A wide init spreads the logits, so a misaligned position would show.
             initialize_weights(model, seed=11, std=0.3, num_layers=cfg.num_layers)
@@ -111,6 +122,9 @@ def _work(corpus: dict, ckpt_root: str) -> dict:
                                           "--data-path", corpus["data"], "--probe", os.path.join(root, "gen/probe.jsonl"),
                                           "--output", os.path.join(load, "eval.json"), "--no-progress"])
         out[arch]["cli_file"] = json.loads(open(os.path.join(load, "eval.json")).read())
+    load = os.path.join(ckpt_root, "ulvlm")
+    out["all"] = eval_run.main(["--load", load, "--tokenizer-model", corpus["tokenizer"], "--data-path", corpus["data"],
+                                "--output", os.path.join(load, "eval_all.json"), "--all-checkpoints", "--no-progress"])
     return out
 
 
@@ -174,6 +188,18 @@ def test_cli_writes_eval_json(scored, arch):
     means = [ev[f"heldout_ce_{k}"] for k in ("other", "grounded", "template", "unrelated")]
     np.testing.assert_allclose(means, r["kind_means"], rtol=1e-6)
     assert 0.0 <= ev["probe_accuracy"] <= 1.0
+
+
+def test_cli_evaluates_every_checkpoint_in_order(scored):
+    ev = scored["all"]
+    assert [c["iteration"] for c in ev["checkpoints"]] == [3, 5] and ev["iteration"] == 5
+    kinds = ("other", "grounded", "template", "unrelated")
+    early = [ev["checkpoints"][0]["metrics"][f"heldout_ce_{k}"] for k in kinds]
+    np.testing.assert_allclose(early, scored["early_kind_means"], rtol=1e-6)
+    final = ev["checkpoints"][1]["metrics"]
+    np.testing.assert_allclose([final[f"heldout_ce_{k}"] for k in kinds], scored["ulvlm"]["kind_means"], rtol=1e-6)
+    assert all(ev[k] == v for k, v in final.items())
+    assert abs(early[1] - final["heldout_ce_grounded"]) > 1e-3  # two different models, not one read twice
 
 
 def test_cli_refuses_nothing_to_do(tmp_path):

@@ -1,6 +1,6 @@
 """The demo's report: gathers each run's ``eval.json`` and training log, the reference's
 separation of token kinds and the probe's text-only baseline, and hands them to
-``megatron_prior.eval.report.write_report`` (results.md, results.json, the two figures)."""
+``megatron_prior.eval.report.write_report`` (results.md, results.json, the figures)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def load_run(out: Path, spec) -> RunResult:
         if got != want:
             raise ValueError(f"{rdir / SUMMARY}: {key} is {got!r}, expected {want!r}")
     run.heldout = {k: run.heldout[k] for k in RUN_METRICS}
+    if not run.checkpoints or run.checkpoints[-1]["iteration"] != run.iterations:
+        raise ValueError(f"{rdir / EVAL}: its last checkpoint is not the run's final iteration {run.iterations}")
+    for c in run.checkpoints:
+        lacking = [k for k in RUN_METRICS if k not in c["metrics"]]
+        if lacking:
+            raise ValueError(f"{rdir / EVAL}: checkpoint {c['iteration']} lacks {', '.join(lacking)}")
+        c["metrics"] = {k: c["metrics"][k] for k in RUN_METRICS}
     return run
 
 
@@ -62,7 +69,8 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         f"Models: {settings.num_layers} layers of width {settings.hidden_size} "
         f"({', '.join(f'{a} {p:,} parameters' for a, p in params.items())}), "
         f"{settings.train_iters} iterations of {settings.global_batch_size} captions (seq {settings.seq_length}), "
-        f"AdamW lr {settings.lr:g} cosine to {settings.min_lr:g}; the H-LVLM's ViT comes from a "
+        f"AdamW lr {settings.lr:g} cosine to {settings.min_lr:g}, a checkpoint every {settings.save_interval} "
+        f"iterations, each evaluated; the H-LVLM's ViT comes from a "
         f"{settings.vit_warmup_iters}-iteration NTP warm-up on the training set and stays frozen. NTP and PRIOR runs "
         "of one seed share initialisation and data order.",
         f"Reference LM: text-only GPT ({settings.reference_size}, {settings.reference_iters} iterations). "
@@ -72,6 +80,9 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         + (f". Its weights rank unrelated tokens above grounded ones (AUC grounded vs unrelated "
            f"{reference['auc_grounded_vs_unrelated']:.3f}): the reference cannot tell image-dependent from "
            "merely unpredictable." if "auc_grounded_vs_unrelated" in reference else "."),
+        f"Training seeds {', '.join(map(str, settings.seeds))} (seed offset {settings.seed_offset}); the "
+        f"headline comparison was declared as PRIOR alpha {settings.headline_alpha:g} against NTP at the final "
+        "checkpoint (settings.headline), alpha 1 reported beside it.",
         "Probe baseline: a scorer that ignores the image and knows only how often each object occurs in training "
         "scores " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items())
         + " (below 0.5 on popular/adversarial because the negatives there are the frequent objects); "
@@ -95,9 +106,11 @@ def write_demo_report(out: Path, settings, specs: Sequence, command: str, starte
     tokenizer = load_tokenizer(str(out / DemoPaths.tokenizer))
     heldout = str(out / DemoPaths.documents(DemoPaths.prefix("heldout")))
     runs = [load_run(out, spec) for spec in specs]
+    data_summary = load_json(out / DemoPaths.data / "kinds_summary.json")
+    for run in runs:
+        run.noise_rate = float(data_summary["config"]["noise_rate"])
     reference = reference_separation(heldout, tokenizer, sorted({1.0, *settings.alphas}, reverse=True))
     captions = caption_weights(heldout, out / DemoPaths.data / "heldout.jsonl", tokenizer, settings.alphas[0])
-    data_summary = load_json(out / DemoPaths.data / "kinds_summary.json")
     baseline = data_summary["probe"]["pair_frequency_baseline"]
     step_times = _step_times(out)
     extra = {
@@ -105,7 +118,8 @@ def write_demo_report(out: Path, settings, specs: Sequence, command: str, starte
         "probe_text_prior_baseline": baseline,
         "data": {"splits": data_summary["splits"], "heldout_scenes_seen_in_train":
                  data_summary["heldout_scenes_seen_in_train"]},
-        "settings": dataclasses.asdict(settings),
+        "settings": {**dataclasses.asdict(settings), "headline": settings.headline,
+                     "save_interval": settings.save_interval},
         "command": command,
         "started": started.isoformat(timespec="seconds"),
         "wall_time_s": wall_time_s,
@@ -115,4 +129,4 @@ def write_demo_report(out: Path, settings, specs: Sequence, command: str, starte
                         weight_label=f"PRIOR multiplier m (alpha {settings.alphas[0]:g})",
                         notes=_notes(settings, reference, baseline, data_summary, runs, command, started,
                                      wall_time_s, step_times),
-                        extra=extra)
+                        extra=extra, headline=settings.headline)

@@ -8,10 +8,14 @@ held-out captions shaded by their PRIOR weights.
                "metrics": {"heldout_ce_grounded": float, "heldout_ce_template": float,
                            "heldout_ce_unrelated": float, "probe_accuracy": float, ...}}]}
 
-plus per run ``prior_alpha`` (null for NTP), its name, iterations, parameters and loss tokens,
-``summary`` (mean, sd and n over seeds per arch, loss and alpha), ``paired`` (each loss minus
-NTP, the first of ``megatron_prior.loss.LOSSES``, on the same seed) and whatever the caller
-passes as ``extra``. Architecture and loss names come from their registries. Every file is
+plus per run ``prior_alpha`` (null for NTP), ``noise_rate``, its name, iterations, parameters
+and loss tokens, ``checkpoints`` (``{"iteration": N, "metrics": {...}}`` for each evaluated
+checkpoint in training order, the last equal to ``metrics``), ``summary`` (mean, sd and n over
+seeds per arch, loss and alpha), ``paired`` (each loss minus NTP, the first of
+``megatron_prior.loss.LOSSES``, on the same seed), ``along_training`` (summary and paired at
+each checkpoint iteration), ``headline_comparison`` when a headline is declared (see
+``headline_comparison``) and whatever the caller passes as ``extra``. Architecture and loss
+names come from their registries. Every file is
 written under a temporary name and renamed. Figures are drawn on matplotlib's Agg canvas
 directly (no pyplot), so importing this module changes no global backend.
 """
@@ -22,9 +26,10 @@ import json
 import math
 import os
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -60,6 +65,11 @@ METRIC_LABELS: dict[str, tuple[str, bool]] = {
 CURVES: dict[str, str] = {"ce": "training CE, all tokens (unweighted)",
                           "ce_grounded": "training CE, grounded tokens",
                           "ce_template": "training CE, template tokens"}
+# Results along training (one row each in checkpoint_curves.png), from each run's checkpoints.
+CHECKPOINT_CURVES: dict[str, str] = {"heldout_ce_grounded": "held-out CE, grounded tokens",
+                                     "probe_accuracy": "probe accuracy"}
+# The metrics of the headline comparison: what PRIOR is for, what it costs, what the probe says.
+HEADLINE_METRICS: tuple[str, ...] = ("heldout_ce_grounded", "heldout_ce_template", "probe_accuracy")
 KIND_EDGE_COLORS: dict[str, str] = {"grounded": "#1b7837", "template": "#8c8c8c", "unrelated": "#762a83"}
 
 
@@ -80,13 +90,32 @@ def validate_run(run: RunResult) -> None:
     bad = {k: v for k, v in run.heldout.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
     if bad:
         raise ValueError(f"{name}: metrics must be finite numbers, got {bad}")
+    if run.checkpoints:
+        its = [c["iteration"] for c in run.checkpoints]
+        if its != sorted(set(its)):
+            raise ValueError(f"{name}: checkpoint iterations must ascend without repeats, got {its}")
+        if run.checkpoints[-1]["metrics"] != run.heldout:
+            raise ValueError(f"{name}: the last checkpoint's metrics must be the run's metrics")
+        for c in run.checkpoints:
+            lacking = [m for m in run.heldout if m not in c["metrics"]]
+            if lacking or not all(math.isfinite(v) for v in c["metrics"].values()):
+                raise ValueError(f"{name}: checkpoint {c['iteration']}'s metrics lack {', '.join(lacking)} "
+                                 "or are not finite")
+
+
+def run_checkpoints(run: RunResult) -> list[dict]:
+    """The run's evaluated checkpoints; a run evaluated at its end only has that one."""
+    return run.checkpoints or [{"iteration": run.iterations, "metrics": dict(run.heldout)}]
 
 
 def run_json(run: RunResult, output_dir: Path) -> dict:
     """A run as results.json lists it: issue 6's fields, its held-out metrics, what it trained
     on, and its directory relative to the report's."""
     out = {"arch": run.arch, "loss": run.loss, "seed": run.seed, "prior_alpha": run.prior_alpha,
-           "metrics": {k: float(v) for k, v in run.heldout.items()}, "name": run.name,
+           "noise_rate": run.noise_rate, "metrics": {k: float(v) for k, v in run.heldout.items()},
+           "checkpoints": [{"iteration": c["iteration"], "metrics": {k: float(c["metrics"][k]) for k in run.heldout}}
+                           for c in run_checkpoints(run)],
+           "name": run.name,
            "iterations": run.iterations, "parameters": run.parameters, "loss_tokens": run.loss_tokens,
            "train_wall_time_s": run.wall_time_s}
     if run.run_dir is not None:
@@ -164,6 +193,59 @@ def summarize(runs: Sequence[RunResult]) -> tuple[list[dict], list[dict]]:
     return summary, paired
 
 
+def along_training(runs: Sequence[RunResult]) -> list[dict]:
+    """``summarize`` at each checkpoint iteration: ``{"iteration", "summary", "paired"}``, in order."""
+    at: dict[int, list[RunResult]] = defaultdict(list)
+    for r in runs:
+        for c in run_checkpoints(r):
+            at[c["iteration"]].append(dataclasses.replace(r, heldout={k: c["metrics"][k] for k in r.heldout},
+                                                          checkpoints=[]))
+    return [{"iteration": it, **dict(zip(("summary", "paired"), summarize(at[it])))} for it in sorted(at)]
+
+
+def _checkpoint_mean(run: RunResult, metric: str) -> float:
+    return float(np.mean([c["metrics"][metric] for c in run_checkpoints(run)]))
+
+
+def headline_comparison(runs: Sequence[RunResult], headline: dict) -> list[dict]:
+    """The declared comparison: NTP against ``headline``'s loss at its ``prior_alpha`` and, for
+    PRIOR, at the paper's alpha 1 beside it (when run), per architecture on paired seeds, at the
+    final checkpoint and as the mean over checkpoints. Per metric of HEADLINE_METRICS: the mean
+    of each side, the paired difference (mean, sd, n and each seed's) and its percent of NTP's mean."""
+    loss, alpha = headline["loss"], headline.get("prior_alpha")
+    alphas = [alpha] + ([1.0] if loss == "prior" and alpha != 1.0 else [])
+    rows = []
+    for arch in [a for a in ARCHS if any(r.arch == a for r in runs)]:
+        base = {r.seed: r for r in runs if r.arch == arch and r.loss == BASELINE}
+        for a in alphas:
+            other = {r.seed: r for r in runs if r.arch == arch and r.loss == loss and r.prior_alpha == a}
+            seeds = sorted(set(base) & set(other))
+            if not seeds:
+                if a == alpha:
+                    raise ValueError(f"headline {variant(loss, a)}: no {ARCHS[arch].display_name} run of it "
+                                     f"shares a seed with the {variant(BASELINE, None)} runs")
+                continue
+            iterations = [c["iteration"] for c in run_checkpoints(base[seeds[0]])]
+            for s in seeds:
+                for r in (base[s], other[s]):
+                    if [c["iteration"] for c in run_checkpoints(r)] != iterations:
+                        raise ValueError(f"run {r.name}: checkpoints differ from {base[seeds[0]].name}'s "
+                                         f"{iterations}; a mean over checkpoints compares like with like only")
+            for at, value in (("final", lambda r, m: float(r.heldout[m])), ("mean_over_checkpoints", _checkpoint_mean)):
+                metrics = {}
+                for m in HEADLINE_METRICS:
+                    b, o = [value(base[s], m) for s in seeds], [value(other[s], m) for s in seeds]
+                    diffs = [y - x for x, y in zip(b, o)]
+                    ntp_mean = float(np.mean(b))
+                    metrics[m] = {BASELINE: ntp_mean, loss: float(np.mean(o)),
+                                  "difference": {**spread(diffs).to_json(), "per_seed": diffs},
+                                  "percent_change": 100.0 * float(np.mean(diffs)) / ntp_mean if ntp_mean else None}
+                rows.append({"arch": arch, "loss": loss, "prior_alpha": a, "declared": a == alpha, "at": at,
+                             "iterations": iterations if at != "final" else iterations[-1:], "seeds": seeds,
+                             "metrics": metrics})
+    return rows
+
+
 def _spread(entry: dict) -> str:
     return fmt(entry["mean"], sd=entry["sd"])
 
@@ -177,15 +259,66 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _headline_markdown(headline: dict, rows: list[dict]) -> list[str]:
+    name = variant(headline["loss"], headline.get("prior_alpha"))
+    base = variant(BASELINE, None)
+    at = {"final": "final checkpoint", "mean_over_checkpoints": "mean over checkpoints"}
+
+    def diff(row: dict, m: str) -> str:
+        d = row["metrics"][m]
+        pct = "" if d["percent_change"] is None else f" ({d['percent_change']:+.1f} %)"
+        return _spread(d["difference"]) + pct
+
+    def sides(row: dict, m: str) -> str:
+        return f"{fmt(row['metrics'][m][BASELINE])} → {fmt(row['metrics'][m][row['loss']])}"
+
+    table = _table(
+        ["arch", "loss", "at", "seeds", f"CE grounded {base} → loss", "Δ CE grounded", "Δ CE template",
+         f"probe {base} → loss", "Δ probe", "Δ CE grounded per seed"],
+        [[ARCHS[r["arch"]].display_name,
+          variant(r["loss"], r["prior_alpha"]) + (" (declared)" if r["declared"] else ""),
+          at[r["at"]] + f" ({', '.join(map(str, r['iterations']))})", ", ".join(map(str, r["seeds"])),
+          sides(r, "heldout_ce_grounded"), diff(r, "heldout_ce_grounded"), diff(r, "heldout_ce_template"),
+          sides(r, "probe_accuracy"), diff(r, "probe_accuracy"),
+          ", ".join(f"{d:+.3f}" for d in r["metrics"]["heldout_ce_grounded"]["difference"]["per_seed"])]
+         for r in rows])
+    return ["", f"## Headline: {name} − {base} at the {headline['checkpoint']} checkpoint", "",
+            f"The comparison declared in `settings.headline`. Paired by seed: loss minus "
+            f"{base}, mean ± sd over seeds, percent of {base}'s mean in brackets; negative CE and positive probe "
+            "differences favour the loss. The paper's alpha 1 is shown beside the declared alpha; the mean over "
+            "checkpoints weighs the early rise as much as the end.", "", table]
+
+
+def _along_training_markdown(along: list[dict]) -> list[str]:
+    cols = list(HEADLINE_METRICS)
+    rows = []
+    for entry in along:
+        deltas = {(p["arch"], p["loss"], p["prior_alpha"]): p[f"{p['loss']}_minus_{BASELINE}"] for p in entry["paired"]}
+        for s in entry["summary"]:
+            d = deltas.get((s["arch"], s["loss"], s["prior_alpha"]))
+            rows.append([ARCHS[s["arch"]].display_name, variant(s["loss"], s["prior_alpha"]), str(entry["iteration"]),
+                         ", ".join(map(str, s["seeds"]))] + [_spread(s["metrics"][m]) for m in cols]
+                        + [_spread(d[m]) if d else "-" for m in cols])
+    rows.sort(key=lambda r: (r[0], r[1], int(r[2])))
+    head = (["arch", "loss", "iteration", "seeds"] + _header(cols)
+            + [f"Δ {METRIC_LABELS[m][0]} vs {variant(BASELINE, None)}" for m in cols])
+    return ["", "## Along training: mean ± sd over seeds at each checkpoint", "",
+            "Each run evaluated at every checkpoint it saved; the Δ columns pair each loss with "
+            f"{variant(BASELINE, None)} on the same seed at the same iteration.", "", _table(head, rows)]
+
+
 def render_markdown(reference_auc: float, runs: Sequence[RunResult], summary: list[dict], paired: list[dict],
-                    title: str, notes: Sequence[str], figures: dict[str, str]) -> str:
+                    title: str, notes: Sequence[str], figures: dict[str, str], along: Sequence[dict] = (),
+                    headline: dict | None = None, headline_rows: Sequence[dict] = ()) -> str:
     names = _metric_names(runs)
     parts = [f"# {title}", "",
              f"Reference-LM weights separate grounded from template tokens with ROC AUC "
              f"**{reference_auc:.3f}** (1 = every grounded token outweighs every template token, 0.5 = chance).",
              "", "CE: held-out cross-entropy in nats per token of each kind; probe: POPE-style accuracy "
-             "(1 = always prefers the true caption, 0.5 = cannot tell).",
-             "", "## Mean ± sd over seeds", "",
+             "(1 = always prefers the true caption, 0.5 = cannot tell)."]
+    if headline is not None:
+        parts += _headline_markdown(headline, list(headline_rows))
+    parts += ["", "## Mean ± sd over seeds (final checkpoint)", "",
              _table(["arch", "loss", "seeds"] + _header(names),
                     [[ARCHS[s["arch"]].display_name, variant(s["loss"], s["prior_alpha"]),
                       ", ".join(map(str, s["seeds"]))] + [_spread(s["metrics"][m]) for m in names] for s in summary])]
@@ -197,13 +330,16 @@ def render_markdown(reference_auc: float, runs: Sequence[RunResult], summary: li
                          [[ARCHS[p["arch"]].display_name, variant(loss, p["prior_alpha"]),
                            ", ".join(map(str, p["seeds"]))] + [_spread(p[f"{loss}_minus_{BASELINE}"][m]) for m in names]
                           for p in paired if p["loss"] == loss])]
+    if len(along) > 1:
+        parts += _along_training_markdown(list(along))
     parts += ["", "## Every run", "",
               _table(["arch", "loss", "seed"] + _header(names),
                      [[ARCHS[r.arch].display_name, r.variant, str(r.seed)] + [fmt(float(r.heldout[m])) for m in names]
                       for r in sorted(runs, key=lambda r: (_group_key(r), r.seed))])]
     if notes:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    captions = {"loss_curves": "Training curves", "token_weights": "Held-out captions shaded by PRIOR weight"}
+    captions = {"checkpoint_curves": "Held-out results along training", "loss_curves": "Training curves",
+                "token_weights": "Held-out captions shaded by PRIOR weight"}
     for key, name in figures.items():
         parts += ["", f"## {captions[key]}", "", f"![{captions[key]}]({name})"]
     return "\n".join(parts) + "\n"
@@ -228,54 +364,83 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plot_loss_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
-    """One column per architecture, one row per logged curve; each loss and PRIOR alpha in
-    its own colour, thin lines per seed and a thick line for the mean over seeds."""
-    logs = {id(r): read_metrics_jsonl(r.metrics_jsonl) for r in runs}
+Series = dict[tuple, list[tuple[np.ndarray, np.ndarray]]]  # (loss, alpha) -> one (x, y) per seed
+
+
+def _plot_grid(runs: Sequence[RunResult], rows: dict[str, str], series: Callable[[str, str], Series],
+               path: str | os.PathLike, title: str, log_y: bool, marker: str | None = None) -> Path:
+    """One column per architecture, one row per key of ``rows`` (its y label); on each axis
+    ``series(arch, row)``: each loss and PRIOR alpha in its own colour, a thin line per seed and a
+    thick line for the mean over seeds (where the seeds share their x values)."""
     archs = [a for a in ARCHS if any(r.arch == a for r in runs)]
-    curves = [c for c in CURVES if any(c in row for r in runs for row in logs[id(r)])]
-    if not curves:
-        raise ValueError(f"no run's metrics.jsonl logs any of {', '.join(CURVES)}")
     variants = sorted({(r.loss, r.prior_alpha) for r in runs}, key=lambda v: (LOSSES.index(v[0]), -(v[1] or 0)))
     colors = dict(zip(variants, colormaps["tab10"].colors))
-    fig = Figure(figsize=(5.2 * len(archs), 3.0 * len(curves)))
+    fig = Figure(figsize=(5.2 * len(archs), 3.0 * len(rows)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(curves), len(archs), squeeze=False, sharex="col")
+    axes = fig.subplots(len(rows), len(archs), squeeze=False, sharex="col")
     for col, arch in enumerate(archs):
-        for row, curve in enumerate(curves):
+        for row, key in enumerate(rows):
             ax = axes[row][col]
-            for curve_variant in variants:
-                series = []
-                for r in runs:
-                    if r.arch != arch or (r.loss, r.prior_alpha) != curve_variant:
-                        continue
-                    pts = [(x["iteration"], x[curve]) for x in logs[id(r)] if curve in x]
-                    if pts:
-                        it, val = map(np.asarray, zip(*pts))
-                        ax.plot(it, val, color=colors[curve_variant], alpha=0.3, linewidth=0.8)
-                        series.append((it, val))
-                if not series:
+            drawn = series(arch, key)
+            for v in variants:
+                lines = drawn.get(v, [])
+                if not lines:
                     continue
-                label = variant(*curve_variant)
-                common = series[0][0]
-                if len(series) > 1 and all(np.array_equal(s[0], common) for s in series):
-                    ax.plot(common, np.mean([s[1] for s in series], axis=0), color=colors[curve_variant],
-                            linewidth=2.0, label=f"{label} (mean of {len(series)})")
+                for x, y in lines:
+                    ax.plot(x, y, color=colors[v], alpha=0.3, linewidth=0.8)
+                label, common = variant(*v), lines[0][0]
+                if all(np.array_equal(x, common) for x, _ in lines):
+                    ax.plot(common, np.mean([y for _, y in lines], axis=0), color=colors[v], linewidth=2.0,
+                            marker=marker, label=label + (f" (mean of {len(lines)})" if len(lines) > 1 else ""))
                 else:
-                    ax.plot([], [], color=colors[curve_variant], label=label)
-            ax.set_yscale("log")
+                    ax.plot([], [], color=colors[v], label=label)
+            if log_y:
+                ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.25)
             if row == 0:
                 ax.set_title(ARCHS[arch].display_name)
-            if row == len(curves) - 1:
+                ax.legend(fontsize=8)
+            if row == len(rows) - 1:
                 ax.set_xlabel("iteration")
             if col == 0:
-                ax.set_ylabel(CURVES[curve], fontsize=9)
-            if row == 0:
-                ax.legend(fontsize=8)
-    fig.suptitle("Training curves: NTP vs PRIOR (thin: one seed)", fontsize=11)
+                ax.set_ylabel(rows[key], fontsize=9)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return atomic_savefig(fig, path, dpi=120)
+
+
+def plot_loss_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """The training curves of each run's metrics.jsonl (CURVES), per architecture."""
+    logs = {id(r): read_metrics_jsonl(r.metrics_jsonl) for r in runs}
+    curves = {c: label for c, label in CURVES.items() if any(c in row for r in runs for row in logs[id(r)])}
+    if not curves:
+        raise ValueError(f"no run's metrics.jsonl logs any of {', '.join(CURVES)}")
+
+    def series(arch: str, curve: str) -> Series:
+        out: Series = defaultdict(list)
+        for r in runs:
+            pts = [(x["iteration"], x[curve]) for x in logs[id(r)] if curve in x]
+            if r.arch == arch and pts:
+                out[(r.loss, r.prior_alpha)].append(tuple(map(np.asarray, zip(*pts))))
+        return out
+
+    return _plot_grid(runs, curves, series, path, "Training curves: NTP vs PRIOR (thin: one seed)", log_y=True)
+
+
+def plot_checkpoint_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """Held-out metrics (CHECKPOINT_CURVES) at each evaluated checkpoint, per architecture."""
+
+    def series(arch: str, metric: str) -> Series:
+        out: Series = defaultdict(list)
+        for r in runs:
+            if r.arch == arch:
+                ckpts = run_checkpoints(r)
+                out[(r.loss, r.prior_alpha)].append((np.asarray([c["iteration"] for c in ckpts]),
+                                                     np.asarray([c["metrics"][metric] for c in ckpts])))
+        return out
+
+    return _plot_grid(runs, CHECKPOINT_CURVES, series, path,
+                      "Held-out results along training: NTP vs PRIOR (thin: one seed)", log_y=False, marker="o")
 
 
 def _display_token(token: str) -> tuple[str, bool]:
@@ -352,9 +517,12 @@ def plot_token_weights(captions: Sequence[CaptionWeights], path: str | os.PathLi
 def write_report(output_dir: str | os.PathLike, runs: Sequence[RunResult], reference_auc: float, *,
                  captions: Sequence[CaptionWeights] | None = None, weight_label: str = "PRIOR multiplier m",
                  title: str = "PRIOR vs NTP on the synthetic grounded image-caption benchmark",
-                 notes: Sequence[str] = (), extra: dict | None = None) -> dict[str, Path]:
+                 notes: Sequence[str] = (), extra: dict | None = None,
+                 headline: dict | None = None) -> dict[str, Path]:
     """Write the report files into ``output_dir``; returns {kind: path} of what was written.
-    Loss curves need every run's ``metrics_jsonl``; the token picture needs ``captions``."""
+    Loss curves need every run's ``metrics_jsonl``; the token picture needs ``captions``; the
+    curves along training need more than one checkpoint. ``headline`` (``{"loss", "prior_alpha",
+    "checkpoint"}``) adds the declared comparison (``headline_comparison``)."""
     if not runs:
         raise ValueError("no runs to report")
     for r in runs:
@@ -365,13 +533,18 @@ def write_report(output_dir: str | os.PathLike, runs: Sequence[RunResult], refer
         raise ValueError(f"runs repeat (arch, loss, prior_alpha, seed): {dupes}")
     if not (isinstance(reference_auc, (int, float)) and 0.0 <= reference_auc <= 1.0):
         raise ValueError(f"reference_auc must be a number in [0, 1], got {reference_auc!r}")
-    clash = set(extra or {}) & {"reference_auc", "runs", "summary", "paired", "figures"}
+    clash = set(extra or {}) & {"reference_auc", "runs", "summary", "paired", "figures", "along_training",
+                                "headline_comparison"}
     if clash:
         raise ValueError(f"extra must not override {', '.join(sorted(clash))}")
 
     out = Path(output_dir)
     summary, paired = summarize(runs)
+    along = along_training(runs)
+    headline_rows = headline_comparison(runs, headline) if headline is not None else []
     written = {}
+    if len(along) > 1:
+        written["checkpoint_curves"] = plot_checkpoint_curves(runs, out / "checkpoint_curves.png")
     with_logs = [r for r in runs if r.metrics_jsonl is not None]
     if with_logs:
         if len(with_logs) != len(runs):
@@ -382,8 +555,11 @@ def write_report(output_dir: str | os.PathLike, runs: Sequence[RunResult], refer
         written["token_weights"] = plot_token_weights(captions, out / "token_weights.png", weight_label)
     figures = {k: p.name for k, p in written.items()}
     doc = {"reference_auc": float(reference_auc), "runs": [run_json(r, out) for r in runs],
-           "summary": summary, "paired": paired, "figures": figures, **(extra or {})}
+           "summary": summary, "paired": paired, "along_training": along, "figures": figures, **(extra or {})}
+    if headline is not None:
+        doc["headline_comparison"] = headline_rows
     written["results_json"] = atomic_write_json(out / "results.json", doc)
     written["results_md"] = atomic_write_text(
-        out / "results.md", render_markdown(reference_auc, runs, summary, paired, title, notes, figures))
+        out / "results.md", render_markdown(reference_auc, runs, summary, paired, title, notes, figures, along,
+                                            headline, headline_rows))
     return written

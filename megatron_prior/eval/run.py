@@ -9,6 +9,10 @@ over all caption tokens, with ``heldout_tokens_<kind>`` counts), the
 POPE-style probe accuracy (``probe_accuracy`` over all items and ``probe_accuracy_<split>``
 for random, popular, adversarial), plus what was evaluated (``load``, ``iteration``,
 ``arch``, ``data_path``, ``probe``). The scaling-law sweeps read ``probe_accuracy`` from it.
+
+With ``--all-checkpoints`` every checkpoint the run saved (``--save-interval``) is evaluated in
+one process, in training order: ``checkpoints`` lists ``{"iteration": N, "metrics": {...}}``
+for each, and the top-level numbers are those of the last (the latest), as without the flag.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Optional, Sequence
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
 
 from megatron_prior import parallel  # noqa: E402
-from megatron_prior.checkpoint import CheckpointError, resolve_iteration  # noqa: E402
+from megatron_prior.checkpoint import CheckpointError, checkpoint_iterations, resolve_iteration  # noqa: E402
 from megatron_prior.data.formats import ScoreMetadata, metadata_path  # noqa: E402
 from megatron_prior.data.images import ASPECTS, DEFAULT_ASPECT  # noqa: E402
 from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer  # noqa: E402
@@ -47,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "demo generator). Writes eval.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory of the run (its --save)")
-    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    which.add_argument("--all-checkpoints", action="store_true",
+                       help="evaluate every checkpoint under --load up to the latest, in training order (the "
+                            "results along training); the top-level numbers are the latest's")
     p.add_argument("--tokenizer-model", required=True,
                    help="the tokenizer the model was trained with (SentencePiece .model, HuggingFace directory or "
                         "tokenizer.json)")
@@ -86,17 +94,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
     try:
-        iteration = args.iteration if args.iteration is not None else resolve_iteration(args.load)
-        if iteration is None:
+        if args.all_checkpoints:
+            iterations = checkpoint_iterations(args.load)
+        else:
+            latest = args.iteration if args.iteration is not None else resolve_iteration(args.load)
+            iterations = [] if latest is None else [latest]
+        if not iterations:
             raise SystemExit(f"megatron_prior.eval.run: --load {args.load} holds no checkpoint")
         items = load_probe_items(args.probe) if args.probe else None
         start = time.perf_counter()
         parallel.initialize()
         try:
-            scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration,
-                                 args.tokenizer_type, args.special_tokens,
-                                 args.image_aspect or _data_aspect(args.data_path))
-            result = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
+            aspect = args.image_aspect or _data_aspect(args.data_path)
+            checkpoints = []
+            for iteration in iterations:
+                # The model is rebuilt for each: loading weights into a model in use is the
+                # trainer's business, and building one costs little beside the evaluation.
+                scorer = load_scorer(args.load, args.tokenizer_model, args.micro_batch_size, iteration,
+                                     args.tokenizer_type, args.special_tokens, aspect)
+                metrics = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
+                log.info("iteration %d: %s", iteration, _shown(metrics))
+                checkpoints.append({"iteration": int(iteration), "metrics": metrics})
             arch = scorer.config.arch
         finally:
             parallel.destroy()
@@ -104,13 +122,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"megatron_prior.eval.run: --load {err}") from None
     except (FileNotFoundError, ValueError) as err:  # a missing, broken or other tokenizer (the message names it)
         raise SystemExit(f"megatron_prior.eval.run: {err}") from None
-    result.update(load=str(args.load), iteration=int(iteration), arch=arch, data_path=args.data_path,
+    result = dict(checkpoints[-1]["metrics"])
+    result.update(load=str(args.load), iteration=checkpoints[-1]["iteration"], arch=arch, data_path=args.data_path,
                   probe=args.probe, wall_time_s=time.perf_counter() - start)
+    if args.all_checkpoints:
+        result["checkpoints"] = checkpoints
     atomic_write_json(args.output, result)
-    shown = {k: round(v, 4) for k, v in result.items()
-             if isinstance(v, float) and (k.startswith("heldout_ce") or k.startswith("probe_accuracy"))}
-    log.info("wrote %s: %s", args.output, json.dumps(shown))
+    log.info("wrote %s: %s", args.output, _shown(result))
     return result
+
+
+def _shown(metrics: dict) -> str:
+    return json.dumps({k: round(v, 4) for k, v in metrics.items()
+                       if isinstance(v, float) and k.startswith(("heldout_ce", "probe_accuracy"))})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""The demo pipeline's settings and the commands it builds, without running them: --seed-offset
+moves every LVLM training seed and nothing else, each LVLM run saves checkpoints at fixed
+fractions and each is evaluated, the declared headline, and bad flags refused by name."""
+
+import pytest
+
+from megatron_prior.demo import pipeline
+
+
+def _steps(*argv: str) -> tuple[pipeline.DemoSettings, dict[str, list[str]]]:
+    settings = pipeline.settings_from_args(pipeline.build_parser().parse_args(list(argv)))
+    return settings, {s.name: s.command for s in pipeline.build_steps(settings, lambda: None)}
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_seed_offset_moves_only_the_lvlm_training_seeds():
+    base, plain = _steps()
+    settings, shifted = _steps("--seed-offset", "3")
+    assert base.seeds == (1, 2, 3) and base.seed_offset == 0
+    assert settings.seeds == (4, 5, 6) and settings.seed_offset == 3
+    trains = sorted(n for n in shifted if n.startswith("train_"))
+    assert len(trains) == 3 * 2 * 3  # seeds x archs x (NTP + 2 alphas)
+    for name in trains:
+        seed = int(name.rsplit("seed", 1)[1])
+        assert seed in (4, 5, 6) and _flag(shifted[name], "--seed") == str(seed)
+        # The same command as seed - 3 of the plain demo, but for the seed and the run's folder.
+        old = name.replace(f"seed{seed}", f"seed{seed - 3}")
+        moved = [a.replace(f"seed{seed}", f"seed{seed - 3}") for a in shifted[name]]
+        moved[moved.index("--seed") + 1] = str(seed - 3)
+        assert moved == plain[old]
+    for name in ("data", "tokenizer", "text_data", "reference", "score_train", "score_heldout", "vit_warmup"):
+        assert shifted[name] == plain[name], name
+    assert _flag(shifted["reference"], "--seed") == _flag(shifted["vit_warmup"], "--seed") == "1234"
+
+
+def test_default_is_offset_zero():
+    assert _steps() == _steps("--seed-offset", "0")
+    quick, steps = _steps("--quick", "--seeds", "2", "--seed-offset", "5")
+    assert quick.seeds == (6, 7) and "train_ulvlm_ntp_seed6" in steps and "train_ulvlm_ntp_seed7" in steps
+
+
+@pytest.mark.parametrize("argv,interval,iters", [((), 75, 300), (("--quick",), 50, 100),
+                                                 (("--train-iters", "301"), 76, 301),
+                                                 (("--quick", "--num-checkpoints", "1"), 100, 100)])
+def test_checkpoints_at_fixed_fractions_each_evaluated(argv, interval, iters):
+    settings, steps = _steps(*argv)
+    assert settings.save_interval == interval
+    for name, argv_ in steps.items():
+        if name.startswith("train_"):
+            assert _flag(argv_, "--save-interval") == str(interval) and _flag(argv_, "--train-iters") == str(iters)
+        elif name.startswith("eval_"):
+            assert "--all-checkpoints" in argv_
+    # The pre-training runs save once, at their end.
+    assert "--save-interval" not in steps["reference"] and "--save-interval" not in steps["vit_warmup"]
+
+
+def test_headline_is_declared():
+    assert _steps()[0].headline == {"loss": "prior", "prior_alpha": 0.5, "checkpoint": "final"}
+    assert _steps("--quick")[0].headline == {"loss": "prior", "prior_alpha": 1.0, "checkpoint": "final"}
+    assert _steps("--alphas", "1", "2", "--headline-alpha", "2")[0].headline["prior_alpha"] == 2.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--seed-offset", "-1"), "seed offset must be >= 0"),
+    (("--headline-alpha", "2"), "headline alpha 2 is not among the PRIOR alphas run"),
+    (("--alphas", "1"), "give --headline-alpha"),
+    (("--num-checkpoints", "0"), "num_checkpoints must be between 1 and train_iters"),
+])
+def test_bad_settings_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        pipeline.main([*argv, "--output-dir", "/nonexistent/never-made"])
