@@ -3,6 +3,8 @@
 #   submit_unless_in_job [SBATCH_OPTION...]   outside a SLURM job: make $LOG_DIR, sbatch the
 #                                             calling script with its output there, and exit
 #   launch_training ARG...                    runs `python -m megatron_prior.train ARG...` on every node
+#   launch_preprocessing ARG...               runs `python tools/preprocess_with_weights.py ARG...` on
+#                                             every node (each GPU a rank sharing the input)
 # DRY_RUN=1 prints the commands instead of running them.
 # CONTAINER_IMAGE=IMAGE runs each node's task in that image through pyxis/enroot, with
 # CONTAINER_MOUNTS (pyxis's SRC:DST,... syntax) mounted, by default each of MOUNT_DIRS (an
@@ -66,7 +68,11 @@ container_args() {
   echo "--container-mounts=$mounts"
 }
 
-launch_training() {
+# _launch_torchrun ENTRY ARG...: torchrun on every node running ENTRY (torchrun's own words for
+# it: "-m module" or a script path relative to the repository) with ARG...
+_launch_torchrun() {
+  local entry=$1
+  shift
   # Each argument quoted for the inner shell (paths with spaces stay one argument); the node
   # rank is left for each task to expand (escaped $), not expanded here.
   local args
@@ -74,7 +80,7 @@ launch_training() {
   local cmd="cd $(printf '%q' "$REPO") && $(printf '%q' "$PYTHON") -m torch.distributed.run"
   cmd+=" --nproc-per-node $GPUS_PER_NODE --nnodes $NNODES --node-rank \${SLURM_NODEID}"
   cmd+=" --rdzv-backend c10d --rdzv-endpoint ${MASTER_ADDR}:${MASTER_PORT} --rdzv-id ${SLURM_JOB_ID:-local}"
-  cmd+=" -m megatron_prior.train ${args% }"
+  cmd+=" $entry ${args% }"
   local srun=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)
   mapfile -t -O "${#srun[@]}" srun < <(container_args)
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
@@ -83,3 +89,6 @@ launch_training() {
   fi
   "${srun[@]}" bash -c "$cmd"
 }
+
+launch_training() { _launch_torchrun "-m megatron_prior.train" "$@"; }
+launch_preprocessing() { _launch_torchrun "tools/preprocess_with_weights.py" "$@"; }
