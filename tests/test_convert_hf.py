@@ -88,6 +88,8 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
+# Results cross process boundaries as numpy arrays: a torch tensor is passed as a shared-memory
+# handle that dies with the spawned process, which may exit before the parent reads it.
 def _logits(checkpoints: list) -> list:
     """Each checkpoint's full-vocabulary logits of ``_tokens()`` at this process's layout (on the
     last stage's TP rank 0, else None)."""
@@ -116,8 +118,8 @@ def _logits(checkpoints: list) -> list:
                 dist.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
                 output = None
         last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        out.append(gather_from_tensor_model_parallel_region(output) if output is not None else None)
-        out[-1] = out[-1] if last else None
+        full = gather_from_tensor_model_parallel_region(output) if output is not None else None
+        out.append(full.numpy() if last else None)
     return out
 
 
@@ -156,7 +158,38 @@ def _convert_all(root: str) -> dict:
             call()
         except ConversionError as err:
             refusals[what] = str(err)
-    return configs, refusals, _logits([str(Path(root) / n / "ckpt") for n in MODELS])
+    return configs, refusals, _logits([str(Path(root) / n / "ckpt") for n in MODELS]), _hlvlm_export(root)
+
+
+def _hlvlm_export(root: str) -> torch.Tensor:
+    """A Llama-shaped H-LVLM with a quick-GELU CLIP tower (random, layout-independent weights),
+    saved, exported as LLaVA: its logits on ``_images()`` and ``_hlvlm_tokens()``."""
+    from megatron_prior.checkpoint import model_state, save
+    from megatron_prior.convert import convert_megatron_to_hf
+    from megatron_prior.models.builder import build_model
+    from megatron_prior.models.config import ModelConfig
+    from megatron_prior.models.init import initialize_weights
+
+    cfg = ModelConfig(arch="hlvlm", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                      vocab_size=VOCAB, max_position_embeddings=None, seq_length=SEQ, normalization="RMSNorm",
+                      swiglu=True, num_query_groups=2, add_bias_linear=False, rotary_base=500000.0,
+                      share_embeddings_and_output_weights=False, image_size=16, patch_size=4,
+                      image_token_id=VOCAB - 1, vit_num_layers=2, vit_hidden_size=32, vit_num_attention_heads=4,
+                      vit_activation="quick_gelu", image_mean=[0.48145466, 0.4578275, 0.40821073],
+                      image_std=[0.26862954, 0.26130258, 0.27577711])
+    model = build_model(cfg)
+    initialize_weights(model, seed=4, std=0.1)
+    save(Path(root) / "hlvlm" / "ckpt", 0, model_state([model]), cfg)
+    convert_megatron_to_hf(Path(root) / "hlvlm" / "ckpt", Path(root) / "hlvlm" / "back")
+    with torch.no_grad():
+        return model.eval()(_images(), _hlvlm_tokens(), None, None).numpy()
+
+
+def _hlvlm_tokens() -> torch.Tensor:
+    """Text rows for the H-LVLM: the ``<image>`` placeholder, then text."""
+    tokens = torch.randint(0, VOCAB - 1, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    tokens[:, 0] = VOCAB - 1
+    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -172,18 +205,19 @@ def converted(tmp_path_factory):
     gelu = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                        num_attention_heads=4, hidden_act="gelu")
     AutoModelForCausalLM.from_config(gelu).save_pretrained(root / "gelu")
-    ((configs, refusals, tp1_logits),) = run_on_ranks(_convert_all, 1, str(root))
+    ((configs, refusals, tp1_logits, hlvlm_logits),) = run_on_ranks(_convert_all, 1, str(root))
     with torch.no_grad():
         reference = {name: models[name](_tokens()).logits for name in MODELS}
         reference["clip-vision"] = clips["clip-vision"](_images()).last_hidden_state
         reference["clip-full"] = clips["clip-full"].vision_model(_images(), output_hidden_states=True).hidden_states[-2]
     return dict(root=root, models=models, configs=configs, refusals=refusals, reference=reference,
-                tp1_logits=tp1_logits)
+                tp1_logits=tp1_logits, hlvlm_logits=hlvlm_logits)
 
 
 def _assert_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
     # Same float32 arithmetic in another order (fused q/k/v and gate/up GEMMs, megatron-core's
     # attention): a few ulps of the largest logit.
+    got = torch.as_tensor(got)
     scale = ref.abs().max().item()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
 
@@ -248,7 +282,7 @@ def _vit_features(checkpoints: list) -> list:
         model = build_model(read_model_config(checkpoint_dir(load)))
         assert load_vision_encoder(model, load) > 0
         with torch.no_grad():
-            out.append(model.vision_model.eval()(_images()))
+            out.append(model.vision_model.eval()(_images()).numpy())
     return out
 
 
@@ -260,6 +294,24 @@ def test_clip_tower_features_equal_hf_at_tp2(converted, tp2):
     for _, rank in tp2:
         for name, features in zip(CLIPS, rank):
             _assert_logits(features, converted["reference"][name])
+
+
+def test_hlvlm_exports_as_llava_with_the_same_logits(converted):
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+    back = converted["root"] / "hlvlm" / "back"
+    llava = LlavaForConditionalGeneration.from_pretrained(back).eval()
+    patches = (16 // 4) ** 2
+    assert llava.config.image_seq_length == patches and llava.config.image_token_index == VOCAB - 1
+    # HF LLaVA's processor writes one image token per patch where the H-LVLM's text has one.
+    tokens = _hlvlm_tokens()
+    input_ids = torch.cat([torch.full((2, patches), VOCAB - 1), tokens[:, 1:]], dim=1)
+    with torch.no_grad():
+        theirs = llava(input_ids=input_ids, pixel_values=_images()).logits
+    ours = converted["hlvlm_logits"]
+    assert ours.shape == theirs.shape == (2, patches + SEQ - 1, VOCAB)
+    _assert_logits(ours, theirs)
+    assert list(CLIPImageProcessor.from_pretrained(back).image_mean) == [0.48145466, 0.4578275, 0.40821073]
 
 
 def _tool(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -306,12 +358,13 @@ def _lm_load_run(argv: list, with_hf: str) -> dict:
         ce = get_arch(args.model).forward_loss(model.eval(), batch)
     lm = language_model_of(model)
     shards = [(k, i, s, p.detach().double().numpy().copy()) for k, i, s, p in parameter_shards(lm)]
-    out = dict(ce=ce, config=trainer.model_config.to_dict(), shards=shards, hf_ce=None)
+    out = dict(ce=ce.numpy(), config=trainer.model_config.to_dict(), shards=shards, hf_ce=None)
     if with_hf:
         hf = AutoModelForCausalLM.from_pretrained(with_hf).eval()
         with torch.no_grad():
             logits = hf(batch["tokens"]).logits
-        out["hf_ce"] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+        out["hf_ce"] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"],
+                                                         reduction="none").numpy()
     return out
 
 
@@ -354,7 +407,7 @@ def test_lm_load_gives_the_converted_models_loss(single_process_runs):
     cfg = run["config"]
     shape = (cfg["vocab_size"], cfg["num_query_groups"], cfg["swiglu"], cfg["normalization"])
     assert shape == (256, 2, True, "RMSNorm")
-    torch.testing.assert_close(run["ce"], run["hf_ce"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(run["ce"]), torch.as_tensor(run["hf_ce"]), rtol=1e-5, atol=1e-5)
 
 
 def test_lm_load_shape_flags_must_agree(tiny_corpus, converted):

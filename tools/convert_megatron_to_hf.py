@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Convert a GPT checkpoint of this project into a Hugging Face model directory.
+"""Convert a GPT or H-LVLM checkpoint of this project into a Hugging Face model directory.
 
-The directory opens with ``AutoModelForCausalLM.from_pretrained`` and gives the same logits: a
+A GPT becomes a directory ``AutoModelForCausalLM.from_pretrained`` opens with the same logits: a
 LlamaForCausalLM (Qwen2ForCausalLM when only the q/k/v projection has biases). Only
 Llama-shaped models convert (rotary positions, RMSNorm, SwiGLU); others are refused with the
-field that HF Llama cannot express. The tensors keep the checkpoint's dtype and are written as
-safetensors shards into a temporary directory renamed into place when complete.
+field that HF Llama cannot express. An H-LVLM becomes a LlavaForConditionalGeneration directory
+(CLIP tower, projector, Llama; preprocessor_config.json with its pixel normalisation). The
+tensors keep the checkpoint's dtype and are written as safetensors shards into a temporary
+directory renamed into place when complete.
 
 Example:
   python tools/convert_megatron_to_hf.py --load ckpt/llama-3.2-3b --output hf/llama-back \\

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -186,7 +186,7 @@ def write_checkpoint(output: str | os.PathLike, cfg: ModelConfig, files: Safeten
 # --- checkpoint -> HF directory -------------------------------------------------------------------
 
 def write_hf_directory(output: str | os.PathLike, config: PretrainedConfig, tensors: dict[str, torch.Tensor],
-                       tokenizer_dir: Optional[str | os.PathLike] = None) -> Path:
+                       tokenizer_dir: Optional[str | os.PathLike] = None, extra: Sequence = ()) -> Path:
     """``save_pretrained``'s layout (config.json, safetensors shards and their index), written
     into a temporary directory renamed into place when complete."""
     final = Path(output)
@@ -203,6 +203,8 @@ def write_hf_directory(output: str | os.PathLike, config: PretrainedConfig, tens
     if split.is_sharded:
         index = dict(metadata=split.metadata, weight_map=split.tensor_to_filename)
         atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
+    for thing in extra:  # e.g. an image processor: anything with save_pretrained
+        thing.save_pretrained(tmp)
     if tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(hf_directory(tokenizer_dir, "--tokenizer-dir"),
                                       local_files_only=True).save_pretrained(tmp)

@@ -188,26 +188,22 @@ def saved_dtype(ckpt: Path, key: str) -> torch.dtype:
     return entry.properties.dtype if entry is not None else torch.float32
 
 
-def model_tensors(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """The HF tensors of a single-process GPT ``model``, name by name."""
-    params = model.state_dict()
+def model_tensors(params: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of a single-process GPTModel's state dict ``params``, name by name."""
     for name, hf_names in tensor_map(cfg):
         yield from zip(hf_names, split(name, params[name], len(hf_names), qkv_layout(cfg)))
 
 
-def convert_megatron_to_hf(load: str | os.PathLike, output: str | os.PathLike,
-                           tokenizer_dir: Optional[str | os.PathLike] = None) -> Path:
-    """Write the GPT checkpoint in ``load`` as a Hugging Face Llama (or Qwen2) directory.
-
-    Needs a world of one; the tensors keep the checkpoint's dtype."""
-    if Path(output).exists():
-        raise ConversionError(f"--output {output} exists; give a new directory")
+def convert_gpt_to_hf(load: str | os.PathLike, output: str | os.PathLike,
+                      tokenizer_dir: Optional[str | os.PathLike] = None) -> Path:
+    """Write the GPT checkpoint in ``load`` as a Hugging Face Llama (or Qwen2) directory (world
+    of one); the tensors keep the checkpoint's dtype."""
     ckpt = checkpoint_dir(load)
     cfg = read_model_config(ckpt)
     dtype = saved_dtype(ckpt, "embedding.word_embeddings.weight")
     config = hf_config_from_gpt(cfg, dtype, ckpt / "model_config.json")
     model, _ = load_inference_model(load, params_dtype=dtype)
-    tensors = dict(model_tensors(model, cfg))
+    tensors = dict(model_tensors(model.state_dict(), cfg))
     del model
     log.info("%s -> %s (%s)", ckpt, output, config.architectures[0])
     return write_hf_directory(output, config, tensors, tokenizer_dir)
