@@ -439,3 +439,36 @@ def test_lm_load_grows_the_vocabulary_at_tp2(tiny_corpus, converted, single_proc
     np.testing.assert_array_equal(got["decoder.final_layernorm.weight"],
                                   hf.model.norm.weight.detach().double().numpy())
     assert json.dumps(loaded[0]["config"]["vocab_size"]) == "256"
+
+
+# --- an H-LVLM from a converted Llama and a converted CLIP tower ------------------------------------
+
+def _train(argv: list) -> None:
+    from megatron_prior.train import main
+
+    main(argv)
+
+
+def _losses(out: Path) -> list:
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line)["weighted_ce"] for line in f if '"weighted_ce"' in line]
+
+
+def test_hlvlm_from_converted_parts_trains_at_tp2_as_in_one_process(tiny_corpus, converted, tmp_path):
+    """--lm-load (the 256-row Llama) and --vit-load (the 16 px quick-GELU CLIP tower) give an H-LVLM
+    whose shape comes from the two checkpoints; 3 PRIOR iterations at TP=2 give the single
+    process's losses (first iteration: the same sums in another order, 1e-5; later ones 1e-4)."""
+    root = converted["root"]
+    losses = []
+    for world, flags in ((1, []), (2, ["--tensor-model-parallel-size", "2"])):
+        out = tmp_path / f"tp{world}"
+        argv = _trainer_argv(tiny_corpus, "hlvlm", "--lm-load", str(root / "lm-full" / "ckpt"), "--vit-load",
+                             str(root / "clip-vision" / "ckpt"), "--loss", "prior", "--train-iters", "3",
+                             "--global-batch-size", "4", "--log-interval", "1", "--log-dir", str(out),
+                             "--data-cache-path", str(out / "cache"), *flags)
+        run_on_ranks(_train, world, argv)
+        losses.append(_losses(out))
+    single, tp2 = np.array(losses[0]), np.array(losses[1])
+    assert len(single) == len(tp2) == 3 and np.all(np.isfinite(single))
+    rel = np.abs(tp2 - single) / np.abs(single)
+    assert rel[0] <= 1e-5 and np.all(rel <= 1e-4), (single, tp2)
