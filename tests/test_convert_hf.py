@@ -4,7 +4,7 @@ tools/convert_megatron_to_hf.py, the trainer's --lm-load), on tiny random models
 The converted GPT's logits equal the HF model's at TP=1, TP=2 and PP=2 (fp32; the two compute
 the same sums in another order, so they agree to a few float32 ulps of the logits' scale);
 HF -> Megatron -> HF gives the same tensors bit for bit; a converted CLIP tower loaded by
---vit-load gives HF's features; --lm-load puts the converted weights
+--vit-load gives HF's features, and so does a converted SigLIP tower; --lm-load puts the converted weights
 into the trainer's language model, growing the vocabulary where the run's tokenizer needs it.
 """
 
@@ -24,6 +24,10 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     Qwen2Config,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 from megatron_prior.testing import run_on_ranks
@@ -294,6 +298,50 @@ def test_clip_tower_features_equal_hf_at_tp2(converted, tp2):
     for _, rank in tp2:
         for name, features in zip(CLIPS, rank):
             _assert_logits(features, converted["reference"][name])
+
+
+# A SigLIP tower of the same size: gelu_pytorch_tanh, LayerNorm eps 1e-6, an attention-pooling head.
+SIGLIP_VISION = dict(CLIP_VISION, hidden_act="gelu_pytorch_tanh")
+
+
+def _convert_siglips(root: str) -> tuple:
+    """Each SigLIP converted (vision-only at -1, a full SiglipModel at -2) and its features through
+    --vit-load at a world of one; the refusal of a feature layer the tower lacks."""
+    from megatron_prior import parallel
+    from megatron_prior.convert import ConversionError, convert_hf_to_megatron
+
+    parallel.initialize()
+    configs = {name: convert_hf_to_megatron(Path(root) / name / "hf", Path(root) / name / "ckpt",
+                                            vision_feature_layer=layer).to_dict()
+               for name, layer in (("siglip-vision", -1), ("siglip-full", -2))}
+    with pytest.raises(ConversionError) as refused:
+        convert_hf_to_megatron(Path(root) / "siglip-vision" / "hf", Path(root) / "z", vision_feature_layer=-4)
+    return configs, _vit_features([str(Path(root) / n / "ckpt") for n in configs]), str(refused.value)
+
+
+def test_siglip_tower_features_equal_hf(tmp_path):
+    torch.manual_seed(6)
+    vision = _perturbed(SiglipVisionModel(SiglipVisionConfig(**SIGLIP_VISION)))
+    full = _perturbed(SiglipModel(SiglipConfig(vision_config=SIGLIP_VISION, text_config=dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))))
+    vision.save_pretrained(tmp_path / "siglip-vision" / "hf")
+    full.save_pretrained(tmp_path / "siglip-full" / "hf")
+    ((configs, features, refused),) = run_on_ranks(_convert_siglips, 1, str(tmp_path))
+    with torch.no_grad():
+        # megatron-core's siglip encoder ends with the post-LayerNorm: HF's last_hidden_state, and at
+        # -2 the post-LayerNorm of hidden_states[-2] (not the un-normed states HF LLaVA would read).
+        reference = [vision(_images()).last_hidden_state,
+                     full.vision_model.post_layernorm(
+                         full.vision_model(_images(), output_hidden_states=True).hidden_states[-2])]
+    c = configs["siglip-vision"]
+    assert (c["vision_model_type"], c["vit_activation"], c["vit_norm_epsilon"]) == ("siglip", "gelu_tanh", 1e-6)
+    assert c["image_mean"] == c["image_std"] == [0.5, 0.5, 0.5]  # SigLIP's pixel normalisation
+    assert (c["vit_num_layers"], configs["siglip-full"]["vit_num_layers"]) == (3, 2)
+    for got, ref in zip(features, reference):
+        assert got.shape == ref.shape == (2, 16, 32)  # 16 patches, no class token
+        _assert_logits(got, ref)
+    assert "--vision-feature-layer -4 of 3 layers" in refused
+    assert str(tmp_path / "siglip-vision" / "hf" / "config.json") in refused
 
 
 def test_hlvlm_exports_as_llava_with_the_same_logits(converted):

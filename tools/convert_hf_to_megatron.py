@@ -3,6 +3,9 @@
 
 A CLIP model (CLIPVisionModel, or a full CLIPModel whose vision tower is taken) becomes the
 H-LVLM's vision encoder for --vit-load (with --vision-feature-layer -2 as LLaVA-1.5 reads it).
+So does a SigLIP model (SiglipVisionModel or SiglipModel), as megatron-core's siglip encoder: its
+features are the post-LayerNormed hidden states of the feature layer (HF's last_hidden_state at
+-1); its attention-pooling head is not part of them and is left out.
 
 A Llama-family causal LM (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; SmolLM2 is a
 Llama) becomes a checkpoint of the ``gpt`` architecture: ``--lm-load`` initialises the language
@@ -19,6 +22,7 @@ Example:
   python tools/convert_hf_to_megatron.py --hf-dir hf/Llama-3.2-3B --output ckpt/llama-3.2-3b
   python tools/convert_hf_to_megatron.py --hf-dir hf/clip-vit-large-patch14-336 --output ckpt/clip-l336 \
       --vision-feature-layer -2
+  python tools/convert_hf_to_megatron.py --hf-dir hf/siglip-base-patch16-224 --output ckpt/siglip-b16
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes it); a hub id is refused: download it first")
     parser.add_argument("--output", required=True, help="checkpoint directory to create (must not hold one)")
     parser.add_argument("--vision-feature-layer", type=int, default=-1,
-                        help="CLIP: the layer whose hidden states are the image features, as HF LLaVA counts (-1: "
-                             "the last, -2: the one before, LLaVA-1.5's choice); the layers after it are left out")
+                        help="CLIP/SigLIP: the layer whose hidden states are the image features, as HF LLaVA counts "
+                             "(-1: the last, -2: the one before, LLaVA-1.5's choice); the layers after it are left "
+                             "out (SigLIP's post-LayerNorm then applies to that layer's output)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the checkpoint's tensors (default: the model's own, copied bit for bit)")
     return parser

@@ -1,78 +1,118 @@
-"""A Hugging Face CLIP vision tower as the H-LVLM's vision encoder (``--vit-load``).
+"""A Hugging Face CLIP or SigLIP vision tower as the H-LVLM's vision encoder (``--vit-load``).
 
-megatron-core's ``CLIPViTModel`` (``vision_model_type="clip"``, what ``LLaVAModel`` builds for
-the H-LVLM) is OpenAI CLIP's vision transformer: a bias-free patch convolution, a class token,
-learned positions, the pre-LayerNorm (``ln_pre``), pre-norm layers with biased q/k/v, output
-and MLP projections, and (with ``vit_activation="quick_gelu"``) CLIP's quick GELU. Its output is
-the last layer's hidden states without the post-LayerNorm, HF's ``last_hidden_state``;
-``vision_feature_layer=-2`` keeps all layers but the last, the features LLaVA-1.5 reads.
+megatron-core's ``CLIPViTModel`` (what ``LLaVAModel`` builds for the H-LVLM) has a subtype for each:
+
+- ``clip``: OpenAI CLIP's vision transformer: a bias-free patch convolution, a class token,
+  learned positions, the pre-LayerNorm (``ln_pre``), pre-norm layers with biased q/k/v, output
+  and MLP projections, and (with ``vit_activation="quick_gelu"``) CLIP's quick GELU. Its output
+  is the last layer's hidden states without the post-LayerNorm: HF's ``last_hidden_state``, and
+  with ``vision_feature_layer=-2`` (all layers but the last) ``hidden_states[-2]``, the features
+  LLaVA-1.5 reads.
+- ``siglip``: no class token, a patch convolution with bias, learned positions, no ``ln_pre``,
+  the same layers with GELU's tanh approximation (HF's ``gelu_pytorch_tanh``), and the
+  post-LayerNorm, which megatron-core always applies after its last layer. So the features are
+  HF's ``last_hidden_state`` (``post_layernorm(hidden_states[-1])``), and with
+  ``vision_feature_layer=-k`` ``post_layernorm(hidden_states[-k])``: the ``last_hidden_state``
+  of the tower cut after that layer. HF LLaVA's own reading of a SigLIP tower,
+  ``hidden_states[k]`` without the post-LayerNorm, is not what this encoder computes. SigLIP's
+  attention-pooling head gives one vector per image, not LLaVA-style patch features: it is
+  left out.
 
 The checkpoint holds only the ``vision_model.*`` tensors of an H-LVLM, keyed as the H-LVLM keys
 them, so ``--vit-load`` reads it at any tensor-parallel size. Its ``model_config.json`` is an
 ``hlvlm`` config whose ViT fields, ``image_size`` and ``patch_size`` describe the tower; the
-language model fields are placeholders (``extra["contents"]`` says so). It records OpenAI CLIP's
-pixel mean and std, which the trainer then applies to every image (the tower was trained on them).
+language model fields are placeholders (``extra["contents"]`` says so). It records the tower's
+pixel mean and std (OpenAI CLIP's, or SigLIP's 0.5 and 0.5), which the trainer then applies to
+every image (the tower was trained on them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from transformers import PretrainedConfig
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from megatron_prior.convert.hf import QKV, ConversionError, SafetensorsFiles, TensorMap, check_names, write_checkpoint
 from megatron_prior.models.config import ModelConfig
 
 log = logging.getLogger("megatron_prior.convert")
 
-CLIP_TYPES = ("clip", "clip_vision_model")
 PREFIX = "vision_model."
-ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}  # HF's hidden_act -> ModelConfig.vit_activation
+
+
+@dataclass(frozen=True)
+class Tower:
+    """What tells a CLIP tower from a SigLIP one: their model types (the full model's first),
+    megatron-core's subtype, HF's activations, the pixel normalisation their image processors
+    apply, and the embedding tensors (megatron-core name, HF name under the tower's prefix)."""
+
+    name: str
+    model_types: tuple[str, str]
+    vision_model_type: str
+    activations: dict[str, str]  # HF's hidden_act -> ModelConfig.vit_activation
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    embeddings: tuple[tuple[str, str], ...]
+
+
+CLIP = Tower("CLIP", ("clip", "clip_vision_model"), "clip", {"quick_gelu": "quick_gelu", "gelu": "gelu"},
+             tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD),
+             (("conv1.weight", "embeddings.patch_embedding.weight"), ("class_token", "embeddings.class_embedding"),
+              ("position_embeddings.weight", "embeddings.position_embedding.weight"),
+              ("ln_pre.weight", "pre_layrnorm.weight"), ("ln_pre.bias", "pre_layrnorm.bias")))
+SIGLIP = Tower("SigLIP", ("siglip", "siglip_vision_model"), "siglip",
+               {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"},
+               tuple(IMAGENET_STANDARD_MEAN), tuple(IMAGENET_STANDARD_STD),
+               (("conv1.weight", "embeddings.patch_embedding.weight"),
+                ("conv1.bias", "embeddings.patch_embedding.bias"),
+                ("position_embeddings.weight", "embeddings.position_embedding.weight"),
+                ("ln_post.weight", "post_layernorm.weight"), ("ln_post.bias", "post_layernorm.bias")))
+TOWERS = {model_type: tower for tower in (CLIP, SIGLIP) for model_type in tower.model_types}
+TOWER_TYPES = tuple(TOWERS)
 
 
 def vision_config_of(hf: PretrainedConfig) -> PretrainedConfig:
-    """The vision tower's config of a CLIPModel or CLIPVisionModel config."""
-    return hf.vision_config if hf.model_type == "clip" else hf
+    """The vision tower's config of a full (CLIPModel, SiglipModel) or vision-only model config."""
+    return hf.vision_config if hf.model_type == TOWERS[hf.model_type].model_types[0] else hf
 
 
 def vit_config_from_hf(hf: PretrainedConfig, where: Path, vision_feature_layer: int = -1) -> ModelConfig:
-    """The ``hlvlm`` ModelConfig whose vision encoder is this CLIP tower (its first layers up to
+    """The ``hlvlm`` ModelConfig whose vision encoder is this tower (its first layers up to
     ``vision_feature_layer``, HF LLaVA's convention: -1 all, -2 all but the last)."""
-    vc = vision_config_of(hf)
+    tower, vc = TOWERS[hf.model_type], vision_config_of(hf)
     layers = vc.num_hidden_layers + 1 + vision_feature_layer
     problems = []
-    if vc.hidden_act not in ACTIVATIONS:
-        problems.append(f"hidden_act {vc.hidden_act!r} (quick_gelu or gelu)")
+    if vc.hidden_act not in tower.activations:
+        problems.append(f"hidden_act {vc.hidden_act!r} ({' or '.join(tower.activations)})")
     if vc.intermediate_size != 4 * vc.hidden_size:
         problems.append(f"intermediate_size {vc.intermediate_size} (the ViT's MLP is 4 x hidden_size "
                         f"= {4 * vc.hidden_size})")
-    if vc.layer_norm_eps != 1e-5:
-        problems.append(f"layer_norm_eps {vc.layer_norm_eps} (the ViT's LayerNorm takes 1e-5)")
     if getattr(vc, "num_channels", 3) != 3:
         problems.append(f"num_channels {vc.num_channels} (RGB images)")
     if not 1 <= layers <= vc.num_hidden_layers:
         problems.append(f"--vision-feature-layer {vision_feature_layer} of {vc.num_hidden_layers} layers")
     if problems:
-        raise ConversionError(f"{where}: cannot convert the CLIP vision tower: " + "; ".join(problems))
+        raise ConversionError(f"{where}: cannot convert the {tower.name} vision tower: " + "; ".join(problems))
     return ModelConfig(
         arch="hlvlm", vocab_size=128, max_position_embeddings=None, seq_length=1, image_token_id=0,
-        image_size=vc.image_size, patch_size=vc.patch_size, vit_num_layers=layers, vit_hidden_size=vc.hidden_size,
-        vit_num_attention_heads=vc.num_attention_heads, vit_activation=ACTIVATIONS[vc.hidden_act],
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-        extra={"contents": "vision_model only (a converted CLIP tower); the language model fields are placeholders"})
+        image_size=vc.image_size, patch_size=vc.patch_size, vision_model_type=tower.vision_model_type,
+        vit_num_layers=layers, vit_hidden_size=vc.hidden_size, vit_num_attention_heads=vc.num_attention_heads,
+        vit_activation=tower.activations[vc.hidden_act], vit_norm_epsilon=vc.layer_norm_eps,
+        image_mean=list(tower.mean), image_std=list(tower.std),
+        extra={"contents": f"vision_model only (a converted {tower.name} tower); "
+                           "the language model fields are placeholders"})
 
 
 def tensor_map(cfg: ModelConfig, source_prefix: str) -> TensorMap:
     m, h = PREFIX, source_prefix
-    out = [(m + "conv1.weight", (h + "embeddings.patch_embedding.weight",)),
-           (m + "class_token", (h + "embeddings.class_embedding",)),
-           (m + "position_embeddings.weight", (h + "embeddings.position_embedding.weight",))]
-    out += [(m + f"ln_pre.{k}", (h + f"pre_layrnorm.{k}",)) for k in ("weight", "bias")]
+    tower = TOWERS[cfg.vision_model_type]
+    out = [(m + ours, (h + theirs,)) for ours, theirs in tower.embeddings]
     for i in range(cfg.vit_num_layers):
         ml, hl = f"{m}decoder.layers.{i}.", f"{h}encoder.layers.{i}."
         for k in ("weight", "bias"):
@@ -85,27 +125,28 @@ def tensor_map(cfg: ModelConfig, source_prefix: str) -> TensorMap:
     return out
 
 
-def convert_clip_to_megatron(path: Path, hf: PretrainedConfig, output: str | os.PathLike,
-                             dtype: Optional[torch.dtype] = None, vision_feature_layer: int = -1) -> ModelConfig:
-    """Write the CLIP vision tower in ``path`` as a checkpoint ``--vit-load`` reads (world of one)."""
+def convert_tower_to_megatron(path: Path, hf: PretrainedConfig, output: str | os.PathLike,
+                              dtype: Optional[torch.dtype] = None, vision_feature_layer: int = -1) -> ModelConfig:
+    """Write the CLIP or SigLIP vision tower in ``path`` as a checkpoint ``--vit-load`` reads (world of one)."""
     cfg = vit_config_from_hf(hf, path / "config.json", vision_feature_layer)
     files = SafetensorsFiles(path)
-    # A CLIPModel (and transformers 4's CLIPVisionModel) keys the tower under vision_model.
-    source = PREFIX if PREFIX + "embeddings.class_embedding" in files.where else ""
+    # A full model (and transformers 4's vision-only one) keys the tower under vision_model.
+    source = PREFIX if PREFIX + "embeddings.position_embedding.weight" in files.where else ""
     mapping = tensor_map(cfg, source)
     kept = tuple(f"{source}encoder.layers.{i}." for i in range(cfg.vit_num_layers))
-    embeddings_and_layers = (source + "embeddings.", source + "pre_layrnorm.", source + "encoder.")
 
     def ignored(name: str) -> bool:
-        # The text tower, projections, post-LayerNorm, the layers past the feature layer and
-        # the position_ids buffer older files saved: none is part of the encoder.
-        return (not name.startswith(embeddings_and_layers) or name.endswith("position_ids")
+        # The text tower, projections, CLIP's post-LayerNorm, SigLIP's pooling head, the layers
+        # past the feature layer and the position_ids buffer older files saved: none is part of
+        # the encoder.
+        return (not name.startswith((source + "embeddings.", source + "encoder.")) or name.endswith("position_ids")
                 or (name.startswith(source + "encoder.") and not name.startswith(kept)))
 
-    check_names(mapping, files, path, ignored, f"{cfg.vit_num_layers} layers of a CLIP vision tower")
+    tower = TOWERS[cfg.vision_model_type]
+    check_names(mapping, files, path, ignored, f"{cfg.vit_num_layers} layers of a {tower.name} vision tower")
     dtype = dtype or files.dtype(source + "embeddings.patch_embedding.weight")
-    log.info("%s: CLIP vision tower, %d of %d layers, hidden %d, %d heads, %dpx images in %dpx patches, %s -> %s",
-             path, cfg.vit_num_layers, vision_config_of(hf).num_hidden_layers, cfg.vit_hidden_size,
+    log.info("%s: %s vision tower, %d of %d layers, hidden %d, %d heads, %dpx images in %dpx patches, %s -> %s",
+             path, tower.name, cfg.vit_num_layers, vision_config_of(hf).num_hidden_layers, cfg.vit_hidden_size,
              cfg.vit_num_attention_heads, cfg.image_size, cfg.patch_size, dtype, output)
     qkv = QKV.of(cfg.vit_hidden_size, cfg.vit_num_attention_heads, None)
     write_checkpoint(output, cfg, files, mapping, qkv, dtype,

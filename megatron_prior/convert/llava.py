@@ -39,13 +39,19 @@ def convert_hlvlm_to_llava(load: str | os.PathLike, output: str | os.PathLike,
     """Write the H-LVLM checkpoint in ``load`` as a LLaVA directory (world of one)."""
     ckpt = checkpoint_dir(load)
     cfg = read_model_config(ckpt)
+    if cfg.vision_model_type != "clip":
+        # HF LLaVA reads a SigLIP tower's hidden states without its post-LayerNorm, which
+        # megatron-core's siglip encoder always applies: the export would compute other features.
+        raise ConversionError(f"{ckpt}: an H-LVLM with a {cfg.vision_model_type} vision encoder; the LLaVA export "
+                              "takes CLIP towers")
     dtype = llama.saved_dtype(ckpt, LM + "embedding.word_embeddings.weight")
     # The language model alone is a GPT: the same rules say whether HF Llama expresses it.
     text_config = llama.hf_config_from_gpt(dataclasses.replace(cfg, arch="gpt"), dtype, ckpt / "model_config.json")
     vision_config = CLIPVisionConfig(
         hidden_size=cfg.vit_hidden_size, intermediate_size=4 * cfg.vit_hidden_size,
         num_hidden_layers=cfg.vit_num_layers, num_attention_heads=cfg.vit_num_attention_heads,
-        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act=cfg.vit_activation, layer_norm_eps=1e-5)
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act=cfg.vit_activation,
+        layer_norm_eps=cfg.vit_norm_epsilon)
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=cfg.image_token_id,
         image_seq_length=cfg.image_sequence_length, vision_feature_layer=-1,

@@ -49,11 +49,15 @@ class ModelConfig:
     image_size: int = 32
     patch_size: int = 8
     image_token_id: Optional[int] = None
-    # H-LVLM vision encoder (a CLIP-style ViT) and its MLP projector.
+    # H-LVLM vision encoder (a CLIP-style ViT) and its MLP projector. vision_model_type is
+    # megatron-core's CLIPViTModel subtype: "clip" (class token, ln_pre) or "siglip" (no class
+    # token, patch convolution with bias, post-LayerNorm).
+    vision_model_type: str = "clip"
     vit_num_layers: int = 2
     vit_hidden_size: int = 64
     vit_num_attention_heads: int = 4
-    vit_activation: str = "gelu"  # quick_gelu: OpenAI CLIP's (a converted CLIP tower)
+    vit_activation: str = "gelu"  # quick_gelu: OpenAI CLIP's; gelu_tanh: SigLIP's (converted towers)
+    vit_norm_epsilon: float = 1e-5  # SigLIP's LayerNorms take 1e-6
     # Pixels reach the model as (pixel / 255 - mean) / std per channel: a pretrained vision
     # encoder's own normalisation (CLIP's); the defaults leave [0, 1] pixels as they are.
     image_mean: list = field(default_factory=lambda: [0.0, 0.0, 0.0])

@@ -1,8 +1,9 @@
 """H-LVLM: megatron-core's LLaVAModel (CLIP-style ViT + MLP projector + GPT), and the ``hlvlm``
-architecture.
+architecture. The ViT is megatron-core's CLIPViTModel of ``ModelConfig.vision_model_type``:
+OpenAI CLIP's layout or SigLIP's.
 
 The text enters with the tokenizer's ``<image>`` id at position 0; LLaVAModel replaces it
-by the ViT's patch embeddings (class token dropped), so the language model sees
+by the ViT's patch embeddings (CLIP's class token dropped; SigLIP has none), so the language model sees
 ``image_sequence_length - 1 + text_length`` positions. The vision encoder sits on the first
 pipeline stage, as in Megatron-LM's pretrain_vlm.
 
@@ -24,7 +25,7 @@ from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.activations import quick_gelu
+from megatron.core.activations import fast_gelu, quick_gelu
 from megatron.core.transformer.mlp import MLPSubmodules
 
 from megatron_prior.models.arch import Arch, BuildContext, register
@@ -32,8 +33,10 @@ from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.gpt import layer_spec, rotary_kwargs, transformer_config
 
 
-# The ViT's MLP activation by ModelConfig.vit_activation.
-VIT_ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu}
+# The ViT's MLP activation by ModelConfig.vit_activation (gelu_tanh: GELU's tanh approximation,
+# HF's gelu_pytorch_tanh, SigLIP's).
+VIT_ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "quick_gelu": quick_gelu, "gelu_tanh": fast_gelu}
+VISION_MODEL_TYPES = ("clip", "siglip")
 
 
 class HLVLM(LLaVAModel):
@@ -63,9 +66,10 @@ def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContex
         raise ValueError("H-LVLM (LLaVAModel) does not support virtual pipeline stages")
     vision_config = transformer_config(num_layers=cfg.vit_num_layers, hidden_size=cfg.vit_hidden_size,
                                        num_attention_heads=cfg.vit_num_attention_heads, bf16=ctx.bf16,
-                                       pipelined=False, activation_func=VIT_ACTIVATIONS[cfg.vit_activation])
+                                       pipelined=False, activation_func=VIT_ACTIVATIONS[cfg.vit_activation],
+                                       layernorm_epsilon=cfg.vit_norm_epsilon)
     # Megatron-LM's training arguments put this on the config; LLaVAModel reads it.
-    vision_config.vision_model_type = "clip"
+    vision_config.vision_model_type = cfg.vision_model_type
     # An MLP has no heads; the language model's count satisfies the TP divisibility check.
     projector_config = transformer_config(num_layers=1, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.hidden_size,
                                           num_attention_heads=cfg.num_attention_heads, bf16=ctx.bf16,
@@ -77,7 +81,7 @@ def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContex
         language_max_sequence_length=cfg.max_position_embeddings,
         vision_transformer_config=vision_config,
         vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
-        drop_vision_class_token=True,
+        drop_vision_class_token=cfg.vision_model_type == "clip",  # SigLIP has no class token to drop
         vision_projection_config=projector_config,
         vision_projection_layer_spec=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
         parallel_output=True,
@@ -106,6 +110,8 @@ def validate_config(cfg: ModelConfig) -> list[str]:
         problems.append(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
     if cfg.image_token_id is None:
         problems.append(f"arch {cfg.arch} needs image_token_id (the tokenizer's <image> id)")
+    if cfg.vision_model_type not in VISION_MODEL_TYPES:
+        problems.append(f"vision_model_type {cfg.vision_model_type!r} is not one of {list(VISION_MODEL_TYPES)}")
     if cfg.vit_activation not in VIT_ACTIVATIONS:
         problems.append(f"vit_activation {cfg.vit_activation!r} is not one of {sorted(VIT_ACTIVATIONS)}")
     if cfg.vit_hidden_size % cfg.vit_num_attention_heads:
@@ -114,7 +120,7 @@ def validate_config(cfg: ModelConfig) -> list[str]:
 
 
 def image_sequence_length(cfg: ModelConfig) -> int:
-    return cfg.patches_per_side ** 2  # the ViT's patch tokens (class token dropped)
+    return cfg.patches_per_side ** 2  # the ViT's patch tokens (CLIP's class token dropped)
 
 
 def check_args(args: argparse.Namespace) -> Optional[str]:

@@ -440,20 +440,23 @@ LM_SHAPE_DEFAULTS = dict(position_embedding_type="rope", untie_embeddings_and_ou
                          disable_bias_linear=False, add_qkv_bias=False)
 
 
-# The H-LVLM's vision encoder, likewise from --vit-load (vit_activation and the pixel normalisation
-# have no flags: they come with the encoder's checkpoint, e.g. a converted CLIP's quick GELU and
-# CLIP's mean and std).
+# The H-LVLM's vision encoder, likewise from --vit-load (the encoder type, vit_activation, its
+# LayerNorm epsilon and the pixel normalisation have no flags: they come with the encoder's
+# checkpoint, e.g. a converted CLIP's quick GELU and CLIP's mean and std, or SigLIP's).
 VIT_SHAPE_FLAGS: dict[str, Callable[[ModelConfig], Any]] = {
     "vit_num_layers": lambda c: c.vit_num_layers,
     "vit_hidden_size": lambda c: c.vit_hidden_size,
     "vit_num_attention_heads": lambda c: c.vit_num_attention_heads,
     "patch_size": lambda c: c.patch_size,
+    "vision_model_type": lambda c: c.vision_model_type,
     "vit_activation": lambda c: c.vit_activation,
+    "vit_norm_epsilon": lambda c: c.vit_norm_epsilon,
     "image_mean": lambda c: c.image_mean,
     "image_std": lambda c: c.image_std,
 }
 VIT_SHAPE_DEFAULTS = dict(vit_num_layers=2, vit_hidden_size=64, vit_num_attention_heads=4, patch_size=8,
-                          vit_activation="gelu", image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+                          vision_model_type="clip", vit_activation="gelu", vit_norm_epsilon=1e-5,
+                          image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
 
 
 def _shape_from_checkpoint(args: argparse.Namespace, flag: str, fields: dict) -> ModelConfig:
