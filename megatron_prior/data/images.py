@@ -285,16 +285,36 @@ def open_image_store(path: str, expected: Optional[dict] = None) -> AnyImageStor
     return (EncodedImageStore if magic == ENCODED_MAGIC else ImageStore)(path, expected)
 
 
-class ImageStoreWriter:
+class _StoreWriter:
+    """A store file whose header holds the image count: written first with 0, rewritten on close."""
+
+    def __init__(self, path: str, height: int, width: int, aspect: Optional[str]) -> None:
+        self.path, self.height, self.width, self.aspect, self.count = path, height, width, aspect, 0
+        self._file = open(path, "wb")
+        self._file.write(self._header())
+
+    def _header(self) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Write the final count into the header."""
+        self._file.seek(0)
+        self._file.write(self._header())
+        self._file.close()
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class ImageStoreWriter(_StoreWriter):
     """Appends decoded images of one size to a raw store at ``path`` (the caller renames it
     into place)."""
 
     kind = "raw"
 
     def __init__(self, path: str, height: int, width: int, aspect: Optional[str] = None) -> None:
-        self.path, self.height, self.width, self.aspect, self.count = path, height, width, aspect, 0
-        self._file = open(path, "wb")
-        self._file.write(self._header())
+        super().__init__(path, height, width, aspect)
 
     def _header(self) -> bytes:
         header = MAGIC + _FIELDS.pack(VERSION, self.count, self.height, self.width, 3, UINT8_CODE)
@@ -322,18 +342,8 @@ class ImageStoreWriter:
             self._file.write(chunk.tobytes())
             self.count += len(chunk)
 
-    def close(self) -> None:
-        """Write the final count into the header."""
-        self._file.seek(0)
-        self._file.write(self._header())
-        self._file.close()
 
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-
-class EncodedImageStoreWriter:
+class EncodedImageStoreWriter(_StoreWriter):
     """Appends encoded images to an encoded store at ``path`` (the caller renames it into
     place); bytes identical to an image already written are stored once."""
 
@@ -342,9 +352,7 @@ class EncodedImageStoreWriter:
     def __init__(self, path: str, height: int, width: int, aspect: str) -> None:
         if aspect not in ASPECTS:
             raise ValueError(f"image aspect {aspect!r}: expected one of {', '.join(ASPECTS)}")
-        self.path, self.height, self.width, self.aspect, self.count = path, height, width, aspect, 0
-        self._file = open(path, "wb")
-        self._file.write(self._header())
+        super().__init__(path, height, width, aspect)
         self._index: list[tuple[int, int]] = []
         self._end = 0
         self._seen: dict[bytes, int] = {}  # blake2b digest -> offset of those bytes
@@ -381,13 +389,7 @@ class EncodedImageStoreWriter:
     def close(self) -> None:
         """Write the index after the blobs and the final count into the header."""
         self._file.write(np.asarray(self._index, dtype="<u8").reshape(-1, 2).tobytes())
-        self._file.seek(0)
-        self._file.write(self._header())
-        self._file.close()
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        super().close()
 
 
 def image_store_writer(path: str, kind: str, height: int, width: int,
