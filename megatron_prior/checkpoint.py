@@ -48,6 +48,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import merge, nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factory_merges
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
     _replace_sharded_keys_with_state_dict_keys,
@@ -408,6 +409,12 @@ def save(save_dir: str | os.PathLike, iteration: int, sharded_state: dict, model
             shutil.rmtree(tmp)  # debris of an interrupted save
         tmp.mkdir()
     _barrier()
+    # The torch_dist writer hands its results over a multiprocessing.Manager queue, made once
+    # per process. megatron-core's default starts that Manager with "spawn": a fresh
+    # interpreter that re-imports the training script (about 9 s of CPU on first save here).
+    # Saves are synchronous, so the queue never crosses to another writer process: a Manager
+    # forked from this one serves it as well and starts in about 0.1 s.
+    get_write_results_queue(mp_mode="fork")
     dist_checkpointing.save(sharded_state, str(tmp))
     if _rank() == 0:
         atomic_write_text(tmp / MODEL_CONFIG, model_config.to_json(), fsync=True)
