@@ -72,3 +72,15 @@ def test_headline_is_declared():
 def test_bad_settings_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit, match=message):
         pipeline.main([*argv, "--output-dir", "/nonexistent/never-made"])
+
+
+def test_every_lvlm_starts_from_the_text_only_reference():
+    """The reference has the LVLMs' language-model shape and is every LVLM run's --lm-load."""
+    _, steps = _steps()
+    shape = ("--num-layers", "--hidden-size", "--num-attention-heads")
+    trains = [n for n in steps if n.startswith("train_")]
+    assert trains
+    for name in trains:
+        assert _flag(steps[name], "--lm-load") == str(pipeline.DemoPaths.reference), name
+        assert [_flag(steps[name], f) for f in shape] == [_flag(steps["reference"], f) for f in shape], name
+    assert "--lm-load" not in steps["reference"] and "--lm-load" not in steps["vit_warmup"]

@@ -122,6 +122,12 @@ def _work(corpus: dict, ckpt_root: str) -> dict:
                                           "--data-path", corpus["data"], "--probe", os.path.join(root, "gen/probe.jsonl"),
                                           "--output", os.path.join(load, "eval.json"), "--no-progress"])
         out[arch]["cli_file"] = json.loads(open(os.path.join(load, "eval.json")).read())
+    # Both runs in one process: each file as its own process wrote it.
+    loads = [os.path.join(ckpt_root, arch) for arch in ("ulvlm", "hlvlm")]
+    eval_run.main(["--load", *loads, "--tokenizer-model", corpus["tokenizer"], "--data-path", corpus["data"],
+                   "--probe", os.path.join(root, "gen/probe.jsonl"),
+                   "--output", *(os.path.join(d, "eval_together.json") for d in loads), "--no-progress"])
+    out["together"] = [json.loads(open(os.path.join(d, "eval_together.json")).read()) for d in loads]
     load = os.path.join(ckpt_root, "ulvlm")
     out["all"] = eval_run.main(["--load", load, "--tokenizer-model", corpus["tokenizer"], "--data-path", corpus["data"],
                                 "--output", os.path.join(load, "eval_all.json"), "--all-checkpoints", "--no-progress"])
@@ -207,3 +213,20 @@ def test_cli_refuses_nothing_to_do(tmp_path):
 
     with pytest.raises(SystemExit):
         eval_run.main(["--load", str(tmp_path), "--tokenizer-model", "x", "--output", str(tmp_path / "e.json")])
+
+
+def test_cli_evaluates_several_runs_in_one_process_as_each_alone(scored):
+    for arch, together in zip(("ulvlm", "hlvlm"), scored["together"]):
+        alone = scored[arch]["cli_file"]
+        assert together.keys() == alone.keys()
+        assert {k: v for k, v in together.items() if k != "wall_time_s"} == \
+            {k: v for k, v in alone.items() if k != "wall_time_s"}, arch
+
+
+def test_cli_refuses_outputs_that_do_not_pair_with_loads(tmp_path, capsys):
+    from megatron_prior.eval import run as eval_run
+
+    with pytest.raises(SystemExit):
+        eval_run.main(["--load", str(tmp_path / "a"), str(tmp_path / "b"), "--tokenizer-model", "x",
+                       "--probe", "p.jsonl", "--output", str(tmp_path / "e.json")])
+    assert "2 --load directories but 1 --output files" in capsys.readouterr().err

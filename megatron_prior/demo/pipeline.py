@@ -17,8 +17,12 @@ folder (default ``demo_output/``):
 3. ``text_data``: tokens, kinds and images of the training set with unigram scores
    (``tools/preprocess_with_weights.py --reference-type unigram``) -> ``work/unigram/``, the
    input of the two pre-training runs below;
-4. ``reference``: the text-only reference LM, a GPT trained with NTP on the training
-   captions (``megatron_prior.train --model gpt``) -> ``runs/reference/``;
+4. ``reference``: the text-only language model, a GPT of the LVLMs' language-model shape
+   trained with NTP on the training captions (``megatron_prior.train --model gpt``) ->
+   ``runs/reference/``. It has two roles, as a pretrained LLM has in the paper's setting: PRIOR's
+   reference (it scores the captions) and the starting point of every LVLM's language model
+   (``--lm-load``), so NTP and PRIOR runs begin from a model that already knows the captions'
+   text and differ only in what they then learn from the image;
 5. ``vit_warmup``: an H-LVLM trained with NTP on the training images and captions, whose
    vision encoder the H-LVLM runs load and freeze (the "pre-trained, then frozen" ViT);
 6. ``score_train``/``score_heldout``: tokens + reference log-probs + kinds + images
@@ -28,7 +32,8 @@ folder (default ``demo_output/``):
    seed gives the same initialisation and data order to every loss; each run saves a checkpoint
    at every ``1/num_checkpoints`` of its iterations (``--save-interval``);
 8. ``eval_*``: held-out loss by token kind and POPE-style probe accuracy per run, at each of its
-   checkpoints (``megatron_prior.eval.run --all-checkpoints``) -> ``runs/*/eval.json``;
+   checkpoints (``megatron_prior.eval.run --all-checkpoints``, the runs of one architecture and
+   seed in one process) -> ``runs/*/eval.json``;
 9. ``report``: ``results.md``, ``results.json``, ``checkpoint_curves.png``, ``loss_curves.png``,
    ``token_weights.png``.
 
@@ -93,12 +98,11 @@ class DemoSettings:
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
-    reference_size: str = "tiny"    # the text-only reference GPT
     global_batch_size: int = 32
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 20
-    reference_seq_length: int = 64
+    reference_seq_length: int = 64   # the reference trains on whole captions (up to ~57 tokens with EOD)
     reference_lr: float = 3e-3
     log_interval: int = 10
     eval_batch_size: int = 100
@@ -184,19 +188,31 @@ def run_specs(s: DemoSettings) -> list[RunSpec]:
             for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]]
 
 
+def _eval_groups(specs: Sequence[RunSpec]) -> dict[tuple[str, int], list[RunSpec]]:
+    """The runs of each (architecture, seed), in ``specs``' order."""
+    groups: dict[tuple[str, int], list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.arch, spec.seed), []).append(spec)
+    return groups
+
+
 def _preprocess(split: str, prefix: Path, reference: Optional[Path], s: DemoSettings) -> list[str]:
     """The split's webdataset shards (the generator's) through the path a user's shards take."""
     ref = ["--reference-type", "gpt", "--reference-load", str(reference)] if reference else ["--reference-type", "unigram"]
     return [PREPROCESS, "--input", str(DemoPaths.data / f"{split}-*.tar"), "--json-keys", "caption",
             "--tokenizer-model", str(DemoPaths.tokenizer), "--append-eod", "--output-prefix", str(prefix), *ref,
-            "--kinds-key", "kinds", "--image-size", str(s.image_size), "--log-interval", "100000"]
+            "--kinds-key", "kinds", "--image-size", str(s.image_size), "--log-interval", "100000",
+            # 32x32 images: decoded pixels (3 KB each) are read ~30x faster per image than
+            # PNG bytes are decoded, and every LVLM run reads each image ~2.4 times.
+            "--image-store", "raw"]
 
 
 def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: DemoSettings,
            extra: Sequence[str] = ()) -> list[str]:
     lvlm = get_arch(model).needs_images
-    size = (["--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
-             "--num-attention-heads", str(s.num_attention_heads)] if lvlm else ["--model-size", s.reference_size])
+    # The reference has the LVLMs' language-model shape: it is also their initial language model.
+    size = ["--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
+            "--num-attention-heads", str(s.num_attention_heads)]
     return ["-m", "megatron_prior.train", "--model", model, *size,
             "--seq-length", str(s.seq_length if lvlm else s.reference_seq_length),
             "--micro-batch-size", str(s.global_batch_size), "--global-batch-size", str(s.global_batch_size),
@@ -227,7 +243,8 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         Step("text_data", "tokenize the training set (unigram scores) for the pre-training runs",
              L.preprocessed(L.unigram_prefix), _preprocess("train", L.unigram_prefix, None, s),
              deps=["tokenizer"]),
-        Step("reference", "train the text-only reference LM (GPT, NTP)", [L.reference / "summary.json"],
+        Step("reference", "train the text-only LM (GPT, NTP): PRIOR's reference and the LVLMs' initial LM",
+             [L.reference / "summary.json"],
              _train("gpt", L.reference, L.unigram_prefix, s.data_seed, s.reference_iters, s,
                     ["--loss", "ntp", "--log-interval", "50"]),
              deps=["text_data"], clean=[L.reference]),
@@ -248,16 +265,23 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         loss = ["--loss", spec.loss] + (["--prior-alpha", f"{spec.alpha:g}"] if spec.loss == "prior" else [])
         saves = ["--save-interval", str(s.save_interval)]
         vit = ["--vit-load", str(L.vit_warmup), "--freeze-vit"] if _vit_archs([spec.arch]) else []
+        lm = ["--lm-load", str(L.reference)]
         steps.append(Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
-                          _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s, loss + saves + vit),
+                          _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s,
+                                 loss + saves + lm + vit),
                           deps=["score_train"] + (["vit_warmup"] if vit else []), clean=[rdir]))
-        steps.append(Step(f"eval_{spec.name}", f"evaluate {spec.label}", [rdir / "eval.json"],
-                          ["-m", "megatron_prior.eval.run", "--load", str(rdir),
+    # One evaluation process per architecture and seed: its runs share the held-out data and
+    # probe, and a process of its own would spend ~10 s of CPU per run starting up.
+    for (arch, seed), group in _eval_groups(run_specs(s)).items():
+        dirs = [L.run_dir(spec.name) for spec in group]
+        steps.append(Step(f"eval_{arch}_seed{seed}", f"evaluate {arch} seed {seed} ({len(group)} runs)",
+                          [d / "eval.json" for d in dirs],
+                          ["-m", "megatron_prior.eval.run", "--load", *map(str, dirs),
                            "--tokenizer-model", str(L.tokenizer),
                            "--data-path", str(L.documents(L.prefix("heldout"))),
                            "--probe", str(L.data / "probe.jsonl"), "--micro-batch-size", str(s.eval_batch_size),
-                           "--output", str(rdir / "eval.json"), "--all-checkpoints", "--no-progress"],
-                          deps=[f"train_{spec.name}", "score_heldout"]))
+                           "--output", *(str(d / "eval.json") for d in dirs), "--all-checkpoints", "--no-progress"],
+                          deps=[f"train_{spec.name}" for spec in group] + ["score_heldout"]))
     steps.append(Step("report", "write the report", [Path("results.json"), Path("results.md")], func=report_fn,
                       deps=[st.name for st in steps if st.name.startswith("eval_")] + ["score_heldout"],
                       always=True))

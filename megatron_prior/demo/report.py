@@ -73,7 +73,8 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         f"iterations, each evaluated; the H-LVLM's ViT comes from a "
         f"{settings.vit_warmup_iters}-iteration NTP warm-up on the training set and stays frozen. NTP and PRIOR runs "
         "of one seed share initialisation and data order.",
-        f"Reference LM: text-only GPT ({settings.reference_size}, {settings.reference_iters} iterations). "
+        f"Text-only LM: a GPT of the same language-model shape, {settings.reference_iters} iterations of NTP on the "
+        "training captions; it is PRIOR's reference and the initial language model of every LVLM run (--lm-load). "
         "Held-out mean reference probability: "
         + ", ".join(f"{k} {v:.2f}" for k, v in reference["mean_reference_probability"].items())
         + "; mean PRIOR multiplier (alpha 1): " + ", ".join(f"{k} {v:.2f}" for k, v in m1.items())
