@@ -84,3 +84,12 @@ def test_every_lvlm_starts_from_the_text_only_reference():
         assert _flag(steps[name], "--lm-load") == str(pipeline.DemoPaths.reference), name
         assert [_flag(steps[name], f) for f in shape] == [_flag(steps["reference"], f) for f in shape], name
     assert "--lm-load" not in steps["reference"] and "--lm-load" not in steps["vit_warmup"]
+
+
+def test_noise_rate_reaches_the_generator_and_is_checked():
+    _, clean = _steps()
+    settings, noisy = _steps("--noise-rate", "0.3")
+    assert settings.noise_rate == 0.3 and _flag(noisy["data"], "--noise-rate") == "0.3"
+    assert _flag(clean["data"], "--noise-rate") == "0"
+    with pytest.raises(SystemExit, match=r"noise rate must be in \[0, 1\]"):
+        pipeline.main(["--noise-rate", "1.5", "--output-dir", "/nonexistent/never-made"])

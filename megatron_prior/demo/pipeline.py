@@ -89,6 +89,9 @@ class DemoSettings:
     seed_offset: int = 0  # already added to ``seeds``; recorded so results.json says so
     archs: tuple[str, ...] = ("ulvlm", "hlvlm")
     data_seed: int = 1234
+    # Share of training captions with one colour or shape word made wrong (the generator's
+    # --noise-rate); held-out captions and probe items stay clean.
+    noise_rate: float = 0.0
     vocab_size: int = 512
     image_size: int = 32
     patch_size: int = 8
@@ -117,6 +120,8 @@ class DemoSettings:
         if self.headline_alpha not in self.alphas:
             raise ValueError(f"the headline alpha {self.headline_alpha:g} is not among the PRIOR alphas run "
                              f"({', '.join(f'{a:g}' for a in self.alphas)})")
+        if not 0.0 <= self.noise_rate <= 1.0:
+            raise ValueError(f"the caption noise rate must be in [0, 1], got {self.noise_rate:g}")
         if self.seed_offset < 0:
             raise ValueError(f"the seed offset must be >= 0, got {self.seed_offset}")
         if not 1 <= self.num_checkpoints <= self.train_iters:
@@ -235,7 +240,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         Step("data", "render the image-caption benchmark", [L.data / "kinds_summary.json"],
              ["-m", "megatron_prior.demo.generator", "--output-dir", str(L.data), "--num-train", str(s.num_train),
               "--num-heldout", str(s.num_heldout), "--seed", str(s.data_seed), "--image-size", str(s.image_size),
-              "--no-progress"], clean=[L.data / "images"]),
+              "--noise-rate", f"{s.noise_rate:g}", "--no-progress"], clean=[L.data / "images"]),
         Step("tokenizer", "train the BPE tokenizer on the training captions", [L.tokenizer],
              ["tools/train_tokenizer.py", "--input", str(L.data / "train.jsonl"), "--json-keys", "caption",
               "--vocab-size", str(s.vocab_size), "--model-type", "bpe",
@@ -294,7 +299,7 @@ DATA_STEPS = ("data", "tokenizer", "text_data", "reference", "score_train", "sco
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     base = QUICK if args.quick else FULL
-    changes = {"seed_offset": args.seed_offset}
+    changes = {"seed_offset": args.seed_offset, "noise_rate": args.noise_rate}
     count = args.seeds if args.seeds is not None else len(base.seeds)
     changes["seeds"] = tuple(range(1 + args.seed_offset, count + 1 + args.seed_offset))
     if args.alphas is not None:
@@ -341,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-checkpoints", type=int, default=None,
                    help=f"checkpoints of each LVLM run, saved at every 1/N of its iterations and each evaluated "
                         f"(default {FULL.num_checkpoints} full, {QUICK.num_checkpoints} quick)")
+    p.add_argument("--noise-rate", type=float, default=0.0,
+                   help="share of training captions with one colour or shape word replaced by a wrong one (the "
+                        "caption-noise axis: run each level into its own --output-dir); held-out data stay clean")
     p.add_argument("--archs", nargs="+", choices=LVLMS, default=None, help="architectures to run")
     p.add_argument("--train-iters", type=int, default=None, help="iterations of each LVLM run")
     p.add_argument("--num-train", type=int, default=None, help="training image-caption pairs")
