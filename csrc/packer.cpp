@@ -3,7 +3,9 @@
 // and the rows split over threads.
 //
 // The semantics are those of megatron_prior/data/packing.py (the numpy reference):
-//   w_i = (1 - exp(logprob_i)) ** alpha   (computed as -expm1(logprob_i))
+//   w_i = (1 - exp(logprob_i)) ** alpha   (computed as -expm1(logprob_i)), PRIOR's weighting, or
+//   w_i = clamp(a_i - b_i, low, high)     (b_i = 0 without a second score array): MI's floored
+//                                         pointwise mutual information, CAL's clamped logit gap
 //   m_i = scale[doc] * w_i, where scale[doc] = n_doc / sum_{j in doc} w_j over the loss
 //   tokens of the whole document (so a caption cut across samples keeps its normaliser);
 //   a document whose weights sum to zero gets m_i = 1.
@@ -142,12 +144,41 @@ struct MaskRule {
   }
 };
 
-inline double token_weight(float logprob, double alpha) {
-  // 1 - p: -expm1(lp) keeps full precision when p is near 1 (predictable tokens); further
-  // from 1 the plain exp is as exact and about twice as fast.
-  const double lp = static_cast<double>(logprob);
-  const double one_minus_p = std::max(0.0, lp > -0.5 ? -std::expm1(lp) : 1.0 - std::exp(lp));
-  return alpha == 1.0 ? one_minus_p : std::pow(one_minus_p, alpha);
+// How a token's weight comes from its scores (packing.Weighting): mode 0 is PRIOR's
+// (1 - exp(a)) ** alpha, mode 1 clamp(a - b, low, high), with b = 0 when there is no b.
+struct Weighting {
+  int mode;
+  double alpha, low, high;
+  const float* a;
+  const float* b;  // nullptr: one score per token
+
+  double operator()(int64_t i) const {
+    const double x = static_cast<double>(a[i]);
+    if (mode == 1) return std::min(high, std::max(low, b ? x - static_cast<double>(b[i]) : x));
+    // 1 - p: -expm1(lp) keeps full precision when p is near 1 (predictable tokens); further
+    // from 1 the plain exp is as exact and about twice as fast.
+    const double one_minus_p = std::max(0.0, x > -0.5 ? -std::expm1(x) : 1.0 - std::exp(x));
+    return alpha == 1.0 ? one_minus_p : std::pow(one_minus_p, alpha);
+  }
+};
+
+// The weighting's arguments checked (with the GIL held), as packing.py checks them.
+Weighting make_weighting(int mode, double alpha, double low, double high, const py::array& logprobs,
+                         const py::object& minus) {
+  if (mode != 0 && mode != 1) throw std::invalid_argument("weighting mode " + std::to_string(mode) + " is not 0 or 1");
+  check_alpha(alpha);
+  if (std::isnan(low) || std::isnan(high) || low > high)
+    throw std::invalid_argument("clamp [" + float_repr(low) + ", " + float_repr(high) + "] is not a range");
+  Weighting w{mode, alpha, low, high, data_of<float>(logprobs, "logprobs"), nullptr};
+  if (!minus.is_none()) {
+    if (mode != 1) throw std::invalid_argument("minus is read by the clamped weighting (mode 1) only");
+    const auto b = py::cast<py::array>(minus);
+    if (b.shape(0) != logprobs.shape(0))
+      throw std::invalid_argument("scores and minus differ in length (" + std::to_string(logprobs.shape(0)) +
+                                  " vs " + std::to_string(b.shape(0)) + ")");
+    w.b = data_of<float>(b, "minus");
+  }
+  return w;
 }
 
 int64_t check_offsets(const int64_t* off, int64_t n_docs, int64_t n_tokens) {
@@ -161,9 +192,9 @@ int64_t check_offsets(const int64_t* off, int64_t n_docs, int64_t n_tokens) {
 
 py::array_t<double> document_scales(const py::array& tokens, const py::array& logprobs,
                                     const py::array& doc_offsets, double alpha, int64_t eod_id,
-                                    bool mask_eod, int64_t pad_id, int num_threads) {
-  check_alpha(alpha);
-  const float* lp = data_of<float>(logprobs, "logprobs");
+                                    bool mask_eod, int64_t pad_id, int num_threads, int mode, double low,
+                                    double high, const py::object& minus) {
+  const Weighting weight = make_weighting(mode, alpha, low, high, logprobs, minus);
   const int64_t* off = data_of<int64_t>(doc_offsets, "doc_offsets");
   if (tokens.shape(0) != logprobs.shape(0))
     throw std::invalid_argument("tokens and logprobs differ in length (" + std::to_string(tokens.shape(0)) +
@@ -182,7 +213,7 @@ py::array_t<double> document_scales(const py::array& tokens, const py::array& lo
         int64_t count = 0;
         for (int64_t i = off[d]; i < off[d + 1]; ++i) {
           if (!rule.is_loss(tok, i, off[d])) continue;
-          sum += token_weight(lp[i], alpha);
+          sum += weight(i);
           ++count;
         }
         // A negative scale marks the fallback m_i = 1 (all weights zero).
@@ -265,9 +296,8 @@ auto dispatch_walk(const py::array& document_index, const py::array& sample_inde
 py::tuple pack_batch(const py::array& tokens, const py::array& logprobs, const py::array& doc_offsets,
                      const py::array& scales, const py::array& document_index, const py::array& sample_index,
                      const py::array& samples, int64_t seq_len, double alpha, int64_t eod_id, bool mask_eod,
-                     int64_t pad_id, int num_threads) {
-  check_alpha(alpha);
-  const float* lp = data_of<float>(logprobs, "logprobs");
+                     int64_t pad_id, int num_threads, int mode, double low, double high, const py::object& minus) {
+  const Weighting weight = make_weighting(mode, alpha, low, high, logprobs, minus);
   const double* sc = data_of<double>(scales, "scales");
   if (tokens.shape(0) != logprobs.shape(0)) throw std::invalid_argument("tokens and logprobs differ in length");
   if (scales.shape(0) != doc_offsets.shape(0) - 1)
@@ -299,7 +329,7 @@ py::tuple pack_batch(const py::array& tokens, const py::array& logprobs, const p
               const int64_t i = start + k;
               float m = 0.0f;
               if (rule.is_loss(tok, i, doc_start))
-                m = scale < 0.0 ? 1.0f : static_cast<float>(scale * token_weight(lp[i], alpha));
+                m = scale < 0.0 ? 1.0f : static_cast<float>(scale * weight(i));
               row_w[at + k - 1] = m;
             }
           });
@@ -386,11 +416,14 @@ py::array_t<int64_t> pack_rows(const py::array& costs, int64_t budget) {
 PYBIND11_MODULE(_packer, m) {
   m.doc() = "C++ packer for PRIOR loss weights (see megatron_prior/data/packing.py).";
   m.def("document_scales", &document_scales, py::arg("tokens"), py::arg("logprobs"), py::arg("doc_offsets"),
-        py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"), py::arg("num_threads") = 1);
+        py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"), py::arg("num_threads") = 1,
+        py::arg("mode") = 0, py::arg("low") = 0.0, py::arg("high") = std::numeric_limits<double>::infinity(),
+        py::arg("minus") = py::none());
   m.def("pack_batch", &pack_batch, py::arg("tokens"), py::arg("logprobs"), py::arg("doc_offsets"),
         py::arg("scales"), py::arg("document_index"), py::arg("sample_index"), py::arg("samples"),
         py::arg("seq_len"), py::arg("alpha"), py::arg("eod_id"), py::arg("mask_eod"), py::arg("pad_id"),
-        py::arg("num_threads") = 1);
+        py::arg("num_threads") = 1, py::arg("mode") = 0, py::arg("low") = 0.0,
+        py::arg("high") = std::numeric_limits<double>::infinity(), py::arg("minus") = py::none());
   m.def("pack_values", &pack_values, py::arg("values"), py::arg("doc_offsets"), py::arg("document_index"),
         py::arg("sample_index"), py::arg("samples"), py::arg("seq_len"), py::arg("pad_value"),
         py::arg("num_threads") = 1);

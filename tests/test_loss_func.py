@@ -24,11 +24,13 @@ def _batch(seed=0, b=3, s=10):
 def test_names_are_the_loss_flag_choices():
     from megatron_prior.training.arguments import build_parser
 
-    assert LOSSES == ("ntp", "prior")
+    assert LOSSES == ("ntp", "prior", "mi", "rho1", "cal")
     loss_flag = next(a for a in build_parser()._actions if a.dest == "loss")
     assert tuple(loss_flag.choices) == LOSSES
-    with pytest.raises(ValueError, match=r"^unknown loss 'rho1'; known: ntp, prior$"):
-        make_loss_func("rho1")
+    for name in LOSSES:
+        assert name in loss_flag.help, f"--loss help does not explain {name}"
+    with pytest.raises(ValueError, match=r"^unknown loss 'rho2'; known: ntp, prior, mi, rho1, cal$"):
+        make_loss_func("rho2")
 
 
 @pytest.mark.parametrize("name", ["ntp", "prior"])

@@ -9,8 +9,11 @@ caption ``c`` of ``n`` tokens cut to ``m = min(n, s)``:
     tokens       = [<image>, c0, ..., c_{m-1}, pad, ...][:s]
     labels       = [c0, ..., c_{m-1}, pad, ...][:s]
     loss_mask    = 1 on caption labels, 0 on padding
-    loss_weights = PRIOR multipliers over the whole caption (normalised over all its loss
-                   tokens, even when the caption is cut at s), aligned with labels
+    loss_weights = the weighting's multipliers (PRIOR's, MI's or CAL's: ``packing.Weighting``)
+                   over the whole caption (normalised over all its loss tokens, even when the
+                   caption is cut at s), aligned with labels
+    ref_logprobs = the reference log-prob of each label (0 off captions), with
+                   ``reference_logprobs`` (Rho-1's excess loss reads it)
     position_ids = 0 .. s-1
     images       = float32 [3, H, W], (pixel / 255 - mean) / std
     token_kinds  = per-label kind ids, when the corpus has a ``.kinds`` companion
@@ -49,10 +52,19 @@ from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
 
 @dataclass
 class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
-    """BlendedMegatronDatasetConfig plus PRIOR's alpha, the image normalisation and packing."""
+    """BlendedMegatronDatasetConfig plus the token weighting, the image normalisation and packing."""
 
     prior_alpha: float = 1.0
     """Exponent of the token weight ``(1 - p_ref) ** alpha``."""
+
+    loss_weighting: str = "prior"
+    """Which ``packing.Weighting`` makes ``loss_weights``: prior, mi or cal."""
+
+    mi_floor: float = 0.1
+    """MI's floor: ``w = max(pmi, mi_floor)``."""
+
+    reference_logprobs: bool = False
+    """Samples also carry ``ref_logprobs`` (the reference log-prob per label)."""
 
     image_mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Per-channel mean subtracted from pixels scaled to [0, 1] (CLIP: 0.481, 0.458, 0.408)."""
@@ -71,13 +83,17 @@ class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
         super().__post_init__()
         if self.tokenizer is None or getattr(self.tokenizer, "image_token_id", None) is None:
             raise ValueError("CaptionDatasetConfig needs a tokenizer with an image_token_id")
-        packing.check_alpha(self.prior_alpha)
+        _ = self.weighting  # its constructor refuses settings out of range
         if self.sequence_length < 2:
             raise ValueError("sequence_length must be at least 2 (the image placeholder and a token)")
         if self.image_sequence_length is not None and self.image_sequence_length < 1:
             raise ValueError(f"image_sequence_length must be positive, got {self.image_sequence_length}")
         if self.pack_samples and self.image_sequence_length is None:
             raise ValueError("pack_samples needs image_sequence_length (an image's positions count in a row)")
+
+    @property
+    def weighting(self) -> packing.Weighting:
+        return packing.Weighting(self.loss_weighting, self.prior_alpha, self.mi_floor)
 
 
 class CaptionDataset(MegatronDataset):
@@ -89,8 +105,9 @@ class CaptionDataset(MegatronDataset):
         tok = config.tokenizer
         check_documents_end_in_eod(dataset, tok.eod, "a caption dataset")
         self.images = dataset.open_images()
+        self.weighting = config.weighting
         # Every caption token is a loss token (c0 is predicted from the image): no EOD masking.
-        self.scales = dataset.document_scales(config.prior_alpha, tok.eod, False, self._pad_token_id)
+        self.scales = dataset.document_scales(config.weighting, tok.eod, False, self._pad_token_id)
         self.sample_documents, self.row_starts = self._rows()
         self._mean = np.asarray(config.image_mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(config.image_std, dtype=np.float32).reshape(3, 1, 1)
@@ -133,6 +150,7 @@ class CaptionDataset(MegatronDataset):
         text = np.full(s + 1, pad, dtype=np.int64)
         keep = np.zeros(s + 1, dtype=bool)
         weights = np.zeros(s + 1, dtype=np.float32)
+        ref_logprobs = np.zeros(s + 1, dtype=np.float32)
         kinds = np.zeros(s + 1, dtype=np.int64)
         positions = np.arange(s + 1, dtype=np.int64)
         images, at, used = [], 0, 0
@@ -145,8 +163,9 @@ class CaptionDataset(MegatronDataset):
             positions[at:] = np.arange(s + 1 - at)
             keep[at + 1:end] = caption[:m].astype(np.int64) != pad
             scale = self.scales[doc]
-            w = np.ones(m) if scale < 0 else scale * packing.token_weights(logprobs[:m], cfg.prior_alpha)
+            w = np.ones(m) if scale < 0 else scale * self.dataset.token_weights(doc, self.weighting, m)
             weights[at + 1:end] = np.where(keep[at + 1:end], w, 0.0)
+            ref_logprobs[at + 1:end] = logprobs[:m]
             if self.dataset.has_kinds:
                 kinds[at + 1:end] = self.dataset.kinds[doc][:m]
             images.append(self._image(doc))
@@ -174,4 +193,6 @@ class CaptionDataset(MegatronDataset):
             sample["padding_positions"] = torch.tensor(combined - min(combined, used))
         if self.dataset.has_kinds:
             sample["token_kinds"] = torch.from_numpy(kinds[1:])
+        if cfg.reference_logprobs:
+            sample["ref_logprobs"] = torch.from_numpy(ref_logprobs[1:])
         return sample

@@ -8,6 +8,11 @@ For a token prefix ``T`` (``T.bin``/``T.idx``, megatron-core's MMIDIDX, written 
 - ``T.kinds.bin/.idx`` (optional): uint8 MMIDIDX of token kind ids (``kinds.KIND_NAMES``);
 - ``T.images`` (optional): the image store of ``images.py`` (encoded image bytes, or decoded
   pixels in the older raw store), image ``i`` for document ``i``;
+- ``T.imglogprobs.bin/.idx`` and ``T.imgdelta.bin/.idx`` (optional, both or neither): float32
+  MMIDIDX like the log-probs, from an image-conditioned scorer (a vision-language checkpoint,
+  ``tools/score_with_images.py``): ``log p(t_i | v, t_<i)`` and ``logit(t_i | v, t_<i) -
+  logit(t_i | t_<i)`` (the same model with the image removed), read by ``--loss mi`` and
+  ``--loss cal``; the metadata's ``image_scorer`` says which model made them;
 - ``T.logprobs.json``: what binds them: format version, what the values are, the tokenizer
   fingerprint, the reference model, the counts, and the size and sha256 of *every* file
   above (``files``), so a file replaced, reordered or left over from another write onto the
@@ -44,6 +49,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 LOGPROB_VALUES = "log p_ref(t_i | t_<i)"
+# The image-conditioned scores, by sidecar name (``T.<name>.bin/.idx``): what each holds.
+IMAGE_SCORE_VALUES = {"imglogprobs": "log p(t_i | v, t_<i)",
+                      "imgdelta": "logit(t_i | v, t_<i) - logit(t_i | t_<i)"}
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # magic (9), then version (8), dtype code (1), sequence count (8), document count (8)
 INDEX_HEADER_SIZE = 34
@@ -51,7 +59,8 @@ _INDEX_FIELDS = struct.Struct("<QBQQ")
 TOKEN_DTYPE_CODES = {1, 2, 3, 4, 5, 8}  # the integer codes of megatron-core's DType
 # Every file a dataset may have, by role; the metadata binds each one present.
 REQUIRED_ROLES = ("tokens.bin", "tokens.idx", "logprobs.bin", "logprobs.idx")
-OPTIONAL_ROLES = ("kinds.bin", "kinds.idx", "images")
+IMAGE_SCORE_ROLES = tuple(f"{name}.{ext}" for name in IMAGE_SCORE_VALUES for ext in ("bin", "idx"))
+OPTIONAL_ROLES = ("kinds.bin", "kinds.idx", "images") + IMAGE_SCORE_ROLES
 _SHA256_HEX = set("0123456789abcdef")
 # How an image store fits images to its size (``images.ASPECTS``, which imports this module).
 IMAGE_ASPECTS = ("pad", "crop", "stretch")
@@ -68,8 +77,13 @@ class FormatError(ValueError):
         return FormatError, (self.path, self.problem)
 
 
+def sidecar_prefix(prefix: str, name: str) -> str:
+    """The MMIDIDX prefix of a per-token companion (``logprobs``, ``kinds``, ``imglogprobs``, ...)."""
+    return f"{prefix}.{name}"
+
+
 def scores_prefix(prefix: str) -> str:
-    return prefix + ".logprobs"
+    return sidecar_prefix(prefix, "logprobs")
 
 
 def kinds_prefix(prefix: str) -> str:
@@ -96,6 +110,8 @@ def dataset_files(prefix: str) -> dict[str, str]:
         "logprobs.bin": get_bin_path(scores_prefix(prefix)), "logprobs.idx": get_idx_path(scores_prefix(prefix)),
         "kinds.bin": get_bin_path(kinds_prefix(prefix)), "kinds.idx": get_idx_path(kinds_prefix(prefix)),
         "images": images_path(prefix),
+        **{f"{name}.{ext}": path(sidecar_prefix(prefix, name)) for name in IMAGE_SCORE_VALUES
+           for ext, path in (("bin", get_bin_path), ("idx", get_idx_path))},
     }
 
 
@@ -201,9 +217,10 @@ def _check_files(path: str, files: object) -> dict:
     if unknown:
         raise FormatError(path, f"'files' binds unknown roles {unknown}")
     missing = [role for role in REQUIRED_ROLES if role not in files]
-    if missing or ("kinds.bin" in files) != ("kinds.idx" in files):
-        raise FormatError(path, f"'files' must bind {list(REQUIRED_ROLES)} and both or neither of the kinds "
-                                f"files, got {sorted(files)}")
+    image_scores = {role in files for role in IMAGE_SCORE_ROLES}
+    if missing or ("kinds.bin" in files) != ("kinds.idx" in files) or len(image_scores) != 1:
+        raise FormatError(path, f"'files' must bind {list(REQUIRED_ROLES)}, both or neither of the kinds "
+                                f"files and all or none of {list(IMAGE_SCORE_ROLES)}, got {sorted(files)}")
     for role, entry in files.items():
         keys = ("size", "count", "height", "width") if role == "images" else ("size",)
         if (not isinstance(entry, dict) or not all(_natural(entry, k) for k in keys)
@@ -232,6 +249,13 @@ class ScoreMetadata:
     values: str = LOGPROB_VALUES
     dtype: str = "float32"
     notes: dict = field(default_factory=dict)
+    # The image-conditioned scorer of the imglogprobs/imgdelta sidecars ({"type": arch, "path",
+    # "checkpoint_sha256", "values": IMAGE_SCORE_VALUES, ...}); {} when the data have none.
+    image_scorer: dict = field(default_factory=dict)
+
+    @property
+    def has_image_scores(self) -> bool:
+        return IMAGE_SCORE_ROLES[0] in self.files
 
     @classmethod
     def load(cls, path: str) -> "ScoreMetadata":
@@ -256,15 +280,22 @@ class ScoreMetadata:
         if data.get("values") != LOGPROB_VALUES or data.get("dtype") != "float32":
             raise FormatError(path, f"values {data.get('values')!r} ({data.get('dtype')!r}), "
                                     f"expected {LOGPROB_VALUES!r} (float32)")
-        for key, kind in {"tokenizer_fingerprint": str, "reference": dict, "notes": dict}.items():
-            if not isinstance(data.get(key, {} if key == "notes" else None), kind):
+        for key, kind in {"tokenizer_fingerprint": str, "reference": dict, "notes": dict, "image_scorer": dict}.items():
+            if not isinstance(data.get(key, {} if key in ("notes", "image_scorer") else None), kind):
                 raise FormatError(path, f"{key!r} missing or not a {kind.__name__}")
         for key in ("token_count", "sequence_count", "document_count"):
             if not _natural(data, key):
                 raise FormatError(path, f"{key!r} missing or not a natural number")
         if not isinstance(data["reference"].get("type"), str):
             raise FormatError(path, "'reference' has no 'type'")
-        _check_files(path, data.get("files"))
+        files = _check_files(path, data.get("files"))
+        scorer = data.get("image_scorer", {})
+        if IMAGE_SCORE_ROLES[0] in files:
+            if scorer.get("values") != IMAGE_SCORE_VALUES or not isinstance(scorer.get("type"), str):
+                raise FormatError(path, f"'image_scorer' must name its 'type' and hold values {IMAGE_SCORE_VALUES}, "
+                                        f"got {scorer!r}")
+        elif scorer:
+            raise FormatError(path, "'image_scorer' describes image scores that 'files' does not bind")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -12,8 +12,10 @@ padding (``padding_positions``, input positions holding the pad token).
 
 ``WeightedGPTDataset`` is a ``PackedGPTDataset`` whose low-level dataset is a
 ``WeightedIndexedDataset``. Each sample also carries ``loss_weights`` (float32, aligned with
-``labels``, 0 where the loss is masked) from the packer, with each caption normalised over all
-its loss tokens, and ``token_kinds`` when the corpus has a ``.kinds`` companion. The
+``labels``, 0 where the loss is masked) from the packer, by the config's ``packing.Weighting``
+(PRIOR, MI or CAL), with each caption normalised over all its loss tokens, ``token_kinds`` when
+the corpus has a ``.kinds`` companion, and with ``reference_logprobs`` the reference log-prob
+of each label (``ref_logprobs``, for Rho-1). The
 per-caption normalisers are computed once per corpus and setting, and shared by the splits
 built on it.
 """
@@ -50,10 +52,19 @@ class PackedGPTDatasetConfig(GPTDatasetConfig):
 
 @dataclass
 class WeightedGPTDatasetConfig(PackedGPTDatasetConfig):
-    """PackedGPTDatasetConfig plus PRIOR's settings."""
+    """PackedGPTDatasetConfig plus the token weighting's settings."""
 
     prior_alpha: float = 1.0
     """Exponent of the token weight ``(1 - p_ref) ** alpha``; the paper uses 1, > 2 hurts."""
+
+    loss_weighting: str = "prior"
+    """Which ``packing.Weighting`` makes ``loss_weights``: prior, mi or cal."""
+
+    mi_floor: float = 0.1
+    """MI's floor: ``w = max(pmi, mi_floor)``."""
+
+    reference_logprobs: bool = False
+    """Samples also carry ``ref_logprobs`` (the reference log-prob per label)."""
 
     packer_threads: Optional[int] = None
     """Threads of one batched packing call (``__getitems__``); default: up to 8 cores.
@@ -64,7 +75,11 @@ class WeightedGPTDatasetConfig(PackedGPTDatasetConfig):
         if not self.add_extra_token_to_sequence:
             raise ValueError("WeightedGPTDatasetConfig needs add_extra_token_to_sequence=True "
                              "(loss weights are aligned with labels = tokens shifted by one)")
-        packing.check_alpha(self.prior_alpha)
+        _ = self.weighting  # its constructor refuses settings out of range
+
+    @property
+    def weighting(self) -> packing.Weighting:
+        return packing.Weighting(self.loss_weighting, self.prior_alpha, self.mi_floor)
 
 
 def check_documents_end_in_eod(dataset: WeightedIndexedDataset, eod: int, why: str) -> None:
@@ -190,7 +205,7 @@ class WeightedGPTDataset(PackedGPTDataset):
             # The packer counts a document's first token as following an EOD; megatron-core
             # masks after the EOD actually there. They agree when every document ends in one.
             check_documents_end_in_eod(indexed_dataset, eod, "eod_mask_loss")
-        self.scales = indexed_dataset.document_scales(config.prior_alpha, eod, config.eod_mask_loss,
+        self.scales = indexed_dataset.document_scales(config.weighting, eod, config.eod_mask_loss,
                                                       self._pad_token_id)
 
     @staticmethod
@@ -199,32 +214,40 @@ class WeightedGPTDataset(PackedGPTDataset):
                                       tokenizer_fingerprint=getattr(config.tokenizer, "fingerprint", None),
                                       vocab_size=config.tokenizer.vocab_size)
 
-    def _pack(self, indices: List[Optional[int]], threads: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Token rows ``[b, s + 1]``, loss weights ``[b, s]`` (labels-aligned) and kinds ``[b, s]``."""
+    def _pack(self, indices: List[Optional[int]], threads: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Token rows ``[b, s + 1]``, loss weights ``[b, s]`` (labels-aligned) and the other
+        labels-aligned rows ``[b, s]``: ``token_kinds``, ``ref_logprobs`` (where configured)."""
         ds: WeightedIndexedDataset = self.dataset
         cfg: WeightedGPTDatasetConfig = self.config
         documents, sample_index, samples = self.packer_rows(indices)
+        scores, minus = ds.weighting_scores(cfg.weighting)
         tokens, weights = packing.pack_batch(
-            ds.token_array, ds.logprob_array, ds.sequence_offsets, self.scales, documents, sample_index, samples,
-            cfg.sequence_length, cfg.prior_alpha, cfg.tokenizer.eod, cfg.eod_mask_loss, self._pad_token_id,
-            num_threads=threads)
-        kinds = None
+            ds.token_array, scores, ds.sequence_offsets, self.scales, documents, sample_index, samples,
+            cfg.sequence_length, cfg.weighting, cfg.tokenizer.eod, cfg.eod_mask_loss, self._pad_token_id,
+            num_threads=threads, minus=minus)
+        extra = {}
         if ds.has_kinds:
-            kinds = packing.pack_values(ds.kind_array, ds.sequence_offsets, documents, sample_index, samples,
-                                        cfg.sequence_length, 0, num_threads=threads)[:, 1:]
-        return tokens, weights, kinds
+            extra["token_kinds"] = packing.pack_values(ds.kind_array, ds.sequence_offsets, documents, sample_index,
+                                                       samples, cfg.sequence_length, 0, num_threads=threads)[:, 1:]
+        if cfg.reference_logprobs:
+            extra["ref_logprobs"] = packing.pack_values(ds.logprob_array, ds.sequence_offsets, documents,
+                                                        sample_index, samples, cfg.sequence_length, 0.0,
+                                                        num_threads=threads)[:, 1:]
+        return tokens, weights, extra
 
     def _with_weights(self, samples: List[Dict[str, torch.Tensor]], indices: List[Optional[int]],
                       threads: int) -> List[Dict[str, torch.Tensor]]:
         # GPTDataset packs the batch-padding sample (idx None) from sample 0 and masks it.
-        tokens, weights, kinds = self._pack(indices, threads)
+        tokens, weights, extra = self._pack(indices, threads)
         padding = (tokens[:, :-1] == self._pad_token_id).sum(axis=1)
         for row, (sample, idx) in enumerate(zip(samples, indices)):
             w = torch.from_numpy(weights[row])
             sample["loss_weights"] = torch.zeros_like(w) if idx is None else w
             sample["padding_positions"] = torch.tensor(int(padding[row]))
-            if kinds is not None:
-                sample["token_kinds"] = torch.from_numpy(kinds[row].astype(np.int64))
+            if "token_kinds" in extra:
+                sample["token_kinds"] = torch.from_numpy(extra["token_kinds"][row].astype(np.int64))
+            if "ref_logprobs" in extra:
+                sample["ref_logprobs"] = torch.from_numpy(extra["ref_logprobs"][row])
         return samples
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:

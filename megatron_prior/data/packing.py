@@ -7,7 +7,9 @@ semantics it is tested against, and serves as the fallback when the extension is
 
 Semantics:
 
-- ``w_i = (1 - exp(logprob_i)) ** alpha``
+- ``w_i`` from the token's per-token scores by a ``Weighting``: PRIOR's ``(1 - exp(logprob_i))
+  ** alpha`` (the reference log-prob), MI's ``max(a_i - b_i, floor)`` (image-conditioned minus
+  reference log-prob) or CAL's ``clamp(a_i, 1, 5)`` (logit with the image minus without);
 - ``m_i = n_doc * w_i / sum_{j in doc} w_j`` over the loss tokens of the *whole* document,
   so a caption cut across two samples keeps its normaliser; a document whose weights sum
   to zero gets ``m_i = 1``.
@@ -31,7 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 
@@ -44,6 +47,69 @@ except ImportError as _err:  # pragma: no cover - exercised only where the build
     log.warning("megatron_prior._packer (C++) is not built (%s); packing uses the numpy reference", _err)
 
 HAVE_EXTENSION = _ext is not None
+
+
+# CAL's clamp of the logit difference (Xiao et al. 2024, "Seeing the Image"): [1, 5].
+CAL_RANGE = (1.0, 5.0)
+# The weightings the packer computes, and what each reads: its name -> (scores, minus) sidecar
+# names (``formats.SIDECARS``); ``minus`` None where one score suffices.
+WEIGHTING_SCORES: dict[str, tuple[str, Optional[str]]] = {
+    "prior": ("logprobs", None),
+    "mi": ("imglogprobs", "logprobs"),
+    "cal": ("imgdelta", None),
+}
+_MODE_PRIOR, _MODE_CLAMP = 0, 1  # the C++ packer's modes
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How a token's weight ``w_i`` (before the per-caption normalisation) comes from its scores.
+
+    - ``prior``: ``(1 - exp(a)) ** alpha``, ``a = log p_ref(t_i | t_<i)``;
+    - ``mi``: ``max(a - b, floor)``, ``a = log p(t_i | v, t_<i)`` (an image-conditioned scorer),
+      ``b = log p_ref(t_i | t_<i)``: the pointwise mutual information of token and image, floored
+      (``floor > 0``) so that a token the image does not explain keeps a small weight and an
+      image-blind scorer gives every token the same one;
+    - ``cal``: ``clamp(a, 1, 5)``, ``a = logit(t_i | v, t_<i) - logit(t_i | t_<i)`` (the same
+      scorer with the image removed).
+
+    ``WEIGHTING_SCORES`` names the per-token score files each reads.
+    """
+
+    name: str = "prior"
+    alpha: float = 1.0
+    floor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in WEIGHTING_SCORES:
+            raise ValueError(f"unknown weighting {self.name!r}; known: {', '.join(WEIGHTING_SCORES)}")
+        check_alpha(self.alpha)
+        if not (math.isfinite(self.floor) and self.floor > 0):
+            raise ValueError(f"the MI floor must be a finite number > 0, got {float(self.floor)!r}")
+
+    @property
+    def clamp(self) -> tuple[float, float]:
+        """``(low, high)`` of a clamped weighting (mi, cal)."""
+        return (self.floor, math.inf) if self.name == "mi" else CAL_RANGE
+
+    def key(self) -> tuple:
+        """What the weights depend on (alpha only for prior, the floor only for mi)."""
+        return (self.name, float(self.alpha) if self.name == "prior" else None,
+                float(self.floor) if self.name == "mi" else None)
+
+    def extension_args(self) -> tuple[int, float, float, float]:
+        """``(mode, alpha, low, high)`` for the C++ packer."""
+        if self.name == "prior":
+            return _MODE_PRIOR, float(self.alpha), 0.0, math.inf
+        return (_MODE_CLAMP, 1.0, *self.clamp)
+
+
+WeightingLike = Union[Weighting, float]
+
+
+def as_weighting(weighting: WeightingLike) -> Weighting:
+    """A ``Weighting``; a bare number is PRIOR's alpha (the packer's original argument)."""
+    return weighting if isinstance(weighting, Weighting) else Weighting("prior", alpha=weighting)
 
 
 def default_threads() -> int:
@@ -92,9 +158,24 @@ def pack_rows_numpy(costs: np.ndarray, budget: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def token_weights(logprobs: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - p) ** alpha`` in float64 from reference log-probs (``-expm1``: exact near p = 1)."""
-    return np.maximum(0.0, -np.expm1(np.asarray(logprobs, dtype=np.float64))) ** alpha
+def token_weights(scores: np.ndarray, weighting: WeightingLike, minus: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-token weights in float64 (``Weighting``): PRIOR's ``(1 - p) ** alpha`` from reference
+    log-probs (``-expm1``: exact near p = 1), or ``clamp(scores - minus, low, high)``."""
+    weighting = as_weighting(weighting)
+    a = np.asarray(scores, dtype=np.float64)
+    if weighting.name == "prior":
+        return np.maximum(0.0, -np.expm1(a)) ** weighting.alpha
+    if minus is not None:
+        a = a - np.asarray(minus, dtype=np.float64)
+    return np.clip(a, *weighting.clamp)
+
+
+def _check_minus(weighting: Weighting, scores: np.ndarray, minus: Optional[np.ndarray]) -> None:
+    wanted = WEIGHTING_SCORES[weighting.name][1] is not None
+    if (minus is not None) != wanted:
+        raise ValueError(f"weighting {weighting.name!r} {'needs' if wanted else 'takes no'} second scores (minus)")
+    if minus is not None and len(minus) != len(scores):
+        raise ValueError(f"scores and minus differ in length ({len(scores)} vs {len(minus)})")
 
 
 def loss_token_mask(tokens: np.ndarray, previous: np.ndarray, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
@@ -113,9 +194,11 @@ def _previous_tokens(tokens: np.ndarray, doc_start: int, lo: int, hi: int, eod_i
     return prev
 
 
-def document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id) -> np.ndarray:
-    """``n_doc / sum w`` per document, or -1 where the weights sum to zero (fallback m = 1)."""
-    check_alpha(alpha)
+def document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id, minus=None) -> np.ndarray:
+    """``n_doc / sum w`` per document, or -1 where the weights sum to zero (fallback m = 1);
+    ``alpha`` a ``WeightingLike``, ``logprobs`` (and ``minus``) the scores it reads."""
+    weighting = as_weighting(alpha)
+    _check_minus(weighting, logprobs, minus)
     doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
     n_docs = len(doc_offsets) - 1
     lo, hi = int(doc_offsets[0]), int(doc_offsets[-1])
@@ -124,7 +207,7 @@ def document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod
     starts = (doc_offsets[:-1] - lo)[np.diff(doc_offsets) > 0]
     previous[starts] = eod_id
     keep = loss_token_mask(tokens, previous, eod_id, mask_eod, pad_id)
-    w = np.where(keep, token_weights(logprobs[lo:hi], alpha), 0.0)
+    w = np.where(keep, token_weights(logprobs[lo:hi], weighting, None if minus is None else minus[lo:hi]), 0.0)
     doc_of_token = np.repeat(np.arange(n_docs), np.diff(doc_offsets))
     sums = np.bincount(doc_of_token, weights=w, minlength=n_docs)
     counts = np.bincount(doc_of_token, weights=keep, minlength=n_docs)
@@ -145,9 +228,10 @@ def _sample_pieces(doc_offsets, document_index, sample_index, s):
 
 
 def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples,
-                     seq_len, alpha, eod_id, mask_eod, pad_id):
+                     seq_len, alpha, eod_id, mask_eod, pad_id, minus=None):
     """Token rows ``[b, seq_len + 1]`` (int64) and weight rows ``[b, seq_len]`` (float32)."""
-    check_alpha(alpha)
+    weighting = as_weighting(alpha)
+    _check_minus(weighting, logprobs, minus)
     out_tokens = np.full((len(samples), seq_len + 1), pad_id, dtype=np.int64)
     out_weights = np.zeros((len(samples), seq_len), dtype=np.float32)
     for row, s in enumerate(samples):
@@ -157,7 +241,7 @@ def pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, samp
             if scales[doc] < 0:
                 m = np.ones(len(t))
             else:
-                m = scales[doc] * token_weights(logprobs[lo:hi], alpha)
+                m = scales[doc] * token_weights(logprobs[lo:hi], weighting, None if minus is None else minus[lo:hi])
             previous = _previous_tokens(tokens, int(doc_offsets[doc]), lo, hi, eod_id)
             m[~loss_token_mask(t, previous, eod_id, mask_eod, pad_id)] = 0.0
             parts_tok.append(t)
@@ -180,33 +264,42 @@ def pack_values_numpy(values, doc_offsets, document_index, sample_index, samples
     return out
 
 
-def document_scales(tokens, logprobs, doc_offsets, alpha: float, eod_id: int, mask_eod: bool, pad_id: int,
-                    num_threads: Optional[int] = None) -> np.ndarray:
-    """Per-document normaliser (C++ when built, threaded over documents)."""
+def document_scales(tokens, logprobs, doc_offsets, alpha: WeightingLike, eod_id: int, mask_eod: bool, pad_id: int,
+                    num_threads: Optional[int] = None, minus: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-document normaliser (C++ when built, threaded over documents). ``alpha`` is the
+    ``Weighting`` (a number: PRIOR's alpha), ``logprobs`` its scores and ``minus`` its second
+    scores where it reads two (MI: the reference log-probs)."""
+    weighting = as_weighting(alpha)
     if _ext is None:
-        return document_scales_numpy(tokens, logprobs, doc_offsets, alpha, eod_id, mask_eod, pad_id)
+        return document_scales_numpy(tokens, logprobs, doc_offsets, weighting, eod_id, mask_eod, pad_id, minus)
+    _check_minus(weighting, logprobs, minus)
+    mode, a, low, high = weighting.extension_args()
     return _ext.document_scales(tokens, logprobs, np.ascontiguousarray(doc_offsets, dtype=np.int64),
-                                float(alpha), int(eod_id), bool(mask_eod), int(pad_id),
-                                num_threads or default_threads())
+                                a, int(eod_id), bool(mask_eod), int(pad_id),
+                                num_threads or default_threads(), mode, low, high, minus)
 
 
 def pack_batch(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples, seq_len: int,
-               alpha: float, eod_id: int, mask_eod: bool, pad_id: int,
-               num_threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+               alpha: WeightingLike, eod_id: int, mask_eod: bool, pad_id: int,
+               num_threads: Optional[int] = None, minus: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Fill a batch (C++ when built, threaded over rows).
 
-    ``tokens`` (uint8/uint16/int32/int64) and ``logprobs`` (float32) are the flat corpus
-    (memory maps, never copied); ``document_index`` and ``sample_index`` are megatron-core's
-    (int32 or int64); ``samples`` are rows of ``sample_index`` (already shuffled).
+    ``tokens`` (uint8/uint16/int32/int64) and ``logprobs`` (float32: the scores the weighting
+    ``alpha`` reads, ``minus`` its second ones) are the flat corpus (memory maps, never copied);
+    ``document_index`` and ``sample_index`` are megatron-core's (int32 or int64); ``samples``
+    are rows of ``sample_index`` (already shuffled).
     """
+    weighting = as_weighting(alpha)
     samples = np.ascontiguousarray(samples, dtype=np.int64)
     scales = np.ascontiguousarray(scales, dtype=np.float64)
     if _ext is None:
         return pack_batch_numpy(tokens, logprobs, doc_offsets, scales, document_index, sample_index,
-                                samples, seq_len, alpha, eod_id, mask_eod, pad_id)
+                                samples, seq_len, weighting, eod_id, mask_eod, pad_id, minus)
+    _check_minus(weighting, logprobs, minus)
+    mode, a, low, high = weighting.extension_args()
     return _ext.pack_batch(tokens, logprobs, doc_offsets, scales, document_index, sample_index, samples,
-                           int(seq_len), float(alpha), int(eod_id), bool(mask_eod), int(pad_id),
-                           num_threads or default_threads())
+                           int(seq_len), a, int(eod_id), bool(mask_eod), int(pad_id),
+                           num_threads or default_threads(), mode, low, high, minus)
 
 
 def pack_values(values, doc_offsets, document_index, sample_index, samples, seq_len: int, pad_value: float,

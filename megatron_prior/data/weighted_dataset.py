@@ -1,9 +1,10 @@
 """A Megatron token dataset opened together with its reference log-probs (and token kinds).
 
 ``WeightedIndexedDataset(T)`` validates ``T.bin/.idx``, ``T.logprobs.bin/.idx/.json`` and,
-when the metadata binds them, ``T.kinds.bin/.idx`` and ``T.images`` (see ``formats``): their
-structure, their content hashes, and, on the first open, their values (log-probs, kinds, and
-token ids against the tokenizer's vocabulary). Anything inconsistent is refused with a
+when the metadata binds them, ``T.kinds.bin/.idx``, ``T.images`` and the image-conditioned
+scores ``T.imglogprobs.bin/.idx`` and ``T.imgdelta.bin/.idx`` (see ``formats``): their
+structure, their content hashes, and, on the first open, their values (log-probs, kinds, image
+scores, and token ids against the tokenizer's vocabulary). Anything inconsistent is refused with a
 ``FormatError`` that names the file and the problem. It is also the low-level
 dataset of ``WeightedGPTDataset``: it offers what megatron-core's ``GPTDataset`` uses of an
 ``IndexedDataset`` (``sequence_lengths``, ``document_indices``, ``get``, ``path_prefix``),
@@ -20,6 +21,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path,
 
 from megatron_prior.data import packing
 from megatron_prior.data.formats import (
+    IMAGE_SCORE_VALUES,
     TOKEN_DTYPE_CODES,
     FormatError,
     IndexInfo,
@@ -29,6 +31,7 @@ from megatron_prior.data.formats import (
     metadata_path,
     read_index,
     scores_prefix,
+    sidecar_prefix,
     verify_files,
 )
 from megatron_prior.data.images import AnyImageStore, open_image_store
@@ -86,6 +89,11 @@ class WeightedIndexedDataset:
         if "kinds.bin" in self.metadata.files:
             kinds = read_index(kinds_prefix(path_prefix), {1})
             _check_same_structure(tokens, kinds)
+        image_scores = {}
+        if self.metadata.has_image_scores:
+            for name in IMAGE_SCORE_VALUES:
+                image_scores[name] = read_index(sidecar_prefix(path_prefix, name), {7})
+                _check_same_structure(tokens, image_scores[name])
         self._image_shape = self.metadata.files.get("images")
         if self._image_shape is not None:
             self.open_images()  # the header against the metadata, before any hashing
@@ -95,6 +103,9 @@ class WeightedIndexedDataset:
         self.token_array = tokens.data()
         self.logprob_array = scores.data()
         self.kind_array = kinds.data() if kinds is not None else None
+        # Per-token float32 scores by sidecar name: what the weightings read (packing.WEIGHTING_SCORES).
+        self.score_arrays = {"logprobs": self.logprob_array,
+                             **{name: info.data() for name, info in image_scores.items()}}
         if check_values:
             self._check_values()
 
@@ -136,6 +147,11 @@ class WeightedIndexedDataset:
         self._scan(self.logprob_array, get_bin_path(scores_prefix(self.path_prefix)), lambda c: [
             ("NaN log-prob", np.isnan(c), ""), ("infinite log-prob", np.isinf(c), ""),
             ("positive log-prob", c > 0, ": a log-probability is <= 0")])
+        for name, array in self.score_arrays.items():
+            if name != "logprobs":  # log-probs (<= 0) and logit differences: finite
+                self._scan(array, get_bin_path(sidecar_prefix(self.path_prefix, name)), lambda c, name=name: [
+                    (f"NaN {name} score", np.isnan(c), ""), (f"infinite {name} score", np.isinf(c), "")]
+                    + ([("positive log-prob", c > 0, ": a log-probability is <= 0")] if name == "imglogprobs" else []))
         if self.kind_array is not None:
             self._scan(self.kind_array, get_bin_path(kinds_prefix(self.path_prefix)),
                        lambda c: [("unknown kind id", c >= len(KIND_NAMES), "")])
@@ -188,10 +204,34 @@ class WeightedIndexedDataset:
         """Tokens of sequence ``idx`` from ``offset`` (megatron-core's ``IndexedDataset.get``)."""
         return self.tokens.get(idx, offset, length)
 
-    def document_scales(self, alpha: float, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
-        """PRIOR's per-sequence normaliser (``packing.document_scales``), computed once per setting."""
-        key = (float(alpha), int(eod_id), bool(mask_eod), int(pad_id))
+    def weighting_scores(self, weighting: packing.WeightingLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The flat per-token ``(scores, minus)`` arrays ``weighting`` reads (``minus`` None for one);
+        image scores this dataset lacks are refused naming its metadata and the tool that adds them."""
+        weighting = packing.as_weighting(weighting)
+        names = packing.WEIGHTING_SCORES[weighting.name]
+        missing = [n for n in names if n is not None and n not in self.score_arrays]
+        if missing:
+            raise FormatError(metadata_path(self.path_prefix),
+                              f"binds no image-conditioned scores ({', '.join(missing)}), which weighting "
+                              f"{weighting.name!r} reads: add them with tools/score_with_images.py --data-path "
+                              f"{self.path_prefix} --load LVLM_CHECKPOINT --tokenizer-model ...")
+        return self.score_arrays[names[0]], None if names[1] is None else self.score_arrays[names[1]]
+
+    def token_weights(self, sequence: int, weighting: packing.WeightingLike, length: Optional[int] = None) -> np.ndarray:
+        """``packing.token_weights`` of the first ``length`` tokens of sequence ``sequence``
+        (before the per-caption normalisation: ``document_scales``)."""
+        scores, minus = self.weighting_scores(weighting)
+        lo = int(self.sequence_offsets[sequence])
+        hi = int(self.sequence_offsets[sequence + 1]) if length is None else lo + length
+        return packing.token_weights(scores[lo:hi], weighting, None if minus is None else minus[lo:hi])
+
+    def document_scales(self, weighting: packing.WeightingLike, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
+        """The per-sequence normaliser of ``weighting`` (a number: PRIOR's alpha;
+        ``packing.document_scales``), computed once per setting."""
+        weighting = packing.as_weighting(weighting)
+        key = (weighting.key(), int(eod_id), bool(mask_eod), int(pad_id))
         if key not in self._scales_cache:
+            scores, minus = self.weighting_scores(weighting)
             self._scales_cache[key] = packing.document_scales(
-                self.token_array, self.logprob_array, self.sequence_offsets, alpha, eod_id, mask_eod, pad_id)
+                self.token_array, scores, self.sequence_offsets, weighting, eod_id, mask_eod, pad_id, minus=minus)
         return self._scales_cache[key]

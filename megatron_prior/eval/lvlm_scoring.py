@@ -1,5 +1,7 @@
 """What a trained vision-language model says about held-out data: per-token cross-entropy
-by token kind, and caption log-likelihoods for the POPE-style probe.
+by token kind, and caption log-likelihoods for the POPE-style probe; and, as an
+image-conditioned scorer, the per-token scores ``--loss mi`` and ``--loss cal`` train on
+(``score_dataset``, ``tools/score_with_images.py``).
 
 Batches are built exactly as training builds them (``CaptionDataset``: ``tokens = [<image>,
 c0, ..., <eod>, pad]``, ``labels = [c0, ..., <eod>, pad]``, images scaled to [0, 1] and
@@ -18,13 +20,18 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 from megatron.core.datasets.utils import Split
 from tqdm import tqdm
 
 from megatron_prior import parallel
+from megatron_prior.checkpoint import checkpoint_dir, checkpoint_hash
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+from megatron_prior.data.formats import IMAGE_SCORE_VALUES, ScoreMetadata
 from megatron_prior.data.images import DEFAULT_ASPECT, load_image
 from megatron_prior.data.kinds import KIND_NAMES
+from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
+from megatron_prior.data.writer import ImageScoreWriter
 from megatron_prior.eval.kind_losses import kind_loss_sums, kind_mean_losses
 from megatron_prior.eval.probe import PROBE_SPLITS, ProbeItem, probe_accuracy
 from megatron_prior.models.arch import ARCHS, get_arch
@@ -76,7 +83,12 @@ class LVLMScorer:
     def image_tensor(self, path: str) -> torch.Tensor:
         """An image file as the caption dataset feeds it: float32 ``[3, H, W]``, normalised."""
         size = self.config.image_size
-        image = load_image(path, size, size, self.image_aspect).astype(np.float32).transpose(2, 0, 1) / 255.0
+        return self.pixels_tensor(load_image(path, size, size, self.image_aspect))
+
+    def pixels_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """Decoded ``[H, W, 3]`` pixels (0-255) as the caption dataset feeds them: float32
+        ``[3, H, W]``, normalised."""
+        image = np.asarray(pixels, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return torch.from_numpy((image - self._mean) / self._std)
 
     def text_batch(self, captions: Sequence[Sequence[int]]) -> dict:
@@ -110,6 +122,36 @@ class LVLMScorer:
             raise ValueError(f"the model returned per-token loss of shape {tuple(combined.shape)}, expected "
                              f"({images.shape[0]}, {self.image_offset + s}) for {s} text positions")
         return combined[:, self.image_offset:].float()
+
+    @torch.no_grad()
+    def token_scores(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """The image-conditioned scores of every text label, float32 ``[b, s]`` aligned with
+        ``batch["labels"]`` (every position; apply the mask), by ``formats.IMAGE_SCORE_VALUES``:
+
+        - ``imglogprobs``: ``log p(label_j | image, text before)``, the log-softmax of the
+          logits at the label's combined position (what training's cross-entropy negates);
+        - ``imgdelta``: the label's logit with the image minus its logit without: the second
+          forward pass is the model's language model (a GPTModel, ``language_model`` in every
+          vision-language architecture here) on the text row alone, the ``<image>`` placeholder
+          read as the token it is instead of being replaced by the image's positions.
+
+        Both read the full vocabulary's logits: tensor-parallel size 1 only.
+        """
+        if parallel_state.get_tensor_model_parallel_world_size() != 1:
+            raise ValueError("token_scores reads whole logit rows: run the scorer at tensor-parallel size 1")
+        images = images.to(parallel.device(), torch.float32)
+        labels = batch["labels"].unsqueeze(-1)
+        s = labels.shape[1]
+        logits = self.model(images, batch["tokens"], batch["position_ids"], None)
+        if logits.shape[:2] != (images.shape[0], self.image_offset + s):
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}, expected "
+                             f"({images.shape[0]}, {self.image_offset + s}, vocab) for {s} text positions")
+        with_image = logits[:, self.image_offset:].float()
+        text_only = self.model.language_model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                                              attention_mask=None).float()
+        target = with_image.gather(-1, labels).squeeze(-1)
+        return {"imglogprobs": target - torch.logsumexp(with_image, dim=-1),
+                "imgdelta": target - text_only.gather(-1, labels).squeeze(-1)}
 
     # --- held-out loss by kind -----------------------------------------------------------
     def heldout_kind_sums(self, data_prefix: str, progress: bool = False) -> torch.Tensor:
@@ -190,6 +232,50 @@ def evaluate(scorer: LVLMScorer, heldout_prefix: Optional[str], probe_items: Opt
             if split in acc:
                 result[f"probe_accuracy_{split}"] = acc[split]
     return result
+
+
+def score_dataset(scorer: LVLMScorer, data_prefix: str, image_scorer: dict, progress: bool = False) -> ScoreMetadata:
+    """Add ``T.imglogprobs`` and ``T.imgdelta`` (``LVLMScorer.token_scores``) to the preprocessed
+    dataset ``data_prefix`` (tokens, reference log-probs and an image store; verified as training
+    opens it), caption by caption with its image, as training lays it out (``[<image>, caption]``).
+    ``image_scorer`` describes the model (``describe_scorer``); the sidecars are committed by
+    ``ImageScoreWriter``, bound to the token files like the reference log-probs. A caption longer
+    than the model's text length is refused before any scoring: its last tokens could not be
+    scored with the image in view."""
+    tok = scorer.tokenizer
+    dataset = WeightedIndexedDataset(data_prefix, tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size)
+    store = dataset.open_images()
+    size = scorer.config.image_size
+    if tuple(store.shape[1:3]) != (size, size):
+        raise ValueError(f"{data_prefix}: images are {store.shape[1]}x{store.shape[2]}, the model takes {size}x{size}")
+    lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > scorer.text_length:
+        longest = int(lengths.argmax())
+        raise ValueError(f"{data_prefix}: caption {longest} has {lengths[longest]} tokens, more than the "
+                         f"{scorer.text_length} text positions the model reads (its seq_length): score with a "
+                         "model trained with a longer --seq-length")
+    with ImageScoreWriter(data_prefix, dataset.metadata, lengths, dataset.document_indices) as writer:
+        for start in tqdm(range(0, len(lengths), scorer.batch_size), desc="image scores", unit="batch",
+                          disable=not progress):
+            docs = range(start, min(start + scorer.batch_size, len(lengths)))
+            scored = [d for d in docs if lengths[d]]
+            rows: dict[int, dict] = {}
+            if scored:
+                batch = scorer.text_batch([dataset.tokens[d] for d in scored])
+                images = torch.stack([scorer.pixels_tensor(store[d]) for d in scored])
+                scores = {name: v.cpu().numpy() for name, v in scorer.token_scores(images, batch).items()}
+                rows = {d: {name: v[i, :lengths[d]] for name, v in scores.items()} for i, d in enumerate(scored)}
+            for d in docs:  # an empty caption has nothing to score
+                writer.add_document(rows.get(d) or {name: np.zeros(0, np.float32) for name in IMAGE_SCORE_VALUES})
+        return writer.finalize(image_scorer)
+
+
+def describe_scorer(load_dir: str | os.PathLike, config: ModelConfig, iteration: Optional[int] = None) -> dict:
+    """What binds image scores to the checkpoint that made them (its path, iteration and content hash)."""
+    ckpt = checkpoint_dir(load_dir, iteration)
+    return {"type": config.arch, "path": os.path.abspath(load_dir), "checkpoint": str(ckpt),
+            "checkpoint_sha256": checkpoint_hash(load_dir, iteration),
+            "without_image": "the language model on the text row, <image> read as a token"}
 
 
 def load_scorer(load_dir: str | os.PathLike, tokenizer_model: str, batch_size: int = 64,

@@ -8,6 +8,9 @@ The package itself only names the losses, so that the argument parser can offer 
 without importing torch or megatron-core.
 """
 
-# ntp: plain next-token prediction, every loss token weighs 1; prior: the packer's
-# per-caption normalised PRIOR multipliers (``batch["loss_weights"]``).
-LOSSES: tuple[str, ...] = ("ntp", "prior")
+# ntp: plain next-token prediction, every loss token weighs 1; prior, mi, cal: the packer's
+# per-caption normalised multipliers (``batch["loss_weights"]``) of PRIOR, floored pointwise mutual
+# information and CAL; rho1: Rho-1's top fraction of each micro-batch's tokens by excess loss.
+LOSSES: tuple[str, ...] = ("ntp", "prior", "mi", "rho1", "cal")
+# The losses whose token weights the data pipeline makes (``data.packing.WEIGHTING_SCORES``).
+PACKED_WEIGHT_LOSSES: tuple[str, ...] = ("prior", "mi", "cal")

@@ -79,6 +79,8 @@ DOMAINS: dict[str, Domain] = {
                      "recompute_num_layers", "num_query_groups"], AT_LEAST_1),
     **dict.fromkeys(["lr_warmup_iters", "eval_iters", "num_workers"], NON_NEGATIVE),
     **dict.fromkeys(["lr", "min_lr", "weight_decay", "clip_grad", "prior_alpha"], NON_NEGATIVE),
+    "mi_floor": POSITIVE,  # 0 would let a caption's weights all vanish (fallback 1) token by token
+    "rho1_ratio": Domain(low=0, high=1, low_open=True),
     **dict.fromkeys(["hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"], FRACTION),
     **dict.fromkeys(["init_method_std", "norm_epsilon", "rotary_base", "rope_scaling_factor"], POSITIVE),
     "adam_eps": POSITIVE,
@@ -116,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m megatron_prior.train",
         description="Train a text-only reference LM or a vision-language model (--model) "
-        "with next-token prediction (--loss ntp) or PRIOR (--loss prior) on megatron-core, with "
+        "with next-token prediction (--loss ntp), PRIOR (--loss prior) or another token weighting "
+        "(--loss mi, rho1, cal) on megatron-core, with "
         "tensor, pipeline and data parallelism. Launch with torchrun (or srun) for more than one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -244,8 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSSES, default="ntp",
-                   help="ntp: plain next-token prediction; prior: weights from the reference log-probs")
+                   help="ntp: plain next-token prediction; prior: w = (1 - p_ref) ** alpha from the reference "
+                        "log-probs; mi: w = max(log p(t | image) - log p_ref(t), --mi-floor), the image-conditioned "
+                        "log-probs of tools/score_with_images.py; cal: w = clamp(logit with the image - logit "
+                        "without, 1, 5), from the same tool (prior, mi and cal normalised per caption); rho1: "
+                        "the --rho1-ratio share of each micro-batch's tokens with the largest excess loss "
+                        "(model CE + log p_ref) weigh 1, the rest 0 (Rho-1)")
     g.add_argument("--prior-alpha", type=float, default=1.0, help="w = (1 - p_ref) ** alpha (paper: 1; > 2 hurts)")
+    g.add_argument("--mi-floor", type=float, default=0.1,
+                   help="--loss mi: w = max(pmi, floor), > 0; a scorer that ignores the image (pmi <= floor "
+                        "everywhere) gives every token the same weight, i.e. NTP")
+    g.add_argument("--rho1-ratio", type=float, default=0.6,
+                   help="--loss rho1: the share of each micro-batch's loss tokens kept, in (0, 1] (Rho-1: 0.6-0.7; "
+                        "1 is NTP); selected per micro-batch on each data-parallel rank")
     g.add_argument("--eod-mask-loss", dest="mask_eod", action="store_true",
                    help="leave the end-of-document token out of the loss (default: trained on, as Megatron)")
     g.add_argument("--check-loss-inputs", action="store_true",
@@ -592,11 +606,17 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                                 f"has no image store ({images} missing): text-only data trains --model "
                                 f"{' or '.join(a.name for a in ARCHS.values() if not a.needs_images)}, "
                                 "or preprocess with --image-key")
-        if args.loss == "prior":
+        if args.loss in ("prior", "mi", "rho1"):
             scores = prefix + ".logprobs.idx"
             if not os.path.exists(scores):
-                raise ArgumentError(f"--loss prior needs reference scores, but {prefix} has none ({scores} "
+                raise ArgumentError(f"--loss {args.loss} needs reference scores, but {prefix} has none ({scores} "
                                     "missing): run tools/preprocess_with_weights.py with a reference model")
+        if args.loss in ("mi", "cal"):
+            scores = prefix + ".imglogprobs.idx"
+            if not os.path.exists(scores):
+                raise ArgumentError(f"--loss {args.loss} needs image-conditioned scores, but {prefix} has none "
+                                    f"({scores} missing): run tools/score_with_images.py --data-path {prefix} "
+                                    "--load LVLM_CHECKPOINT --tokenizer-model ...")
     for flag, value, module, package in (("--tensorboard-dir", args.tensorboard_dir, "torch.utils.tensorboard",
                                           "tensorboard"), ("--wandb-project", args.wandb_project, "wandb", "wandb")):
         if value is not None:

@@ -28,6 +28,7 @@ from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
 from megatron_prior.data.gpt_dataset import PackedGPTDataset, PackedGPTDatasetConfig
 from megatron_prior.data.images import images_path, open_image_store
+from megatron_prior.loss import PACKED_WEIGHT_LOSSES
 from megatron_prior.models.arch import get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.tokenizer import load_tokenizer
@@ -157,6 +158,10 @@ class TrainingData:
 
 
 def _dataset_config(args: argparse.Namespace, tokenizer, image_sequence_length: Optional[int]):
+    # ntp and rho1 weigh tokens in the loss; the datasets still pack PRIOR's (unused) weights.
+    weighting = dict(prior_alpha=args.prior_alpha, mi_floor=args.mi_floor,
+                     loss_weighting=args.loss if args.loss in PACKED_WEIGHT_LOSSES else "prior",
+                     reference_logprobs=args.loss == "rho1")
     common = dict(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -166,7 +171,7 @@ def _dataset_config(args: argparse.Namespace, tokenizer, image_sequence_length: 
         path_to_cache=args.data_cache_path,
     )
     if get_arch(args.model).needs_images:
-        return CaptionDataset, CaptionDatasetConfig(prior_alpha=args.prior_alpha, pack_samples=args.pack_samples,
+        return CaptionDataset, CaptionDatasetConfig(**weighting, pack_samples=args.pack_samples,
                                                     image_mean=tuple(args.image_mean), image_std=tuple(args.image_std),
                                                     image_sequence_length=image_sequence_length, **common)
     gpt = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.mask_eod,
@@ -174,7 +179,7 @@ def _dataset_config(args: argparse.Namespace, tokenizer, image_sequence_length: 
     if args.loss == "ntp" and not _has_scores(args.data_path):
         # Plain NTP on tokens without reference scores (e.g. the reference LM itself).
         return PackedGPTDataset, PackedGPTDatasetConfig(**common, **gpt)
-    return WeightedGPTDataset, WeightedGPTDatasetConfig(prior_alpha=args.prior_alpha, **common, **gpt)
+    return WeightedGPTDataset, WeightedGPTDatasetConfig(**weighting, **common, **gpt)
 
 
 def _has_scores(data_path: list[str]) -> bool:

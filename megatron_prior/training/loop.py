@@ -130,7 +130,7 @@ class Trainer:
     def __post_init__(self) -> None:
         # Built once: the schedule calls it for every micro-batch of every iteration.
         self.forward_step = make_forward_step(self.model_config, self.args.loss, self.args.check_loss_inputs,
-                                              self.args.pack_samples)
+                                              self.args.pack_samples, self.args.rho1_ratio)
 
     # --- set-up ------------------------------------------------------------------------
     @classmethod

@@ -218,6 +218,8 @@ class MetricsLogger:
             "model": self.args.model,
             "loss": self.args.loss,
             "prior_alpha": self.args.prior_alpha,
+            "mi_floor": self.args.mi_floor,
+            "rho1_ratio": self.args.rho1_ratio,
             "seed": self.args.seed,
             "model_config": self.model_config.to_dict(),
         }
