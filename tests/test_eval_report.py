@@ -99,7 +99,7 @@ def test_single_seed_without_logs_or_captions(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (lambda r: setattr(r[0], "arch", "vit"), "arch must be one of"),
-    (lambda r: setattr(r[0], "loss", "rho1"), "loss must be one of"),
+    (lambda r: setattr(r[0], "loss", "rho2"), "loss must be one of"),
     (lambda r: r[0].heldout.pop("probe_accuracy"), "lack probe_accuracy"),
     (lambda r: r[0].heldout.update(probe_accuracy=float("nan")), "finite"),
     (lambda r: setattr(r[0], "prior_alpha", 1.0), "prior_alpha"),

@@ -3,7 +3,8 @@
 
 Every shard is validated first (as training would open it) and all must agree: token
 dtype, tokenizer, reference model, and whether they carry kinds and images (of one store
-kind, size and aspect).
+kind, size and aspect). Image-conditioned scores (tools/score_with_images.py) are not
+merged: score the merged dataset.
 Tokens are concatenated by megatron-core's own IndexedDatasetBuilder.add_index (as
 Megatron's merge_datasets.py does); the log-probs, kinds and images follow in the same
 order, and the new metadata binds the scores to the merged token file. Outputs are written
@@ -80,6 +81,12 @@ def merge(prefixes: list[str], output_prefix: str) -> dict:
             if mine != theirs:
                 raise FormatError(prefix, f"{what} {mine} differs from {prefixes[0]}'s {theirs}")
 
+    scored = [p for p, s in zip(prefixes, shards) if s.metadata.has_image_scores]
+    if scored:
+        # They are bound to the scorer that made them and cheap to make again: the merged
+        # dataset is scored as a whole rather than stitched from the shards' sidecars.
+        print(f"note: the image-conditioned scores of {', '.join(scored)} are not merged; add them to "
+              f"{output_prefix} with tools/score_with_images.py (--loss mi and cal read them)", file=sys.stderr)
     image_size = stores[0].shape[1:3] if stores[0] is not None else None
     with WeightedDatasetWriter(output_prefix, first.token_array.dtype.type, with_kinds=first.has_kinds,
                                image_size=image_size, image_store=stores[0].kind if stores[0] else "raw",

@@ -217,7 +217,8 @@ class WeightedIndexedDataset:
                               f"{self.path_prefix} --load LVLM_CHECKPOINT --tokenizer-model ...")
         return self.score_arrays[names[0]], None if names[1] is None else self.score_arrays[names[1]]
 
-    def token_weights(self, sequence: int, weighting: packing.WeightingLike, length: Optional[int] = None) -> np.ndarray:
+    def token_weights(self, sequence: int, weighting: packing.WeightingLike,
+                      length: Optional[int] = None) -> np.ndarray:
         """``packing.token_weights`` of the first ``length`` tokens of sequence ``sequence``
         (before the per-caption normalisation: ``document_scales``)."""
         scores, minus = self.weighting_scores(weighting)
@@ -225,7 +226,8 @@ class WeightedIndexedDataset:
         hi = int(self.sequence_offsets[sequence + 1]) if length is None else lo + length
         return packing.token_weights(scores[lo:hi], weighting, None if minus is None else minus[lo:hi])
 
-    def document_scales(self, weighting: packing.WeightingLike, eod_id: int, mask_eod: bool, pad_id: int) -> np.ndarray:
+    def document_scales(self, weighting: packing.WeightingLike, eod_id: int, mask_eod: bool,
+                        pad_id: int) -> np.ndarray:
         """The per-sequence normaliser of ``weighting`` (a number: PRIOR's alpha;
         ``packing.document_scales``), computed once per setting."""
         weighting = packing.as_weighting(weighting)

@@ -10,7 +10,8 @@
       "prior": {...},
       "per_size": {"xs": {"ntp": {<fit>, "parameters": N}, "prior": {...}}, "s": {...}},
       "chinchilla": {"ntp": {E, A, alpha, alpha_ci, B, beta, beta_ci, r2, ...}, "prior": ...},
-      "comparison": {"xs": {"beta_ntp", "beta_prior", "beta_ratio", "ci_overlap"}, ...},
+      "comparisons": {"prior": {"xs": {"beta_ntp", "beta_prior", "beta_ratio", "ci_overlap"}, ...}, ...},
+      "comparison": {"xs": {...}, ...},          # comparisons' one entry, when one loss besides NTP
       "by_kind": {"grounded": {<the same fields, "y": "eval_ce_grounded">}}   # the sweep's fit_kinds
     }
 
@@ -20,8 +21,9 @@ position of the text including padding). A fit entry is fit_power_law's dict (E,
 beta_ci, r2, extrapolation_error, ...). Where a curve admits no power law the entry is
 ``{"error": "<why>"}`` instead, so one bad curve does not hide the others; the report prints
 every such error. ``chinchilla`` is present only with >= 2 sizes (its entries may be errors
-too); ``comparison`` (each loss against NTP, the first of ``megatron_prior.loss.LOSSES``) only
-with both.
+too); ``comparisons`` (each loss against NTP, the first of ``megatron_prior.loss.LOSSES``) only
+with NTP and another loss; ``comparison``, the key read before sweeps could hold more than one
+other loss, repeats its entry when there is exactly one.
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ def fit_sweep(results: list[RunResult], name: str, losses: tuple[str, ...], *, m
                 out["chinchilla"][loss] = {"error": str(err)}
     others = [loss for loss in losses if loss != BASELINE]
     if BASELINE in losses and others:
-        (other,) = others  # LOSSES holds one loss besides the baseline
-        out["comparison"] = {size: _compare(BASELINE, per_size[size][BASELINE], other, per_size[size][other])
-                             for size in sizes}
+        out["comparisons"] = {other: {size: _compare(BASELINE, per_size[size][BASELINE], other, per_size[size][other])
+                                      for size in sizes} for other in others}
+        if len(others) == 1:
+            out["comparison"] = out["comparisons"][others[0]]
     return out
 
 
