@@ -2,13 +2,18 @@
 flags outside their domain (one table, megatron_prior.training.arguments.DOMAINS), a --split
 megatron-core cannot read, an LVLM on text-only data, a file that is not a tokenizer."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from megatron_prior.data import WeightedDatasetWriter
+from megatron_prior.tokenizer import load_tokenizer
 from megatron_prior.training.arguments import build_parser, parse_args
 
 PROG = "python -m megatron_prior.train"
@@ -161,6 +166,46 @@ def test_transformer_engine_is_the_default_where_it_imports(base_argv, monkeypat
     monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
     assert parse_args(base_argv, world_size=1).transformer_impl == "transformer_engine"
     assert parse_args([*base_argv, "--transformer-impl", "local"], world_size=1).transformer_impl == "local"
+
+
+def test_image_size_and_aspect_default_to_the_stores_and_raw_pixels_refuse_others(base_argv, tiny_corpus,
+                                                                                  tmp_path, capsys):
+    """--image-size/--image-aspect: unset, the stores' (the model and the batches take them); an
+    encoded store takes any; a raw store only its own (named with the flag); text models none."""
+    ulvlm = [*base_argv, "--model", "ulvlm", "--patch-size", "4"]
+    args = parse_args(ulvlm, world_size=1)
+    assert (args.image_size, args.image_aspect) == (16, "pad")  # the tiny corpus's encoded store
+    args = parse_args([*ulvlm, "--image-size", "24", "--image-aspect", "crop"], world_size=1)
+    assert (args.image_size, args.image_aspect) == (24, "crop")
+    assert "image size 18 (--image-size) is not divisible by --patch-size 4" in _refused(
+        [*ulvlm, "--image-size", "18"], capsys)
+    assert "--image-aspect applies to the vision-language models (--model hlvlm or ulvlm), not to --model gpt" in \
+        _refused([*base_argv, "--image-aspect", "crop"], capsys)
+    raw = str(tmp_path / "raw")
+    tok = load_tokenizer(tiny_corpus["tokenizer"])
+    with WeightedDatasetWriter(raw, np.uint16, image_size=(16, 16), image_store="raw", image_aspect="pad") as writer:
+        writer.add_document(np.array([5, tok.eod]), np.full(2, -1.0, np.float32), image=np.zeros((16, 16, 3), np.uint8))
+        writer.finalize(tok.fingerprint, {"type": "unigram"})
+    on_raw = [*ulvlm, "--data-path", raw]
+    assert parse_args([*on_raw, "--image-size", "16", "--image-aspect", "pad"], world_size=1).image_size == 16
+    fixed = (f"{raw}.images is a raw image store: its pixels were fitted to 16x16 (pad) when it was preprocessed, so "
+             "it cannot be read at")
+    assert f"error: --image-size 24: {fixed} 24x24 (pad); preprocess it again with --image-store encoded" in \
+        _refused([*on_raw, "--image-size", "24"], capsys)
+    assert f"error: --image-size 20, --image-aspect crop: {fixed} 20x20 (crop)" in _refused(
+        [*on_raw, "--image-size", "20", "--image-aspect", "crop"], capsys)
+    assert "--data-path: the blended image stores hold images of different sizes [(12, 12), (16, 16)]: give " \
+           "--image-size N" in _refused([*ulvlm, "--data-path", tiny_corpus["data"], _store(tmp_path, tok, 12)], capsys)
+
+
+def _store(tmp_path, tok, side: int) -> str:
+    """A one-caption dataset with an encoded store of ``side``-pixel images."""
+    prefix, png = str(tmp_path / f"encoded{side}"), io.BytesIO()
+    Image.new("RGB", (side, side)).save(png, "PNG")
+    with WeightedDatasetWriter(prefix, np.uint16, image_size=(side, side), image_store="encoded") as writer:
+        writer.add_document(np.array([5, tok.eod]), np.full(2, -1.0, np.float32), image=png.getvalue())
+        writer.finalize(tok.fingerprint, {"type": "unigram"})
+    return prefix
 
 
 @pytest.mark.parametrize("flags,world,message", [

@@ -29,7 +29,6 @@ from tests.test_training import _argv, _train
 
 pytestmark = pytest.mark.slow  # trains two GPT iterations, then starts each tool once
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE_SIZE = 16  # make_caption_corpus's images (the tiny_corpus fixture)
 REFUSAL = ("refusing to load a pickled object that is not tensors and plain data "
            "(Trying to load unsupported GLOBAL posix.system whose module posix is blocked.)")
 
@@ -76,7 +75,7 @@ def _save_hlvlm(load_dir: str, argv: list) -> None:
 
     args = parse_args(argv)
     parallel.initialize(seed=args.seed)
-    cfg = model_config_from_args(args, load_tokenizer(args.tokenizer_model), IMAGE_SIZE)
+    cfg = model_config_from_args(args, load_tokenizer(args.tokenizer_model))
     save(load_dir, 2, model_state([build_model(cfg)]), cfg)
 
 

@@ -4,6 +4,8 @@ tools/preprocess_with_weights.py into the encoded image store, and the pixels it
 import io
 import json
 import os
+import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -13,7 +15,14 @@ import webdataset
 from PIL import Image
 
 from megatron_prior.data import FormatError, WeightedDatasetWriter, WeightedIndexedDataset, open_image_store
-from megatron_prior.data.images import PAD_COLOUR, EncodedImageStore, decode_image, load_image
+from megatron_prior.data.images import (
+    PAD_COLOUR,
+    EncodedImageStore,
+    StoredImages,
+    decode_image,
+    load_image,
+    stored_images,
+)
 from megatron_prior.data.sources import detect_format, expand_inputs
 from megatron_prior.tokenizer import load_tokenizer
 
@@ -173,15 +182,52 @@ def test_raw_store_still_works(samples, tmp_path):
         np.testing.assert_array_equal(raw[i], enc[i])
         np.testing.assert_array_equal(raw[i], load_image(str(samples["root"] / "images" / it["name"]), 12, 12, "crop"))
     assert os.path.getsize(tmp_path / "raw_caption_document.images") == 64 + len(samples["items"]) * 12 * 12 * 3
-    # Evaluation fits probe images by the rule the data was stored with; stores from before the
-    # rule was recorded were stretched.
-    from megatron_prior.eval.run import _data_aspect
-
-    assert {_data_aspect(str(tmp_path / f"{store}_caption_document")) for store in ("raw", "enc")} == {"crop"}
+    # What the metadata records of a store (the trainer's default --image-size and --image-aspect,
+    # evaluation's probe rule for a checkpoint without one); stores from before the rule was
+    # recorded were stretched.
+    assert [stored_images(str(tmp_path / f"{store}_caption_document")) for store in ("raw", "enc")] == [
+        StoredImages(str(tmp_path / f"{store}_caption_document.images"), kind, 12, 12, "crop")
+        for store, kind in (("raw", "raw"), ("enc", "encoded"))]
     with WeightedDatasetWriter(str(tmp_path / "old"), np.uint16, image_size=(2, 2)) as writer:
         writer.add_document(np.array([5, 6]), np.full(2, -1.0, np.float32), image=np.zeros((2, 2, 3), np.uint8))
         writer.finalize("sha256:x", {"type": "unigram"})
-    assert _data_aspect(str(tmp_path / "old")) == "stretch" and _data_aspect(None) == "pad"
+    assert stored_images(str(tmp_path / "old")) == StoredImages(str(tmp_path / "old.images"), "raw", 2, 2, "stretch")
+
+
+def test_an_encoded_store_is_read_at_any_size_a_raw_one_only_as_written(samples, tmp_path):
+    """Training's --image-size/--image-aspect: an encoded store decodes its bytes to them (in a
+    spawned DataLoader worker too, which gets the store pickled); a raw store refuses others,
+    naming its file."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+
+    preprocess(samples, "llava", tmp_path / "enc")
+    preprocess(samples, "llava", tmp_path / "raw", "--image-store", "raw")
+    enc, raw = (str(tmp_path / f"{store}_caption_document") for store in ("enc", "raw"))
+    config = CaptionDatasetConfig(random_seed=1, sequence_length=16, blend=([enc], None), split="1,0,0",
+                                  tokenizer=load_tokenizer(samples["tok"]), path_to_cache=str(tmp_path / "cache"),
+                                  image_size=20, image_aspect="crop")
+    train, _, _ = BlendedMegatronDatasetBuilder(CaptionDataset, [8, 0, 0], lambda: True, config).build()
+    assert train.images.shape == (len(samples["items"]), 20, 20, 3) and train.images.aspect == "crop"
+    unpickled = pickle.loads(pickle.dumps(train.images))
+    for row in range(len(train)):
+        doc = int(train.sample_documents[row])
+        expected = decode_image(samples["items"][doc]["data"], 20, 20, "crop")
+        pixels = expected.astype(np.float32).transpose(2, 0, 1) / 255
+        np.testing.assert_array_equal(train[row]["images"].numpy(), pixels)
+        np.testing.assert_array_equal(unpickled[doc], expected)
+    assert WeightedIndexedDataset(enc).open_images().fitted_to().shape[1:] == (12, 12, 3)  # default: the header's
+    store = WeightedIndexedDataset(raw).open_images()
+    assert store.fitted_to(12, 12, "pad") is store and store.fitted_to() is store
+    for size, aspect in ((20, "pad"), (12, "crop")):
+        with pytest.raises(ValueError, match=f"^{re.escape(raw)}.images is a raw image store: its pixels were "
+                                             rf"fitted to 12x12 \(pad\) when it was preprocessed, so it cannot be "
+                                             rf"read at {size}x{size} \({aspect}\)"):
+            store.fitted_to(size, size, aspect)
+    config.blend = ([raw], None)
+    with pytest.raises(ValueError, match="is a raw image store"):
+        BlendedMegatronDatasetBuilder(CaptionDataset, [8, 0, 0], lambda: True, config).build()
 
 
 def test_coco_captions_per_image(samples, tmp_path):

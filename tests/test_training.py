@@ -155,6 +155,57 @@ def test_resume_is_exact_with_virtual_pipeline_stages(tiny_corpus, tmp_path):
     assert _summary(part)["loss_tokens"] == _summary(full)["loss_tokens"] > 0
 
 
+def _first_batch_and_scorer_images(argv: list, load: str) -> tuple:
+    """The first training micro-batch of ``argv``'s run with its rows' documents, and the
+    held-out images evaluation reads for the checkpoint in ``load`` (same corpus)."""
+    from functools import partial
+
+    from megatron_prior import parallel
+    from megatron_prior.eval.lvlm_scoring import load_scorer
+    from megatron_prior.training.arguments import parse_args
+    from megatron_prior.training.data import build_training_data
+    from megatron_prior.training.loop import model_config_from_args
+
+    args = parse_args(argv)
+    parallel.initialize(seed=args.seed)
+    data = build_training_data(args, partial(model_config_from_args, args))
+    batch = next(data.train_batches(0))
+    rows = [int(data.train.sample_documents[data.train.row_starts[i]]) for i in range(len(batch["images"]))]
+    scorer = load_scorer(load, args.tokenizer_model)
+    heldout = scorer._caption_dataset(args.data_path[0]).images
+    return batch["images"].numpy(), rows, heldout.shape, heldout[rows[0]], scorer.config.image_aspect
+
+
+def test_training_at_another_image_size_reads_batches_of_that_size(tiny_corpus, tmp_path):
+    """--image-size 24 --image-aspect crop on the corpus's 16x16 encoded store: the batches hold
+    each caption's stored bytes decoded to 24x24 by crop, the model is built for that and records
+    it, and evaluation reads held-out images as the model was trained."""
+    from megatron_prior.data import WeightedIndexedDataset
+    from megatron_prior.data.images import decode_image
+
+    out = str(tmp_path / "run")
+    argv = _argv(tiny_corpus, "ulvlm", out, "--image-size", "24", "--image-aspect", "crop", "--save", out, iters=2)
+    run_on_ranks(_train, 1, argv)
+    config = _summary(out)["model_config"]
+    assert (config["image_size"], config["image_aspect"]) == (24, "crop")
+    images, rows, heldout_shape, heldout_first, aspect = run_on_ranks(_first_batch_and_scorer_images, 1, argv, out)[0]
+    store = WeightedIndexedDataset(tiny_corpus["data"]).open_images()
+    assert store.shape[1:3] == (16, 16) and images.shape == (2, 3, 24, 24)
+    for image, doc in zip(images, rows):
+        expected = decode_image(store.encoded(doc), 24, 24, "crop")
+        np.testing.assert_array_equal(image, expected.astype(np.float32).transpose(2, 0, 1) / 255)
+    assert heldout_shape == (len(store), 24, 24, 3) and aspect == "crop"
+    np.testing.assert_array_equal(heldout_first, decode_image(store.encoded(rows[0]), 24, 24, "crop"))
+    # Unset, the model and the batches take the store's size and rule, as before the flags existed.
+    from megatron_prior.tokenizer import load_tokenizer
+    from megatron_prior.training.arguments import parse_args
+    from megatron_prior.training.loop import model_config_from_args
+
+    default = parse_args(_argv(tiny_corpus, "ulvlm", out, iters=2), world_size=1)
+    config = model_config_from_args(default, load_tokenizer(tiny_corpus["tokenizer"]))
+    assert (config.image_size, config.image_aspect) == (16, "pad")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num-attention-heads", "6", "--hidden-size", "36", "--tensor-model-parallel-size", "4"],
      "--num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),

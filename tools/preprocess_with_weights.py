@@ -16,8 +16,8 @@ For each --json-keys KEY it writes, beside Megatron's usual {output_prefix}_{KEY
                         and sha256 of every file here (a replaced or half-written one is refused)
   *.kinds.bin/.idx      uint8 token kinds, with --kinds-key
   *.images              the images: the files' bytes as given (--image-store encoded, decoded
-                        to --image-size per --image-aspect when batches are made), or decoded
-                        pixels (--image-store raw)
+                        to --image-size per --image-aspect when batches are made; training may
+                        ask for another size or rule), or decoded pixels (--image-store raw)
   *.verified.json       hashes already checked, by file stat (opening skips re-hashing them)
 
 The reference is a text-only GPT saved by megatron-prior's training (--reference-type gpt
@@ -97,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="coco: all (default) makes one record per annotation (the image is stored once); first "
                             "keeps each image's first caption")
     group.add_argument("--image-size", type=int, nargs="+", metavar="N",
-                       help="images are fitted to N x N, or to H W (needed with images)")
+                       help="images are fitted to N x N, or to H W (needed with images); for an encoded store the "
+                            "size training reads them at unless its --image-size says otherwise, for a raw one fixed")
     group.add_argument("--image-aspect", choices=ASPECTS, default=DEFAULT_ASPECT,
                        help="how an image meets --image-size: pad (default; LLaVA's pad to square with CLIP's mean "
-                            "colour), crop (resize to cover, centre crop) or stretch")
+                            "colour), crop (resize to cover, centre crop) or stretch; recorded like --image-size "
+                            "(the trainer's --image-aspect overrides it for an encoded store)")
     group.add_argument("--image-store", choices=("encoded", "raw"), default="encoded",
                        help="encoded (default): the image files' bytes (JPEG, PNG, WebP), decoded when batches are "
                             "made; raw: pixels decoded and fitted now (any format PIL reads; H x W x 3 bytes each)")

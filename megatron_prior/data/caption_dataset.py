@@ -15,7 +15,8 @@ caption ``c`` of ``n`` tokens cut to ``m = min(n, s)``:
     ref_logprobs = the reference log-prob of each label (0 off captions), with
                    ``reference_logprobs`` (Rho-1's excess loss reads it)
     position_ids = 0 .. s-1
-    images       = float32 [3, H, W], (pixel / 255 - mean) / std
+    images       = float32 [3, H, W], (pixel / 255 - mean) / std, H x W the config's
+                   ``image_size`` (default: the store's)
     token_kinds  = per-label kind ids, when the corpus has a ``.kinds`` companion
     padding_positions = how many of the row's combined (image + text) input positions are
                    padding, when ``image_sequence_length`` is given
@@ -72,6 +73,14 @@ class CaptionDatasetConfig(BlendedMegatronDatasetConfig):
     image_std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     """Per-channel divisor after the mean (CLIP: 0.269, 0.261, 0.276)."""
 
+    image_size: Optional[int] = None
+    """Side of the square images are read at (training's ``--image-size``); None: the store's.
+    An encoded store decodes to it; a raw store must already hold it (its pixels are fixed)."""
+
+    image_aspect: Optional[str] = None
+    """How images are fitted to that size (``images.ASPECTS``; ``--image-aspect``); None: the
+    store's own rule. Likewise refused for a raw store fitted by another rule."""
+
     image_sequence_length: Optional[int] = None
     """Positions one image takes in the language model's sequence (the model's; it replaces the
     one ``<image>`` token). Given, rows count their padding; ``pack_samples`` needs it."""
@@ -104,7 +113,7 @@ class CaptionDataset(MegatronDataset):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         tok = config.tokenizer
         check_documents_end_in_eod(dataset, tok.eod, "a caption dataset")
-        self.images = dataset.open_images()
+        self.images = dataset.open_images().fitted_to(config.image_size, config.image_size, config.image_aspect)
         self.weighting = config.weighting
         # Every caption token is a loss token (c0 is predicted from the image): no EOD masking.
         self.scales = dataset.document_scales(config.weighting, tok.eod, False, self._pad_token_id)

@@ -30,7 +30,10 @@ C-ordered uint8 array ``[n, H, W, C]`` of pixels already decoded and fitted.
     offset 49  zeros up to 64
 
 Both read as ``store[i]`` -> uint8 ``[H, W, 3]``; the encoded one decodes there, which runs in
-the DataLoader workers. The dataset's metadata binds the store by content hash and records
+the DataLoader workers. Since it decodes at read time, an encoded store can be read at another
+size or aspect rule than its header records (``fitted_to``: the trainer's ``--image-size`` and
+``--image-aspect``); a raw store's pixels were fitted when it was written, so it reads only as
+it was written. The dataset's metadata binds the store by content hash and records
 its layout (``formats``). Writers stream to a temporary name and write the header (and the
 encoded store's index) when they finish.
 
@@ -48,22 +51,32 @@ grayscale, palette or RGBA images are converted to RGB (alpha dropped, as LLaVA'
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import os
 import stat
 import struct
 import warnings
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from megatron_prior.data.formats import IMAGE_ASPECTS, FormatError, check_header, images_path, read_header
+from megatron_prior.data.formats import (
+    IMAGE_ASPECTS,
+    FormatError,
+    ScoreMetadata,
+    check_header,
+    images_path,
+    metadata_path,
+    read_header,
+)
 
 __all__ = ["ASPECTS", "DEFAULT_ASPECT", "EncodedImageStore", "EncodedImageStoreWriter", "ImageStore",
-           "ImageStoreWriter", "PAD_COLOUR", "check_encoded_image", "decode_image", "fit_image", "images_path",
-           "load_image", "open_image_store", "read_image_file"]
+           "ImageStoreWriter", "PAD_COLOUR", "StoredImages", "check_encoded_image", "decode_image", "fit_image",
+           "images_path", "load_image", "open_image_store", "read_image_file", "stored_images"]
 
 MAGIC = b"MPIMGST\x00"
 ENCODED_MAGIC = b"MPIMGENC"
@@ -77,6 +90,8 @@ _MAX_ARRAY_BYTES = np.iinfo(np.intp).max
 
 ASPECTS = IMAGE_ASPECTS
 DEFAULT_ASPECT = "pad"
+# The rule of a raw store bound before the rule was recorded: such images were stretched.
+LEGACY_ASPECT = "stretch"
 # LLaVA pads with tuple(int(x * 255) for x in CLIP's image_mean (0.48145466, 0.4578275, 0.40821073)).
 PAD_COLOUR = (122, 116, 104)
 # What the encoded store keeps as given: formats every PIL build decodes. Others (GIF, BMP,
@@ -171,6 +186,50 @@ def load_image(path: str, height: int, width: int, aspect: str = DEFAULT_ASPECT)
     return decode_image(read_image_file(path), height, width, aspect)
 
 
+@dataclass(frozen=True)
+class StoredImages:
+    """An image store as its dataset's metadata binds it: where, which kind (``raw`` or
+    ``encoded``), and the size and aspect rule its images were fitted or are decoded to."""
+
+    path: str
+    kind: str
+    height: int
+    width: int
+    aspect: str
+
+    def refit_problem(self, height: int, width: int, aspect: str) -> Optional[str]:
+        """Why these images cannot be read at ``height x width`` per ``aspect`` (None: they can).
+        An encoded store decodes at read time, so any size and rule serve; a raw store holds
+        pixels fitted when it was written."""
+        if self.kind == "encoded" or (height, width, aspect) == (self.height, self.width, self.aspect):
+            return None
+        return (f"{self.path} is a raw image store: its pixels were fitted to {self.height}x{self.width} "
+                f"({self.aspect}) when it was preprocessed, so it cannot be read at {height}x{width} ({aspect}); "
+                "preprocess it again with --image-store encoded (decoded when batches are made, at any size) "
+                "or at that size and aspect")
+
+
+def stored_images(prefix: str) -> StoredImages:
+    """What ``prefix``'s metadata (``T.logprobs.json``) records of its image store; a store bound
+    before the kind and the aspect rule were recorded is a raw one whose images were stretched."""
+    path = images_path(prefix)
+    binding = ScoreMetadata.load(metadata_path(prefix)).files.get("images")
+    if binding is None:
+        raise FormatError(path, f"missing file ({metadata_path(prefix)} binds no images: preprocess with --image-key)")
+    return StoredImages(path, binding.get("store", "raw"), int(binding["height"]), int(binding["width"]),
+                        binding.get("aspect", LEGACY_ASPECT))
+
+
+def _check_fit(height: int, width: int, aspect: str) -> None:
+    if aspect not in ASPECTS:
+        raise ValueError(f"image aspect {aspect!r}: expected one of {', '.join(ASPECTS)}")
+    # Every read decodes to H x W: past PIL's decompression-bomb limit each read would allocate
+    # that much, so such a size is refused like such an image.
+    if height < 1 or width < 1 or height * width > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"image size {height}x{width}: expected non-empty images of at most "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb limit)")
+
+
 def _check_expected(path: str, said: dict, expected: Optional[dict]) -> None:
     if expected is None:
         return
@@ -208,6 +267,16 @@ class ImageStore:
 
     def __getitem__(self, idx: int) -> np.ndarray:
         return self._array[idx]
+
+    def fitted_to(self, height: Optional[int] = None, width: Optional[int] = None,
+                  aspect: Optional[str] = None) -> "ImageStore":
+        """This store, if its pixels are ``height x width`` fitted per ``aspect`` (None: as
+        stored); else ValueError naming the file (raw pixels read as they were written)."""
+        stored = StoredImages(self.path, self.kind, self.shape[1], self.shape[2], self.aspect or LEGACY_ASPECT)
+        problem = stored.refit_problem(height or stored.height, width or stored.width, aspect or stored.aspect)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -265,11 +334,23 @@ class EncodedImageStore:
             raise FormatError(self.path, f"image of record {idx} (document {idx} of the tokens beside it) "
                                          f"cannot be decoded: {err}") from None
 
+    def fitted_to(self, height: Optional[int] = None, width: Optional[int] = None,
+                  aspect: Optional[str] = None) -> "EncodedImageStore":
+        """This store read at ``height x width`` per ``aspect`` instead of its header's (None: the
+        header's): the same bytes, decoded to that."""
+        height, width, aspect = height or self.shape[1], width or self.shape[2], aspect or self.aspect
+        _check_fit(height, width, aspect)
+        view = copy.copy(self)
+        view.shape, view.aspect = (self.shape[0], height, width, 3), aspect
+        return view
+
     def __getstate__(self) -> dict:
-        return {"path": self.path}
+        return {"path": self.path, "fit": (self.shape[1], self.shape[2], self.aspect)}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+        height, width, aspect = state["fit"]
+        self.shape, self.aspect = (self.shape[0], height, width, 3), aspect
 
 
 AnyImageStore = Union[ImageStore, EncodedImageStore]

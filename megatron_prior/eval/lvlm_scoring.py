@@ -50,7 +50,8 @@ class LVLMScorer:
         tokenizer: the tokenizer the model was trained with (its fingerprint is checked).
         batch_size: captions per forward pass.
         image_aspect: how probe images are fitted to the model's size (``images.ASPECTS``): the
-            rule its training images were fitted by.
+            rule its training images were fitted by. Held-out data are read at the model's own
+            size and rule (``ModelConfig.image_size``, ``image_aspect``).
     """
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, tokenizer, batch_size: int = 64,
@@ -173,13 +174,12 @@ class LVLMScorer:
         config = CaptionDatasetConfig(random_seed=0, sequence_length=self.text_length, blend=([data_prefix], None),
                                       split="0,0,100", tokenizer=self.tokenizer, path_to_cache=None,
                                       mmap_bin_files=True, image_mean=tuple(self.config.image_mean),
-                                      image_std=tuple(self.config.image_std))
+                                      image_std=tuple(self.config.image_std), image_size=self.config.image_size,
+                                      image_aspect=self.config.image_aspect)
         low = CaptionDataset.build_low_level_dataset(data_prefix, config)
-        dataset = CaptionDataset(low, data_prefix, np.arange(len(low), dtype=np.int32), None, Split.test, config)
-        if dataset.images.shape[1:3] != (self.config.image_size, self.config.image_size):
-            raise ValueError(f"{data_prefix}: images are {dataset.images.shape[1]}x{dataset.images.shape[2]}, the "
-                             f"model takes {self.config.image_size}x{self.config.image_size}")
-        return dataset
+        # Images are read as training read them (the model's size and rule): an encoded store is
+        # decoded to them, a raw store that holds others is refused, naming it.
+        return CaptionDataset(low, data_prefix, np.arange(len(low), dtype=np.int32), None, Split.test, config)
 
     # --- caption likelihoods -------------------------------------------------------------
     @torch.no_grad()

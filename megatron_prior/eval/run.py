@@ -33,9 +33,14 @@ from typing import Optional, Sequence
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
 
 from megatron_prior import parallel  # noqa: E402
-from megatron_prior.checkpoint import CheckpointError, checkpoint_iterations, resolve_iteration  # noqa: E402
-from megatron_prior.data.formats import ScoreMetadata, metadata_path  # noqa: E402
-from megatron_prior.data.images import ASPECTS, DEFAULT_ASPECT  # noqa: E402
+from megatron_prior.checkpoint import (  # noqa: E402
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_iterations,
+    read_model_config,
+    resolve_iteration,
+)
+from megatron_prior.data.images import ASPECTS, DEFAULT_ASPECT, stored_images  # noqa: E402
 from megatron_prior.eval.lvlm_scoring import evaluate, load_scorer  # noqa: E402
 from megatron_prior.eval.probe import load_probe_items  # noqa: E402
 from megatron_prior.files import atomic_write_json  # noqa: E402
@@ -73,21 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out token prefix with .kinds and .images companions (per-kind losses)")
     p.add_argument("--probe", default=None, help="probe.jsonl (POPE-style items; image paths relative to it)")
     p.add_argument("--image-aspect", choices=ASPECTS, default=None,
-                   help="how probe images are fitted to the model's size (default: the rule --data-path's images "
-                        "were stored with, else pad)")
+                   help="how probe images are fitted to the model's size (default: the rule it was trained with; "
+                        "for a checkpoint that does not record it, the rule --data-path's images were stored with, "
+                        "else pad). Held-out data are always read at the trained size and rule")
     p.add_argument("--micro-batch-size", type=int, default=64, help="captions per forward pass")
     p.add_argument("--output", required=True, nargs="+", help="eval.json to write, one per --load")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
-def _data_aspect(data_path: Optional[str]) -> str:
-    """The aspect rule of ``data_path``'s image store: recorded in its metadata; a store written
-    before the rule was recorded was stretched."""
-    if data_path is None:
-        return DEFAULT_ASPECT
-    images = ScoreMetadata.load(metadata_path(data_path)).files.get("images", {})
-    return images.get("aspect", "stretch")
+def _probe_aspect(args: argparse.Namespace, load: str, iteration: int) -> str:
+    """How probe images are fitted: --image-aspect, else the rule the checkpoint was trained with,
+    else (a checkpoint that predates recording it) the rule of --data-path's image store."""
+    trained = read_model_config(checkpoint_dir(load, iteration)).image_aspect
+    if args.image_aspect or trained:
+        return args.image_aspect or trained
+    return DEFAULT_ASPECT if args.data_path is None else stored_images(args.data_path).aspect
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -104,19 +110,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
     try:
         items = load_probe_items(args.probe) if args.probe else None
-        aspect = args.image_aspect or _data_aspect(args.data_path)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"megatron_prior.eval.run: {err}") from None
     parallel.initialize()
     try:
         for load, output in zip(args.load, args.output):
-            result = _evaluate_run(load, output, args, items, aspect)
+            result = _evaluate_run(load, output, args, items)
     finally:
         parallel.destroy()
     return result
 
 
-def _evaluate_run(load: str, output: str, args: argparse.Namespace, items, aspect: str) -> dict:
+def _evaluate_run(load: str, output: str, args: argparse.Namespace, items) -> dict:
     try:
         if args.all_checkpoints:
             iterations = checkpoint_iterations(load)
@@ -131,7 +136,7 @@ def _evaluate_run(load: str, output: str, args: argparse.Namespace, items, aspec
             # The model is rebuilt for each: loading weights into a model in use is the
             # trainer's business, and building one costs little beside the evaluation.
             scorer = load_scorer(load, args.tokenizer_model, args.micro_batch_size, iteration,
-                                 args.tokenizer_type, args.special_tokens, aspect)
+                                 args.tokenizer_type, args.special_tokens, _probe_aspect(args, load, iteration))
             metrics = evaluate(scorer, args.data_path, items, progress=not args.no_progress)
             log.info("%s iteration %d: %s", load, iteration, _shown(metrics))
             checkpoints.append({"iteration": int(iteration), "metrics": metrics})

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_prior.data.formats import IMAGE_ASPECTS
 from megatron_prior.models.arch import get_arch
 
 
@@ -45,8 +46,12 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
     tokenizer_fingerprint: Optional[str] = None
-    # Image input (architectures with needs_images).
+    # Image input (architectures with needs_images). image_size is the side of the square images
+    # trained on; image_aspect how they were fitted to it (data.images.ASPECTS; None: each image
+    # store's own rule, as a checkpoint from before it was recorded says), so evaluation reads
+    # images as training did.
     image_size: int = 32
+    image_aspect: Optional[str] = None
     patch_size: int = 8
     image_token_id: Optional[int] = None
     # H-LVLM vision encoder (a CLIP-style ViT) and its MLP projector. vision_model_type is
@@ -80,6 +85,8 @@ class ModelConfig:
                             f"{self.num_query_groups}")
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             problems.append(f"normalization {self.normalization!r} is neither 'LayerNorm' nor 'RMSNorm'")
+        if self.image_aspect is not None and self.image_aspect not in IMAGE_ASPECTS:
+            problems.append(f"image_aspect {self.image_aspect!r} is not one of {', '.join(IMAGE_ASPECTS)}")
         problems += arch.validate_config(self)
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))

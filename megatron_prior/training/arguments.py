@@ -18,6 +18,8 @@ from megatron.core.transformer.enums import AttnBackend
 
 from megatron_prior.checkpoint import CheckpointError, checkpoint_dir, read_model_config
 from megatron_prior.compat import have_transformer_engine
+from megatron_prior.data.formats import FormatError
+from megatron_prior.data.images import ASPECTS, stored_images
 from megatron_prior.loss import LOSSES
 from megatron_prior.models import packed
 from megatron_prior.models.arch import ARCHS, get_arch
@@ -76,7 +78,7 @@ DOMAINS: dict[str, Domain] = {
                      "num_layers_per_virtual_pipeline_stage", "micro_batch_size", "global_batch_size",
                      "seq_length", "train_iters", "train_samples", "lr_decay_iters", "save_interval",
                      "eval_interval", "log_interval", "exit_interval", "context_parallel_size",
-                     "recompute_num_layers", "num_query_groups"], AT_LEAST_1),
+                     "recompute_num_layers", "num_query_groups", "image_size"], AT_LEAST_1),
     **dict.fromkeys(["lr_warmup_iters", "eval_iters", "num_workers"], NON_NEGATIVE),
     **dict.fromkeys(["lr", "min_lr", "weight_decay", "clip_grad", "prior_alpha"], NON_NEGATIVE),
     "mi_floor": POSITIVE,  # 0 would let a caption's weights all vanish (fallback 1) token by token
@@ -270,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", default=None,
                    help="token prefixes, optionally weighted (a Megatron blend): 'P1', 'P1 P2' (equal weights) "
                         "or '0.7 P1 0.3 P2'")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="vision-language models: side of the square images trained on (default: the size the "
+                        "image stores were preprocessed to). An encoded store (--image-store encoded, the default "
+                        "of tools/preprocess_with_weights.py) is decoded to it when batches are made, so one "
+                        "preprocessing serves several sizes; a raw store's pixels are fixed, so another size is "
+                        "refused")
+    g.add_argument("--image-aspect", choices=ASPECTS, default=None,
+                   help="vision-language models: how images are fitted to --image-size: pad (to square with CLIP's "
+                        "mean colour, as LLaVA), crop (resize to cover, centre crop) or stretch (default: the rule "
+                        "the stores were preprocessed with); a raw store takes only its own rule")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     g.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model (tools/train_tokenizer.py) or HuggingFace tokenizer (a local "
@@ -467,6 +479,8 @@ VIT_SHAPE_FLAGS: dict[str, Callable[[ModelConfig], Any]] = {
     "vit_norm_epsilon": lambda c: c.vit_norm_epsilon,
     "image_mean": lambda c: c.image_mean,
     "image_std": lambda c: c.image_std,
+    # Its position embedding has one row per patch: the encoder takes the image size it was built for.
+    "image_size": lambda c: c.image_size,
 }
 VIT_SHAPE_DEFAULTS = dict(vit_num_layers=2, vit_hidden_size=64, vit_num_attention_heads=4, patch_size=8,
                           vision_model_type="clip", vit_activation="gelu", vit_norm_epsilon=1e-5,
@@ -514,9 +528,47 @@ def _check_lm_shape(args: argparse.Namespace) -> None:
         raise ArgumentError("--add-qkv-bias needs --disable-bias-linear (without it every linear layer has biases)")
 
 
+def _resolve_images(args: argparse.Namespace, prefixes: list[str], size_from: str) -> None:
+    """``--image-size`` and ``--image-aspect`` of a vision-language model: unset, the image
+    stores' (one square size for the whole blend; their rule when they share one, else each
+    store keeps its own); set, every raw store must already hold them. ``size_from`` names where
+    a set size came from."""
+    try:
+        stores = [stored_images(prefix) for prefix in prefixes]
+    except FormatError as err:
+        raise ArgumentError(f"--data-path: {err}") from None
+    if args.image_size is None:
+        sizes = sorted({(store.height, store.width) for store in stores})
+        if len(sizes) > 1:
+            raise ArgumentError(f"--data-path: the blended image stores hold images of different sizes {sizes}: "
+                                "give --image-size N (encoded stores are decoded to it)")
+        (height, width), = sizes
+        if height != width:
+            raise ArgumentError(f"--data-path: images are {height}x{width}; the models take square images: give "
+                                "--image-size N (an encoded store is decoded to N x N)")
+        args.image_size, size_from = height, f"the images of --data-path {prefixes[0]}"
+    if args.image_aspect is None:
+        aspects = {store.aspect for store in stores}
+        args.image_aspect = aspects.pop() if len(aspects) == 1 else None
+    for store in stores:
+        aspect = args.image_aspect or store.aspect
+        problem = store.refit_problem(args.image_size, args.image_size, aspect)
+        if problem:
+            square = (args.image_size, args.image_size)
+            flags = [f"{size_from} {args.image_size}"] if (store.height, store.width) != square else []
+            flags += [f"--image-aspect {aspect}"] if aspect != store.aspect else []
+            raise ArgumentError(f"{', '.join(flags)}: {problem}")
+    if args.image_size % args.patch_size:
+        raise ArgumentError(f"image size {args.image_size} ({size_from}) is not divisible by --patch-size "
+                            f"{args.patch_size}")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Fill defaults that depend on other flags and refuse bad combinations."""
     world_size = world_size or launch_info().world_size
+    # Where the image size comes from: the flag, else --vit-load (it is a ViT shape flag), else
+    # the image stores (_resolve_images).
+    size_from = "--image-size" if args.image_size is not None else f"--vit-load {args.vit_load}'s image size"
     args.lm_load_vocab_size = None
     if args.lm_load is not None:
         args.lm_load_vocab_size = _shape_from_checkpoint(args, "--lm-load", LM_SHAPE_FLAGS).vocab_size
@@ -617,6 +669,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 raise ArgumentError(f"--loss {args.loss} needs image-conditioned scores, but {prefix} has none "
                                     f"({scores} missing): run tools/score_with_images.py --data-path {prefix} "
                                     "--load LVLM_CHECKPOINT --tokenizer-model ...")
+    if arch.needs_images:
+        _resolve_images(args, _blend_prefixes(args.data_path), size_from)
+    else:
+        for flag, value in (("--image-size", args.image_size), ("--image-aspect", args.image_aspect)):
+            if value is not None:
+                raise ArgumentError(f"{flag} applies to the vision-language models (--model "
+                                    f"{' or '.join(a.name for a in ARCHS.values() if a.needs_images)}), not to "
+                                    f"--model {args.model}")
     for flag, value, module, package in (("--tensorboard-dir", args.tensorboard_dir, "torch.utils.tensorboard",
                                           "tensorboard"), ("--wandb-project", args.wandb_project, "wandb", "wandb")):
         if value is not None:

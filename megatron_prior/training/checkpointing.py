@@ -150,7 +150,9 @@ def _compare_configs(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> No
     diffs = [
         f"{k}: checkpoint {v!r} vs run {getattr(current, k)!r}"
         for k, v in saved.to_dict().items()
-        if k not in ignore and getattr(current, k) != v
+        # A checkpoint from before image_aspect was recorded (None) trained on the stores' own
+        # rules, which is what a run without --image-aspect reads.
+        if k not in ignore and getattr(current, k) != v and not (k == "image_aspect" and v is None)
     ]
     if diffs:
         raise CheckpointError(f"{ckpt}: model does not match the checkpoint: " + "; ".join(diffs))

@@ -27,7 +27,6 @@ from megatron_prior import parallel
 from megatron_prior.data import WeightedGPTDataset, WeightedGPTDatasetConfig
 from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
 from megatron_prior.data.gpt_dataset import PackedGPTDataset, PackedGPTDatasetConfig
-from megatron_prior.data.images import images_path, open_image_store
 from megatron_prior.loss import PACKED_WEIGHT_LOSSES
 from megatron_prior.models.arch import get_arch
 from megatron_prior.models.config import ModelConfig
@@ -133,7 +132,6 @@ class TrainingData:
     tokenizer: Any
     train: Any
     valid: Optional[Any]
-    image_size: Optional[int]
     micro_batch_size: int
     num_microbatches: int
     global_batch_size: int
@@ -173,6 +171,7 @@ def _dataset_config(args: argparse.Namespace, tokenizer, image_sequence_length: 
     if get_arch(args.model).needs_images:
         return CaptionDataset, CaptionDatasetConfig(**weighting, pack_samples=args.pack_samples,
                                                     image_mean=tuple(args.image_mean), image_std=tuple(args.image_std),
+                                                    image_size=args.image_size, image_aspect=args.image_aspect,
                                                     image_sequence_length=image_sequence_length, **common)
     gpt = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.mask_eod,
                create_attention_mask=False, pack_samples=args.pack_samples)
@@ -187,30 +186,18 @@ def _has_scores(data_path: list[str]) -> bool:
     return all(os.path.exists(p + ".logprobs.idx") for p in prefixes)
 
 
-def _image_size(dataset) -> int:
-    """The (square) image side shared by every caption dataset of a blend."""
-    parts = getattr(dataset, "datasets", [dataset])
-    shapes = {tuple(part.images.shape[1:3]) for part in parts}
-    if len(shapes) != 1:
-        raise ValueError(f"--data-path: the blended image stores have different image sizes {sorted(shapes)}")
-    (h, w), = shapes
-    if h != w:
-        raise ValueError(f"--data-path: images are {h}x{w}; the models take square images")
-    return h
-
-
 def build_training_data(args: argparse.Namespace,
-                        model_config_for: Optional[Callable[[Any, int], ModelConfig]] = None) -> TrainingData:
+                        model_config_for: Optional[Callable[[Any], ModelConfig]] = None) -> TrainingData:
     """Tokenizer and the train/validation datasets of ``--data-path`` (a Megatron blend).
 
-    ``model_config_for(tokenizer, image_size)`` is the model the batches are for: the positions
-    its image takes budget packed rows (``--pack-samples``) and count the rows' padding."""
+    Images are read at ``--image-size`` per ``--image-aspect`` (``validate_args`` resolves them,
+    the stores' own when not given), the size ``model_config_for(tokenizer)``, the model the
+    batches are for, is built for; the positions its image takes budget packed rows
+    (``--pack-samples``) and count the rows' padding."""
     tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type, args.special_tokens)
     image_sequence_length = None
     if get_arch(args.model).needs_images and model_config_for is not None:
-        prefixes, _ = get_blend_from_list(args.data_path)
-        side = open_image_store(images_path(prefixes[0])).shape[1]  # every store's, _image_size checks below
-        image_sequence_length = model_config_for(tokenizer, side).image_sequence_length
+        image_sequence_length = model_config_for(tokenizer).image_sequence_length
     train_samples = args.train_iters * args.global_batch_size
     valid_samples = max(1, args.eval_iters) * args.global_batch_size if args.eval_iters > 0 else 0
     cls, config = _dataset_config(args, tokenizer, image_sequence_length)
@@ -221,6 +208,5 @@ def build_training_data(args: argparse.Namespace,
     if args.eval_iters > 0 and valid is None:
         raise ValueError(f"--split {args.split} leaves no validation data: give it a validation share "
                          "or pass --eval-iters 0")
-    image_size = _image_size(train) if get_arch(args.model).needs_images else None
-    return TrainingData(tokenizer, train, valid, image_size, args.micro_batch_size, args.num_microbatches,
+    return TrainingData(tokenizer, train, valid, args.micro_batch_size, args.num_microbatches,
                         args.global_batch_size, args.eval_iters, args.num_workers)

@@ -45,7 +45,9 @@ from megatron_prior.training.steps import make_forward_step
 log = logging.getLogger("megatron_prior.train")
 
 
-def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Optional[int]) -> ModelConfig:
+def model_config_from_args(args: argparse.Namespace, tokenizer) -> ModelConfig:
+    """The model the flags describe; its image size and rule are the ones the batches are read at
+    (``--image-size``/``--image-aspect``, resolved from the image stores by ``validate_args``)."""
     image = get_arch(args.model).needs_images
     return ModelConfig(
         arch=args.model,
@@ -68,7 +70,8 @@ def model_config_from_args(args: argparse.Namespace, tokenizer, image_size: Opti
         rope_scaling_factor=args.rope_scaling_factor,
         norm_epsilon=args.norm_epsilon,
         tokenizer_fingerprint=tokenizer.fingerprint,
-        image_size=image_size if image else 32,
+        image_size=args.image_size if image else 32,
+        image_aspect=args.image_aspect if image else None,
         patch_size=args.patch_size,
         image_token_id=tokenizer.image_token_id if image else None,
         vit_num_layers=args.vit_num_layers,
@@ -136,7 +139,7 @@ class Trainer:
     @classmethod
     def build(cls, args: argparse.Namespace) -> "Trainer":
         data = build_training_data(args, partial(model_config_from_args, args))
-        model_config = model_config_from_args(args, data.tokenizer, data.image_size)
+        model_config = model_config_from_args(args, data.tokenizer)
         use_te = args.transformer_impl == "transformer_engine"
         overrides = dict(
             init_method_std=args.init_method_std,
