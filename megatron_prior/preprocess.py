@@ -16,18 +16,23 @@ Under torchrun (or srun) the chunks are dealt to the ranks: whole files (file ``
 turn. Every rank tokenizes and scores its chunks on its own device into a dataset of its own;
 the unigram counts are summed over ranks; rank 0 then copies the chunks' documents in input
 order into the output. A chunk is scored alone whatever the number of ranks, so the output is
-byte for byte the one a single process writes.
+byte for byte the one a single process writes. An exception in a rank's step (loading the
+reference, processing, committing its part, rank 0's merge) is gathered with the step's result,
+so every rank stops at the same point; the parts under ``{output_prefix}.ranks`` are then
+removed and the output prefix is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import time
+import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -316,31 +321,31 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             print(f"reading {len(paths)} {args.input_format} file(s)" + (f" on {world} ranks" if world > 1 else ""),
                   file=sys.stderr)
-        scorer, reference = load_reference(args.reference_type, args.reference_load, tokenizer,
-                                           args.reference_window, args.score_batch_tokens)
-        unigram = reference["type"] == "unigram"
-        if not unigram and rank == 0:
-            print(f"reference: {reference['type']} {reference['path']}, window {reference['window']}, first token "
-                  f"scored after token {reference['start_token_id']} ({reference['first_token_context']})",
-                  file=sys.stderr)
-        writers = _open_writers(args, (lambda key: output_prefix(args, key)) if world == 1
-                                else (lambda key: shard_prefix(rank, key)), token_dtype)
-        done, stopped = _process_share(args, info, paths, scorer, unigram, writers, pool)
-        if stopped is not None:
-            print(f"error: {stopped}", file=sys.stderr)
-            print("(--skip-bad-records skips such records and lists them in a log)", file=sys.stderr)
-        if world > 1:
-            everyone: list = [None] * world
-            dist.all_gather_object(everyone, (stopped is not None, done))
-            if any(failed for failed, _ in everyone):
-                raise _Failed()
-            done = sorted((c for _, rank_done in everyone for c in rank_done), key=lambda c: (c.file_index, c.index))
-            if unigram:
-                counts = torch.from_numpy(scorer.counts).to(parallel.device())
-                dist.all_reduce(counts)
-                scorer.counts = counts.cpu().numpy()
-        elif stopped is not None:
+        # Each step a rank takes alone (load, process, commit its part, rank 0's merge) ends in
+        # _gather, where every rank learns whether any rank's step raised: then all stop
+        # together and rank 0 removes the parts, instead of waiting for a rank that left.
+        with _rank_step(world, rank) as step:
+            scorer, reference = load_reference(args.reference_type, args.reference_load, tokenizer,
+                                               args.reference_window, args.score_batch_tokens)
+            unigram = reference["type"] == "unigram"
+            if not unigram and rank == 0:
+                print(f"reference: {reference['type']} {reference['path']}, window {reference['window']}, first "
+                      f"token scored after token {reference['start_token_id']} ({reference['first_token_context']})",
+                      file=sys.stderr)
+            writers = _open_writers(args, (lambda key: output_prefix(args, key)) if world == 1
+                                    else (lambda key: shard_prefix(rank, key)), token_dtype)
+            done, stopped = _process_share(args, info, paths, scorer, unigram, writers, pool)
+            if stopped is not None:
+                print(f"error: {stopped}", file=sys.stderr)
+                print("(--skip-bad-records skips such records and lists them in a log)", file=sys.stderr)
+        everyone = _gather(world, step.error, (stopped is not None, done) if step.error is None else None)
+        if any(failed for failed, _ in everyone):
             raise _Failed()
+        done = sorted((c for _, rank_done in everyone for c in rank_done), key=lambda c: (c.file_index, c.index))
+        if unigram and world > 1:
+            counts = torch.from_numpy(scorer.counts).to(parallel.device())
+            dist.all_reduce(counts)
+            scorer.counts = counts.cpu().numpy()
         bad = [b for c in done for b in c.bad]
         written = sum(c.written for c in done)
         if written == 0:
@@ -348,23 +353,30 @@ def run(args: argparse.Namespace) -> int:
                 print("error: no documents to write" + (f" ({len(bad)} bad records skipped)" if bad else ""),
                       file=sys.stderr)
             raise _Failed()
-        for key, writer in writers.items():
-            if unigram:
-                writer.fill_logprobs(scorer)
-            writer.finalize(tokenizer.fingerprint, reference, _notes(args, key, len(bad)))
+        with _rank_step(world, rank) as step:
+            for key, writer in writers.items():
+                if unigram:
+                    writer.fill_logprobs(scorer)
+                writer.finalize(tokenizer.fingerprint, reference, _notes(args, key, len(bad)))
+        _gather(world, step.error)  # every rank's dataset is in place
         if world > 1:
-            dist.barrier()  # every rank's dataset is in place
+            with _rank_step(world, rank) as step:
+                if rank == 0:
+                    writers = _open_writers(args, lambda key: output_prefix(args, key), token_dtype)
+                    _merge_ranks(args, shard_prefix, done, world, len(paths), writers)
+                    for key, writer in writers.items():
+                        writer.finalize(tokenizer.fingerprint, reference, _notes(args, key, len(bad)))
+            _gather(world, step.error)
             if rank == 0:
-                writers = _open_writers(args, lambda key: output_prefix(args, key), token_dtype)
-                _merge_ranks(args, shard_prefix, done, world, len(paths), writers)
-                for key, writer in writers.items():
-                    writer.finalize(tokenizer.fingerprint, reference, _notes(args, key, len(bad)))
                 shutil.rmtree(shard_dir)
-            dist.barrier()
         tokens = sum(w.token_count for w in writers.values())
         if bad and rank == 0:
             _write_bad_record_log(args.output_prefix + "_bad_records.log", bad)
-    except _Failed:
+    except (_Failed, _RankFailed) as failure:
+        if isinstance(failure, _RankFailed) and rank == 0:
+            print(f"error: {failure}", file=sys.stderr)
+        if world > 1:
+            _discard_parts(rank, writers, shard_dir)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -389,6 +401,59 @@ def run(args: argparse.Namespace) -> int:
 
 class _Failed(Exception):
     """Stops the run after the reason was reported."""
+
+
+class _RankFailed(Exception):
+    """A step of rank ``rank`` raised (``error`` says what); every rank raises it together."""
+
+    def __init__(self, rank: int, world: int, error: str) -> None:
+        super().__init__(f"rank {rank} of {world} failed: {error}")
+        self.rank, self.error = rank, error
+
+
+@dataclass
+class _Step:
+    error: Optional[str] = None  # what this rank's step raised, as text
+
+
+@contextlib.contextmanager
+def _rank_step(world: int, rank: int) -> Iterator[_Step]:
+    """A step this rank takes alone: on one rank its exceptions propagate as they are; on several
+    they are caught (with the traceback on this rank's stderr) into ``step.error`` for ``_gather``."""
+    step = _Step()
+    if world == 1:
+        yield step
+        return
+    try:
+        yield step
+    except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        print(f"rank {rank}: {traceback.format_exc()}", file=sys.stderr, end="")
+        step.error = f"{type(err).__name__}: {err}"
+
+
+def _gather(world: int, error: Optional[str], payload=None) -> list:
+    """Every rank's ``payload`` (a collective: every rank calls it after the same step); with
+    several ranks, _RankFailed on all of them when any rank's step raised (``error``)."""
+    if world == 1:
+        return [payload]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (error, payload))
+    failed = [(r, e) for r, (e, _) in enumerate(everyone) if e is not None]
+    if failed:
+        raise _RankFailed(failed[0][0], world, failed[0][1])
+    return [p for _, p in everyone]
+
+
+def _discard_parts(rank: int, writers: dict[str, WeightedDatasetWriter], shard_dir: str) -> None:
+    """After a failure every rank knows of: each rank removes what it was writing, and once all
+    have (the barrier), rank 0 removes every rank's part. The output prefix was never written
+    (rank 0 commits it only at the end of the merge), so a dataset already there is kept."""
+    for writer in writers.values():
+        writer.abort()
+    dist.barrier()
+    if rank == 0 and os.path.isdir(shard_dir):
+        shutil.rmtree(shard_dir)
+        print(f"removed the ranks' parts ({shard_dir})", file=sys.stderr)
 
 
 def _write_bad_record_log(path: str, bad: list[BadRecord]) -> None:

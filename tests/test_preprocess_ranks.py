@@ -1,5 +1,8 @@
-"""tools/preprocess_with_weights.py under several ranks writes, byte for byte, what one process writes."""
+"""tools/preprocess_with_weights.py under several ranks writes, byte for byte, what one process writes;
+a rank that fails stops every rank, and its parts are removed."""
 
+import contextlib
+import io
 import json
 import os
 
@@ -83,3 +86,50 @@ def test_a_rank_without_chunks(samples, tmp_path):  # noqa: F811
     run_tool(*args, "--output-prefix", one)
     assert run_on_ranks(_tool_on_rank, 2, args + ["--output-prefix", two]) == [0, 0]
     _same_output(one, two)
+
+
+def _failing(argv: list[str], where: str, failing_rank: int) -> tuple[int, str]:
+    """The tool on this rank, ``where`` raising on ``failing_rank``: (exit status, stderr)."""
+    from megatron_prior import preprocess
+
+    if int(os.environ["RANK"]) == failing_rank:
+        if where == "process":
+            def add_document(self, *args, **kwargs):
+                raise OSError(28, "No space left on device")
+
+            preprocess.WeightedDatasetWriter.add_document = add_document
+        else:
+            merge = preprocess._merge_ranks
+
+            def _merge_ranks(*args, **kwargs):
+                merge(*args, **kwargs)  # the whole output written to temporary files, not yet committed
+                raise ValueError("damaged part")
+
+            preprocess._merge_ranks = _merge_ranks
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = _tool_on_rank(argv)
+    return status, err.getvalue()
+
+
+@pytest.mark.parametrize("where,failing_rank,error", [
+    ("process", 1, "OSError: [Errno 28] No space left on device"),
+    ("merge", 0, "ValueError: damaged part"),
+])
+def test_a_failed_rank_stops_all_and_its_parts_are_removed(samples, tmp_path, where, failing_rank, error):  # noqa: F811
+    """A rank's exception reaches every rank: all exit 1, rank 0 names the rank and the error,
+    removes every rank's part ({prefix}.ranks/) and leaves the dataset already at the prefix as
+    it was (here: one written before by a single process)."""
+    args = ["--input", str(samples["llava"]), "--image-root", str(samples["root"] / "images"), "--json-keys",
+            "caption", "--tokenizer-model", samples["tok"], "--append-eod", "--image-size", "12",
+            "--reference-type", "unigram", "--chunk-records", "3"]
+    prefix = str(tmp_path / "out")
+    run_tool(*args, "--output-prefix", prefix)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    (status0, err0), (status1, err1) = run_on_ranks(_failing, 2, args + ["--output-prefix", prefix], where,
+                                                    failing_rank)
+    assert (status0, status1) == (1, 1)
+    assert f"error: rank {failing_rank} of 2 failed: {error}\n" in err0
+    assert f"removed the ranks' parts ({prefix}.ranks)" in err0
+    assert f"rank {failing_rank}: Traceback" in (err0, err1)[failing_rank]
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

@@ -36,7 +36,9 @@ names other tokens). An HF reference must have the data's tokenizer: pass its di
 
 Under torchrun (torchrun --nproc-per-node N tools/preprocess_with_weights.py ...) or srun, the
 ranks share the input chunk by chunk, each scores its share on its own device, and rank 0
-writes the one dataset, byte for byte what a single process writes.
+writes the one dataset, byte for byte what a single process writes. If a rank fails, all exit
+1, rank 0 names the rank and its error and removes the ranks' parts ({output_prefix}.ranks/),
+and a dataset already at the prefix is kept.
 
 A bad record (invalid JSON or UTF-8, JSON nested too deeply or with a number too long,
 missing or empty caption, a lone surrogate in a text, an image that is unreadable, not a
