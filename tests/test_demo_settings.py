@@ -93,3 +93,19 @@ def test_noise_rate_reaches_the_generator_and_is_checked():
     assert _flag(clean["data"], "--noise-rate") == "0"
     with pytest.raises(SystemExit, match=r"noise rate must be in \[0, 1\]"):
         pipeline.main(["--noise-rate", "1.5", "--output-dir", "/nonexistent/never-made"])
+
+
+def test_other_losses_add_runs_and_the_image_scorer_only_when_needed():
+    settings, steps = _steps("--other-losses", "mi", "rho1", "cal")
+    assert len([n for n in steps if n.startswith("train_")]) == 3 * 2 * 6
+    scorer, score = steps["image_scorer"], steps["score_images"]
+    assert _flag(scorer, "--model") == "ulvlm" and _flag(scorer, "--seed") == str(settings.data_seed)
+    assert _flag(scorer, "--loss") == "ntp" and _flag(score, "--load") == str(pipeline.DemoPaths.image_scorer)
+    runs = {s.name: s for s in pipeline.build_steps(settings, lambda: None)}
+    for name in ("train_ulvlm_mi_seed1", "train_hlvlm_cal_seed2", "train_ulvlm_rho1_seed3", "train_hlvlm_ntp_seed1"):
+        assert "score_images" in runs[name].deps, name  # scoring rewrites the metadata every run reads
+    assert _flag(steps["train_hlvlm_rho1_seed1"], "--loss") == "rho1"
+    _, rho1_only = _steps("--other-losses", "rho1")
+    assert "image_scorer" not in rho1_only and "score_images" not in rho1_only
+    with pytest.raises(SystemExit):
+        pipeline.main(["--other-losses", "prior", "--output-dir", "/nonexistent/never-made"])

@@ -14,6 +14,7 @@ class DemoPaths:
     unigram_prefix = Path("work/unigram/train")
     reference = Path("runs/reference")
     vit_warmup = Path("runs/vit_warmup")
+    image_scorer = Path("runs/image_scorer")
 
     @staticmethod
     def prefix(split: str) -> Path:

@@ -63,12 +63,15 @@ from typing import Optional, Sequence
 
 from megatron_prior.demo.paths import DemoPaths
 from megatron_prior.demo.report import write_demo_report
+from megatron_prior.loss import LOSSES
 from megatron_prior.models.arch import ARCHS, get_arch
 from megatron_prior.runs import RunFailed, Step, StepRunner
 
 PREPROCESS = "tools/preprocess_with_weights.py"
 # The architectures a demo can train: those that read images.
 LVLMS = tuple(a.name for a in ARCHS.values() if a.needs_images)
+# The weightings a demo can run beside NTP (the baseline) and PRIOR (one run per alpha).
+OTHER_LOSSES = tuple(loss for loss in LOSSES if loss not in ("ntp", "prior"))
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class DemoSettings:
     num_checkpoints: int
     seed_offset: int = 0  # already added to ``seeds``; recorded so results.json says so
     archs: tuple[str, ...] = ("ulvlm", "hlvlm")
+    # Losses run beside NTP and PRIOR (one run per alpha): any of mi, rho1, cal. mi and cal add
+    # an image-conditioned scorer (a U-LVLM NTP run on data_seed) that scores the training set.
+    other_losses: tuple[str, ...] = ()
     data_seed: int = 1234
     # Share of training captions with one colour or shape word made wrong (the generator's
     # --noise-rate); held-out captions and probe items stay clean.
@@ -127,6 +133,9 @@ class DemoSettings:
         if not 1 <= self.num_checkpoints <= self.train_iters:
             raise ValueError(f"num_checkpoints must be between 1 and train_iters ({self.train_iters}), "
                              f"got {self.num_checkpoints}")
+        extra = set(self.other_losses) - set(OTHER_LOSSES)
+        if extra or len(set(self.other_losses)) != len(self.other_losses):
+            raise ValueError(f"other losses must be distinct among {', '.join(OTHER_LOSSES)}, got {self.other_losses}")
         unknown = set(self.archs) - set(LVLMS)
         if unknown or not self.archs:
             raise ValueError(f"archs must be among {', '.join(LVLMS)}, got {self.archs}")
@@ -178,19 +187,24 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        variant = "ntp" if self.loss == "ntp" else f"prior{_alpha_tag(self.alpha)}"
+        variant = self.loss if self.alpha is None else f"{self.loss}{_alpha_tag(self.alpha)}"
         return f"{self.arch}_{variant}_seed{self.seed}"
 
     @property
     def label(self) -> str:
-        variant = "NTP" if self.loss == "ntp" else f"PRIOR alpha={self.alpha:g}"
+        variant = self.loss.upper() if self.alpha is None else f"{self.loss.upper()} alpha={self.alpha:g}"
         return f"{self.arch} {variant} seed {self.seed}"
 
 
 def run_specs(s: DemoSettings) -> list[RunSpec]:
     return [RunSpec(arch, loss, seed, alpha)
             for seed in s.seeds for arch in s.archs
-            for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]]
+            for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]
+            + [(loss, None) for loss in s.other_losses]]
+
+
+def _needs_image_scores(s: DemoSettings) -> bool:
+    return bool({"mi", "cal"} & set(s.other_losses))
 
 
 def _eval_groups(specs: Sequence[RunSpec]) -> dict[tuple[str, int], list[RunSpec]]:
@@ -213,13 +227,13 @@ def _preprocess(split: str, prefix: Path, reference: Optional[Path], s: DemoSett
 
 
 def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: DemoSettings,
-           extra: Sequence[str] = ()) -> list[str]:
+           extra: Sequence[str] = (), seq_length: Optional[int] = None) -> list[str]:
     lvlm = get_arch(model).needs_images
     # The reference has the LVLMs' language-model shape: it is also their initial language model.
     size = ["--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
             "--num-attention-heads", str(s.num_attention_heads)]
     return ["-m", "megatron_prior.train", "--model", model, *size,
-            "--seq-length", str(s.seq_length if lvlm else s.reference_seq_length),
+            "--seq-length", str(seq_length or (s.seq_length if lvlm else s.reference_seq_length)),
             "--micro-batch-size", str(s.global_batch_size), "--global-batch-size", str(s.global_batch_size),
             "--train-iters", str(iters), "--lr", str(s.lr if lvlm else s.reference_lr), "--min-lr", str(s.min_lr),
             "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(s.warmup_iters, iters // 5)),
@@ -265,6 +279,26 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                           _train(arch, L.vit_warmup, L.unigram_prefix, s.data_seed, s.vit_warmup_iters, s,
                                  ["--loss", "ntp"]),
                           deps=["text_data"], clean=[L.vit_warmup]))
+    # MI and CAL weigh tokens by what an image-conditioned model predicts: a U-LVLM trained with
+    # NTP on the training set (data_seed, so fresh training seeds reuse it) scores it, into
+    # sidecars beside the reference log-probs. Scoring rewrites the dataset's metadata, so every
+    # LVLM run waits for it rather than read the files while they change.
+    scored = []
+    if _needs_image_scores(s):
+        steps.append(Step("image_scorer", "train the image-conditioned scorer of MI and CAL (U-LVLM, NTP)",
+                          [L.image_scorer / "summary.json"],
+                          # Scoring reads whole captions: the reference's length, not the LVLMs' 48.
+                          _train("ulvlm", L.image_scorer, L.prefix("train"), s.data_seed, s.train_iters, s,
+                                 ["--loss", "ntp", "--lm-load", str(L.reference)], s.reference_seq_length),
+                          deps=["score_train"], clean=[L.image_scorer]))
+        doc = str(L.documents(L.prefix("train")))
+        steps.append(Step("score_images", "score the train captions with the image-conditioned scorer",
+                          [Path(doc + ext) for ext in (".imglogprobs.bin", ".imglogprobs.idx", ".imgdelta.bin",
+                                                       ".imgdelta.idx")],
+                          ["tools/score_with_images.py", "--data-path", doc, "--load", str(L.image_scorer),
+                           "--tokenizer-model", str(L.tokenizer), "--micro-batch-size", str(s.eval_batch_size)],
+                          deps=["image_scorer"]))
+        scored = ["score_images"]
     for spec in run_specs(s):
         rdir = L.run_dir(spec.name)
         loss = ["--loss", spec.loss] + (["--prior-alpha", f"{spec.alpha:g}"] if spec.loss == "prior" else [])
@@ -274,7 +308,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         steps.append(Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
                           _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s,
                                  loss + saves + lm + vit),
-                          deps=["score_train"] + (["vit_warmup"] if vit else []), clean=[rdir]))
+                          deps=["score_train"] + scored + (["vit_warmup"] if vit else []), clean=[rdir]))
     # One evaluation process per architecture and seed: its runs share the held-out data and
     # probe, and a process of its own would spend ~10 s of CPU per run starting up.
     for (arch, seed), group in _eval_groups(run_specs(s)).items():
@@ -311,6 +345,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
                          f"alpha {base.headline_alpha:g}: give --headline-alpha (one of them)")
     if args.archs is not None:
         changes["archs"] = tuple(args.archs)
+    if args.other_losses is not None:
+        changes["other_losses"] = tuple(args.other_losses)
     for key in ("train_iters", "num_train", "num_heldout", "reference_iters", "vit_warmup_iters", "num_checkpoints"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
@@ -350,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of training captions with one colour or shape word replaced by a wrong one (the "
                         "caption-noise axis: run each level into its own --output-dir); held-out data stay clean")
     p.add_argument("--archs", nargs="+", choices=LVLMS, default=None, help="architectures to run")
+    p.add_argument("--other-losses", nargs="+", choices=OTHER_LOSSES, default=None,
+                   help="weightings to run beside NTP and PRIOR, each on every arch and seed: mi and cal add a U-LVLM "
+                        "NTP run on the data seed that scores the training set with images "
+                        "(tools/score_with_images.py); rho1 uses the reference log-probs (--rho1-ratio 0.6)")
     p.add_argument("--train-iters", type=int, default=None, help="iterations of each LVLM run")
     p.add_argument("--num-train", type=int, default=None, help="training image-caption pairs")
     p.add_argument("--num-heldout", type=int, default=None, help="held-out pairs (3 probe items each)")
@@ -390,7 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runner.echo(f"{'quick' if args.quick else 'full'} demo benchmark into {out}/data/: data stages only")
     else:
         runner.echo(f"{'quick' if args.quick else 'full'} demo into {out}/: {len(run_specs(settings))} LVLM runs "
-                    f"(archs {', '.join(settings.archs)}; NTP and PRIOR alpha {', '.join(f'{a:g}' for a in settings.alphas)}; "
+                    f"(archs {', '.join(settings.archs)}; NTP, PRIOR alpha {', '.join(f'{a:g}' for a in settings.alphas)}"
+                    f"{''.join(', ' + loss.upper() for loss in settings.other_losses)}; "
                     f"seeds {', '.join(map(str, settings.seeds))}), {settings.train_iters} iterations each, {jobs} at a time")
 
     def report() -> None:
