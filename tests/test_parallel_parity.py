@@ -112,11 +112,19 @@ def test_gpt_parallel_equals_single_process(reference, tp, pp, world):
     _assert_equal_to(run_on_ranks(_gpt_step, world, tp, pp, pos, tied), ref_loss, ref_grads)
 
 
-def test_rho1_tensor_parallel_equals_single_process():
-    """Rho-1 keeps 40 % of each micro-batch's tokens by excess loss: at TP=2 every rank holds the
-    whole per-token CE and selects the same tokens, so loss, kept count and gradients are TP=1's."""
+@pytest.fixture(scope="module")
+def rho1_single():
     (single,) = run_on_ranks(_gpt_step, 1, 1, 1, "rope", False, "rho1")
-    results = run_on_ranks(_gpt_step, 2, 2, 1, "rope", False, "rho1")
+    return single
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["TP2", "PP2"])
+def test_rho1_model_parallel_equals_single_process(rho1_single, tp, pp):
+    """Rho-1 keeps 40 % of each micro-batch's tokens by excess loss: at TP=2 every rank holds the
+    whole per-token CE and selects the same tokens, at PP=2 the last stage sees the same
+    micro-batches, so loss, kept count and gradients are one process's."""
+    single = rho1_single
+    results = run_on_ranks(_gpt_step, 2, tp, pp, "rope", False, "rho1")
     # 40 % of the loss tokens of each of the 4 micro-batches, the same count on both layouts.
     assert single[1] == sum(r[1] for r in results if r[1] is not None) < 0.5 * GLOBAL_BATCH * SEQ
     _assert_equal_to(results, _combine([single]), assemble_global(single[2]))

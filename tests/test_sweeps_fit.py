@@ -1,5 +1,6 @@
 """Power-law fits recover known exponents from noisy synthetic curves; the sweep fit's schema."""
 
+import dataclasses
 import json
 import math
 
@@ -205,6 +206,22 @@ def test_fit_sweep_schema():
     assert list(fit["per_size"]) == ["xs", "s", "m"]
     ratio_tolerance = sum(_sweep_beta_tolerance("s", loss) / beta for loss, (_, beta) in SWEEP_LAWS.items())
     assert abs(fit["comparison"]["s"]["beta_ratio"] / (0.36 / 0.30) - 1.0) <= ratio_tolerance
+
+
+def test_fit_sweep_compares_every_loss_with_ntp():
+    """A sweep of NTP and two other losses: one comparison each (the PRIOR curve relabelled as rho1
+    and mi, so each ratio is the one pinned above); no single 'comparison' then."""
+    results = _results()
+    results += [dataclasses.replace(r, loss=other, prior_alpha=None) for other in ("mi", "rho1")
+                for r in results if r.loss == "prior"]
+    results = [r for r in results if r.loss != "prior"]
+    fit = fit_sweep(results, "t", ("ntp", "mi", "rho1"), n_bootstrap=20)
+    assert set(fit["comparisons"]) == {"mi", "rho1"} and "comparison" not in fit
+    for other in ("mi", "rho1"):
+        assert fit["comparisons"][other]["s"]["beta_ratio"] == pytest.approx(0.36 / 0.30, rel=1e-4)
+        assert f"beta_{other}" in fit["comparisons"][other]["s"]
+    single = fit_sweep(_results(), "t", ("ntp", "prior"), n_bootstrap=20)
+    assert single["comparison"] == single["comparisons"]["prior"]
 
 
 def test_fit_sweep_records_a_curve_without_power_law():
