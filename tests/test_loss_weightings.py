@@ -168,9 +168,11 @@ def _copy_dataset(src: str, dst_dir: str, name: str) -> str:
 def _score_work(corpus: dict, data: str, ckpt: str) -> dict:
     """Save a tiny U-LVLM, score ``data`` with the tool, and recompute the first captions' scores
     directly from the reloaded checkpoint in float64, one caption at a time."""
+    import dataclasses
     import importlib.util
 
     from megatron_prior import parallel
+    from megatron_prior.eval.lvlm_scoring import LVLMScorer
     from megatron_prior.data.weighted_dataset import WeightedIndexedDataset
     from megatron_prior.models.builder import build_model
     from megatron_prior.models.config import ModelConfig
@@ -220,9 +222,22 @@ def _score_work(corpus: dict, data: str, ckpt: str) -> dict:
                 target = with_image[rows, caption]
                 ref["imglogprobs"].append((target - torch.logsumexp(with_image, -1)).numpy())
                 ref["imgdelta"].append((target - text_only[rows, caption]).numpy())
+        # The H-LVLM through the same scorer: its log-probs are minus training's cross-entropy.
+        hcfg = dataclasses.replace(cfg, arch="hlvlm", vit_hidden_size=32, vit_num_attention_heads=4)
+        hlvlm = build_model(hcfg)
+        initialize_weights(hlvlm, seed=5, std=0.3, num_layers=hcfg.num_layers)
+        hlvlm.eval()
+        scorer = LVLMScorer(hlvlm, hcfg, tok, batch_size=4)
+        batch = scorer.text_batch([ds.tokens[d] for d in range(4)])
+        images = torch.stack([scorer.pixels_tensor(store[d]) for d in range(4)])
+        mask = batch["loss_mask"].bool()
+        scores = scorer.token_scores(images, batch)
+        hlvlm_error = float((scores["imglogprobs"] + scorer.per_token_ce(images, batch))[mask].abs().max())
+        hlvlm_gap = float(scores["imgdelta"][mask].abs().max())
     finally:
         parallel.destroy()
-    return {"ref": ref, "image_scorer": meta.image_scorer, "seq": seq}
+    return {"ref": ref, "image_scorer": meta.image_scorer, "seq": seq, "hlvlm_error": hlvlm_error,
+            "hlvlm_gap": hlvlm_gap}
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +264,8 @@ def test_scorer_sidecars_equal_a_direct_forward_pass(scored):
             np.testing.assert_allclose(ds.score_arrays[name][lo:hi], scored["ref"][name][d], rtol=0, atol=2e-5,
                                        err_msg=f"{name} of caption {d}")
     assert np.abs(np.asarray(ds.score_arrays["imgdelta"])).max() > 0.5, "the two passes must differ"
+    # H-LVLM: the scorer's log-probs against the training cross-entropy of the same logits.
+    assert scored["hlvlm_error"] <= 1e-5 and scored["hlvlm_gap"] > 0.5
 
 
 @pytest.mark.slow  # spawned ranks: the scorer's checkpoint, then training
