@@ -244,10 +244,9 @@ def score_dataset(scorer: LVLMScorer, data_prefix: str, image_scorer: dict, prog
     scored with the image in view."""
     tok = scorer.tokenizer
     dataset = WeightedIndexedDataset(data_prefix, tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size)
-    store = dataset.open_images()
+    # Images are read as the model's training read them (its size and rule), as _caption_dataset reads them.
     size = scorer.config.image_size
-    if tuple(store.shape[1:3]) != (size, size):
-        raise ValueError(f"{data_prefix}: images are {store.shape[1]}x{store.shape[2]}, the model takes {size}x{size}")
+    store = dataset.open_images().fitted_to(size, size, scorer.config.image_aspect)
     lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     if len(lengths) and lengths.max() > scorer.text_length:
         longest = int(lengths.argmax())
