@@ -46,6 +46,14 @@ except ImportError as _err:  # pragma: no cover - exercised only where the build
     _ext = None
     log.warning("megatron_prior._packer (C++) is not built (%s); packing uses the numpy reference", _err)
 
+if _ext is not None and "minus" not in (_ext.pack_batch.__doc__ or ""):
+    # A build from before the weightings (its functions take PRIOR's alpha only): calling it
+    # with the new arguments would raise an opaque TypeError in the middle of a batch.
+    log.warning("megatron_prior._packer (%s) was built from older sources without the mi/cal weightings; "
+                "packing uses the numpy reference until it is rebuilt (make setup, or python setup.py "
+                "build_ext --inplace)", _ext.__file__)
+    _ext = None
+
 HAVE_EXTENSION = _ext is not None
 
 
