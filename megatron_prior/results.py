@@ -47,8 +47,11 @@ class RunResult:
     parameters: int
     flops: float
     loss_tokens: int                 # tokens that carried loss: the D of the scaling fits
-    image_positions: int = 0
-    padding_positions: int = 0
+    # The rest of the positions trained on (training.metrics): None where the run did not count
+    # them (resumed from a checkpoint that predates the count; masked: a summary from before it).
+    image_positions: Optional[int] = 0
+    padding_positions: Optional[int] = 0
+    masked_positions: Optional[int] = None
     wall_time_s: Optional[float] = None
     train: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
@@ -146,8 +149,9 @@ def read_run(run_dir: str | Path, name: Optional[str] = None) -> RunResult:
         prior_alpha=number(s, "prior_alpha", path) if s["loss"] == "prior" else None,
         iterations=number(s, "iterations", path, int), parameters=number(s, "parameters", path, int),
         flops=number(s, "flops", path), loss_tokens=loss_tokens,
-        image_positions=number(s, "image_positions", path, int),
-        padding_positions=number(s, "padding_positions", path, int),
+        image_positions=number(s, "image_positions", path, int, optional=True),
+        padding_positions=number(s, "padding_positions", path, int, optional=True),
+        masked_positions=number(s, "masked_positions", path, int, optional=True),
         wall_time_s=number(s, "wall_time_s", path, optional=True),
         train=_losses(s, "train_", path), validation=_losses(s, "eval_", path), run_dir=run_dir,
         metrics_jsonl=run_dir / METRICS if (run_dir / METRICS).exists() else None)

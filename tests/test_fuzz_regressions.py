@@ -98,6 +98,8 @@ def test_model_config_number_past_the_digit_limit(tmp_path):
     ({"iteration": 3, "consumed_samples": -1}, "'consumed_samples' -1 is not a natural number"),
     ({"iteration": 3, "consumed_samples": 2.5}, "'consumed_samples' 2.5 is not a natural number"),
     ({"iteration": 3, "scheduler": []}, "'scheduler' is a list, not an object or null"),
+    ({"iteration": 3, "loss_tokens": -5}, "'loss_tokens' -5 is not a natural number or null"),
+    ({"iteration": 3, "padding_positions": "12"}, "'padding_positions' '12' is not a natural number or null"),
 ])
 def test_train_state_fields_a_resume_reads(tmp_path, state, problem):
     """train_state.json was returned unchecked; the resume then failed on int(state[...]) or

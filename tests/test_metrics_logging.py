@@ -10,6 +10,7 @@ import re
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from megatron_prior.testing import run_on_ranks
@@ -121,9 +122,11 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
         assert f"| grad norm: {r['grad_norm']:.3f} |" in line
         assert f"| padding_share: {r['padding_share']:.6E} |" in line
         assert r["consumed_samples"] == 8 * i and r["iteration_time_ms"] > 0
-        # GPT: no image; every text position is a loss token or padding.
-        assert r["image_positions"] == 0 and r["positions"] == 8 * i * 32 == r["loss_tokens"] + r["padding_positions"]
-        assert 0 <= r["padding_positions"] < r["loss_tokens"]
+        # GPT: no image; a text position is a loss token, masked (--eod-mask-loss: the label is an
+        # <eod>) or padding (megatron-core's rows of concatenated documents have none).
+        assert r["image_positions"] == r["padding_positions"] == 0 and r["positions"] == 8 * i * 32 == \
+            r["loss_tokens"] + r["masked_positions"]
+        assert 0 < r["masked_positions"] < r["loss_tokens"]
         assert r["positions_per_s"] == pytest.approx(r["text_positions_per_s"])
 
     # W&B: one run, named by the flags, its files under the log dir; then every scalar that
@@ -146,7 +149,10 @@ def test_trainer_prints_megatrons_line_and_logs_to_wandb_as_tensorboard(tiny_cor
 
 def _count_against_the_batches(argv: list) -> dict:
     """Trains a U-LVLM in this process; returns its summary and the counts read off the very
-    batches it trained on (the data stream restarts at sample 0 when training starts)."""
+    batches it trained on (the data stream restarts at sample 0 when training starts), from the
+    layout alone: text position j lands at j + image_offset x (<image> tokens up to j) of the
+    combined row; it holds a token when its label carries loss or it is a caption's closing
+    <eod> (a caption's last token: its label is padding or the next caption's <image>)."""
     from megatron_prior import parallel
     from megatron_prior.training.arguments import parse_args
     from megatron_prior.training.loop import Trainer
@@ -154,34 +160,54 @@ def _count_against_the_batches(argv: list) -> dict:
     args = parse_args(argv, world_size=1)
     parallel.initialize(seed=args.seed)
     trainer = Trainer.build(args)
-    masks = [b["loss_mask"] for i in range(args.train_iters)
-             for b in trainer.data.train_batches(i * args.global_batch_size)]
+    cfg, tok = trainer.model_config, trainer.data.tokenizer
+    batches = [{k: b[k].numpy() for k in ("tokens", "loss_mask")} for i in range(args.train_iters)
+               for b in trainer.data.train_batches(i * args.global_batch_size)]
     summary = trainer.train()
-    cfg = trainer.model_config
-    return {"summary": summary, "loss_tokens": int(sum(m.sum() for m in masks)),
-            "text_positions": int(sum(m.numel() for m in masks)), "image_offset": cfg.image_offset,
-            "combined": cfg.combined_seq_length, "any_fraction": any(bool(((m != 0) & (m != 1)).any()) for m in masks)}
+    counts = dict(loss_tokens=0, masked_positions=0, image_positions=0, padding_positions=0, rows=0, images=0)
+    for b in batches:
+        images = b["tokens"] == cfg.image_token_id
+        landed = np.arange(b["tokens"].shape[1]) + cfg.image_offset * np.cumsum(images, axis=1)
+        token = ((b["loss_mask"] == 1) | (b["tokens"] == tok.eod)) & (landed < cfg.combined_seq_length)
+        counts["loss_tokens"] += int(b["loss_mask"].sum())
+        counts["masked_positions"] += int((token & (b["loss_mask"] == 0)).sum())
+        counts["image_positions"] += int(images.sum()) * cfg.image_offset
+        counts["padding_positions"] += int((cfg.combined_seq_length - token.sum(axis=1)).sum()
+                                           - images.sum() * cfg.image_offset)
+        counts["rows"] += len(b["tokens"])
+    return {"summary": summary, "counts": counts, "image_offset": cfg.image_offset,
+            "combined": cfg.combined_seq_length, "eod_is_pad_id": tok.eod == 0,
+            "any_fraction": any(bool(((b["loss_mask"] != 0) & (b["loss_mask"] != 1)).any()) for b in batches)}
 
 
 @pytest.mark.slow
-def test_loss_tokens_count_the_loss_mask_and_the_rest_is_padding_or_image(tiny_corpus, tmp_path):
-    argv = ["--model", "ulvlm", "--seq-length", "24", "--patch-size", "4", "--num-layers", "2", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "3",
-            "--lr", "1e-3",
-            "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"], "--split", "100,0,0",
-            "--eval-iters", "0", "--log-interval", "1", "--log-dir", str(tmp_path), "--loss", "prior",
-            "--data-cache-path", str(tmp_path / "cache")]
+@pytest.mark.parametrize("seq,packed", [(24, False), (96, True)], ids=["unpacked", "packed"])
+def test_positions_are_loss_tokens_masked_image_and_padding(tiny_corpus, tmp_path, seq, packed):
+    """summary.json's counts against the batches: positions = loss_tokens + masked_positions +
+    image_positions + padding_positions, the padding being the slots no caption fills; packed,
+    every caption's image counts, not one a row."""
+    argv = ["--model", "ulvlm", "--seq-length", str(seq), "--patch-size", "4", "--num-layers", "2", "--hidden-size",
+            "32", "--num-attention-heads", "4", "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters",
+            "3", "--lr", "1e-3", "--data-path", tiny_corpus["data"], "--tokenizer-model", tiny_corpus["tokenizer"],
+            "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1", "--log-dir", str(tmp_path), "--loss",
+            "prior", "--data-cache-path", str(tmp_path / "cache"), *(["--pack-samples"] if packed else [])]
     (r,) = run_on_ranks(_count_against_the_batches, 1, argv)
-    s, samples = r["summary"], 3 * 8
-    assert not r["any_fraction"]  # a 0/1 mask: its sum counts tokens
-    assert s["samples"] == samples and s["loss_tokens"] == r["loss_tokens"] > 0
+    s, c, samples = r["summary"], r["counts"], 3 * 8
+    assert not r["any_fraction"] and not r["eod_is_pad_id"]  # a 0/1 mask: its sum counts tokens
+    assert c["rows"] == s["samples"] == samples and s["loss_tokens"] == c["loss_tokens"] > 0
     # 16x16 images in 4x4 patches: <img_start> + 4 rows of (4 patches + a break) = 21 positions,
     # 20 more than the <image> placeholder they replace.
-    assert r["image_offset"] == 20 and s["image_positions"] == samples * 20
-    assert r["text_positions"] == samples * 24 and s["padding_positions"] == samples * 24 - r["loss_tokens"] > 0
-    assert s["positions"] == samples * r["combined"] == s["loss_tokens"] + s["padding_positions"] + s["image_positions"]
+    assert r["image_offset"] == 20 and r["combined"] == 20 + seq
+    for key in ("masked_positions", "image_positions", "padding_positions"):
+        assert s[key] == c[key], key
+    assert s["positions"] == samples * r["combined"] == (s["loss_tokens"] + s["masked_positions"]
+                                                          + s["image_positions"] + s["padding_positions"])
+    # Each caption's closing <eod> is masked unless it is only a label (a caption that fills its row).
+    assert 0 < s["masked_positions"] <= s["image_positions"] // 20 and s["padding_positions"] > 0
+    # Packed, a row holds several captions, each with its image; unpacked, one.
+    assert s["image_positions"] > samples * 20 if packed else s["image_positions"] == samples * 20
     with open(tmp_path / "metrics.jsonl") as f:
         last = [json.loads(line) for line in f][-1]
-    assert {k: last[k] for k in ("loss_tokens", "padding_positions", "image_positions", "positions")} == \
-        {k: s[k] for k in ("loss_tokens", "padding_positions", "image_positions", "positions")}
-    assert last["positions_per_s"] == pytest.approx(last["text_positions_per_s"] * (20 + 24) / 24)
+    keys = ("loss_tokens", "masked_positions", "image_positions", "padding_positions", "positions")
+    assert {k: last[k] for k in keys} == {k: s[k] for k in keys}
+    assert last["positions_per_s"] == pytest.approx(last["text_positions_per_s"] * (20 + seq) / seq)

@@ -483,6 +483,9 @@ def test_packed_training_resumes_exactly_logs_its_padding_and_splits_over_ranks(
     run_on_ranks(_train, 1, _argv(tiny_corpus, part, "--save", part, "--load", part))
     resumed = _metrics(part)
     assert [m["weighted_ce"] for m in resumed] == [m["weighted_ce"] for m in reference]  # bitwise: the same rows
+    # What the run trained on travels with the checkpoint: the resumed run counts the whole run.
+    counts = ("loss_tokens", "masked_positions", "image_positions", "padding_positions", "positions")
+    assert {k: resumed[-1][k] for k in counts} == {k: reference[-1][k] for k in counts}
     run_on_ranks(_train, 2, _argv(tiny_corpus, dp2))
     split = _metrics(dp2)
     np.testing.assert_allclose([m["weighted_ce"] for m in split], [m["weighted_ce"] for m in reference], rtol=1e-5)

@@ -7,8 +7,8 @@ and splits work as usual) that can also pack whole documents into rows
 tokens in order (``packing.shuffled_rows``), a document never cut across rows (one longer
 than a row is cut at the row's end, as an unpacked row would cut it), the position ids
 restarting at every document and at the padding, which the model side turns into attention
-kept within each document (``megatron_prior.models.packed``). Its rows also count their
-padding (``padding_positions``, input positions holding the pad token).
+kept within each document (``megatron_prior.models.packed``). Its rows, packed or not, also
+count their padding (``padding_positions``, input positions holding the pad token).
 
 ``WeightedGPTDataset`` is a ``PackedGPTDataset`` whose low-level dataset is a
 ``WeightedIndexedDataset``. Each sample also carries ``loss_weights`` (float32, aligned with
@@ -182,14 +182,18 @@ class PackedGPTDataset(GPTDataset):
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
+        s, row = self.config.sequence_length, 0 if idx is None else idx
         if self.config.pack_samples:
-            parts = self._row_parts(0 if idx is None else idx)
-            s = self.config.sequence_length
+            parts = self._row_parts(row)
             # Every document, and the padding after them, starts again at position 0.
             starts = np.repeat(np.cumsum(parts) - parts, parts)
             positions = np.arange(s + 1) - np.concatenate([starts, np.full(s + 1 - len(starts), len(starts))])
             sample["position_ids"] = torch.from_numpy(positions[:s])
-            sample["padding_positions"] = torch.tensor(s - min(s, int(parts.sum())))
+        else:
+            # megatron-core pads an unpacked row only where the documents run out, and its tokens
+            # no longer show the pad (mapped to id 0): the row's document parts say how long it is.
+            _, _, parts = super()._query_document_sample_shuffle_indices(row)
+        sample["padding_positions"] = torch.tensor(s - min(s, int(np.sum(parts))))
         return sample
 
 
@@ -238,12 +242,10 @@ class WeightedGPTDataset(PackedGPTDataset):
     def _with_weights(self, samples: List[Dict[str, torch.Tensor]], indices: List[Optional[int]],
                       threads: int) -> List[Dict[str, torch.Tensor]]:
         # GPTDataset packs the batch-padding sample (idx None) from sample 0 and masks it.
-        tokens, weights, extra = self._pack(indices, threads)
-        padding = (tokens[:, :-1] == self._pad_token_id).sum(axis=1)
+        _, weights, extra = self._pack(indices, threads)
         for row, (sample, idx) in enumerate(zip(samples, indices)):
             w = torch.from_numpy(weights[row])
             sample["loss_weights"] = torch.zeros_like(w) if idx is None else w
-            sample["padding_positions"] = torch.tensor(int(padding[row]))
             if "token_kinds" in extra:
                 sample["token_kinds"] = torch.from_numpy(extra["token_kinds"][row].astype(np.int64))
             if "ref_logprobs" in extra:

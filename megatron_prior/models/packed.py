@@ -130,18 +130,26 @@ def packed_inputs(model: torch.nn.Module, batch: dict, model_config: ModelConfig
         yield {"attention_mask": block_causal_mask(positions)}
 
 
-def log_padding_share(loss_func: Callable, batch: dict) -> Callable:
-    """``loss_func`` whose logs also hold ``"padding_share"``: the batch's padding positions
-    over all its positions, as a ``[sum, count]`` pair (summed over micro-batches and ranks
-    like the losses), when the batch counts its padding (``padding_positions``)."""
-    if "padding_positions" not in batch:
+def log_position_counts(loss_func: Callable, batch: dict, model_config: ModelConfig) -> Callable:
+    """``loss_func`` whose logs also say what the batch's positions hold, each as a ``[count,
+    positions]`` pair (summed over micro-batches and ranks like the losses):
+    ``"padding_share"``, the positions no sample fills (the batch's ``padding_positions``, when it
+    counts them), and for a model with images ``"image_share"``, the positions its images add
+    (``image_offset`` per ``<image>`` token: the rows are filled so that every image fits)."""
+    padding = batch.get("padding_positions")
+    images = None
+    if model_config.image_offset:
+        images = (batch["tokens"] == model_config.image_token_id).sum() * model_config.image_offset
+    if padding is None and images is None:
         return loss_func
-    padding = batch["padding_positions"]
 
     def logged(per_token_ce: torch.Tensor):
         loss, num_tokens, logs = loss_func(per_token_ce)
         total = torch.tensor(per_token_ce.numel(), dtype=torch.float32, device=per_token_ce.device)
-        logs["padding_share"] = torch.stack([padding.sum().to(total.dtype), total])
+        if padding is not None:
+            logs["padding_share"] = torch.stack([padding.sum().to(total.dtype), total])
+        if images is not None:
+            logs["image_share"] = torch.stack([images.to(total.dtype), total])
         return loss, num_tokens, logs
 
     return logged

@@ -52,14 +52,14 @@ def collect(spec: SweepSpec, output_dir: Path) -> tuple[list[RunResult], list[Ru
 
 def results_markdown(results: list[RunResult]) -> str:
     """One row per run: held-out losses (overall and by token kind), probe accuracy, what it
-    trained on (loss tokens, padding and image positions), FLOPs."""
+    trained on (loss tokens, masked, image and padding positions; ``-`` where not counted), FLOPs."""
     kinds = sorted({k for r in results for k, v in r.validation.items() if k.startswith("ce_") and v is not None})
-    head = (["run", "size", "params", "loss", "seed", "loss tokens D", "padding", "image positions", "eval ce"]
-            + [f"eval {k}" for k in kinds] + ["probe acc", "FLOPs", "wall s"])
+    head = (["run", "size", "params", "loss", "seed", "loss tokens D", "masked", "image positions", "padding",
+             "eval ce"] + [f"eval {k}" for k in kinds] + ["probe acc", "FLOPs", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = ([r.name, r.size, str(r.parameters), r.loss, str(r.seed), str(r.loss_tokens), str(r.padding_positions),
-                str(r.image_positions), fmt(r.metric("ce"), 4)]
+        row = ([r.name, r.size, str(r.parameters), r.loss, str(r.seed), str(r.loss_tokens), fmt(r.masked_positions),
+                fmt(r.image_positions), fmt(r.padding_positions), fmt(r.metric("ce"), 4)]
                + [fmt(r.validation.get(k), 4) for k in kinds]
                + [fmt(r.heldout.get("probe_accuracy")), f"{r.flops:.3g}", fmt(r.wall_time_s, 1)])
         lines.append("| " + " | ".join(row) + " |")

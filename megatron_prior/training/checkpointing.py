@@ -140,6 +140,10 @@ def read_train_state(ckpt: Path) -> dict:
     consumed = state.get("consumed_samples", 0)
     if not (type(consumed) is int and consumed >= 0):
         raise CheckpointError(f"{path}: 'consumed_samples' {repr(consumed)[:40]} is not a natural number")
+    for key in ("loss_tokens", "image_positions", "padding_positions"):  # metrics.PositionCounts; null: not counted
+        value = state.get(key)
+        if not (value is None or (type(value) is int and value >= 0)):
+            raise CheckpointError(f"{path}: '{key}' {repr(value)[:40]} is not a natural number or null")
     if not isinstance(state.get("scheduler"), (dict, type(None))):
         raise CheckpointError(f"{path}: 'scheduler' is a {type(state['scheduler']).__name__}, not an object or null")
     return state

@@ -13,7 +13,7 @@ import argparse
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Iterator, Optional
 
@@ -38,7 +38,7 @@ from megatron_prior.models.language_model import load_language_model
 from megatron_prior.models.vision_encoder import load_vision_encoder
 from megatron_prior.training import checkpointing
 from megatron_prior.training.data import TrainingData, build_training_data
-from megatron_prior.training.metrics import MetricsLogger, flops_per_iteration, reduce_logs
+from megatron_prior.training.metrics import MetricsLogger, PositionCounts, flops_per_iteration, reduce_logs
 from megatron_prior.training.signals import EarlyExit
 from megatron_prior.training.steps import make_forward_step
 
@@ -126,9 +126,9 @@ class Trainer:
     data: TrainingData
     iteration: int = 0
     consumed_samples: int = 0
-    # Loss-carrying tokens trained on so far (all ranks); None after resuming a checkpoint that
-    # did not record them.
-    loss_tokens: Optional[int] = 0
+    # What the run has trained on so far (all ranks); a count a resumed checkpoint did not
+    # record is None.
+    counts: PositionCounts = field(default_factory=PositionCounts)
 
     def __post_init__(self) -> None:
         # Built once: the schedule calls it for every micro-batch of every iteration.
@@ -229,10 +229,11 @@ class Trainer:
             if state is not None:
                 trainer.iteration = int(state["iteration"])
                 trainer.consumed_samples = int(state["consumed_samples"])
-                trainer.loss_tokens = state.get("loss_tokens")
-                if trainer.loss_tokens is None:
-                    log.warning("%s predates loss-token counting: loss_tokens and padding_positions are reported as "
-                                "null for this run", state["checkpoint"])
+                trainer.counts = PositionCounts.from_state(state)
+                unknown = [name for name, value in trainer.counts.report(model_config, 0).items() if value is None]
+                if unknown:
+                    log.warning("%s predates counting them: %s are reported as null for this run", state["checkpoint"],
+                                ", ".join(unknown))
                 log.info("resumed from %s at iteration %d (%d samples consumed; RNG %s)", state["checkpoint"],
                          trainer.iteration, trainer.consumed_samples,
                          "restored" if state["rng_restored"] else "not restored: parallel layout changed")
@@ -273,18 +274,8 @@ class Trainer:
         self.scheduler.step(increment=self.args.global_batch_size)
         self.iteration += 1
         self.consumed_samples += self.args.global_batch_size
-        if self.loss_tokens is not None:
-            self.loss_tokens += self._loss_token_count(logs)
+        self.counts.add(PositionCounts.of(logs))
         return logs, float(grad_norm) if grad_norm is not None else float("nan")
-
-    @staticmethod
-    def _loss_token_count(logs: dict) -> int:
-        """The iteration's loss tokens (the ``ce`` count, already summed over data parallel), on
-        every rank: only the last pipeline stage computes the loss, and rank 0, on the first,
-        writes the checkpoint that carries the count."""
-        count = torch.tensor([logs["ce"][1] if "ce" in logs else 0.0], dtype=torch.float64, device=parallel.device())
-        dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
-        return int(count.item())
 
     @contextlib.contextmanager
     def _parameters_gathered(self) -> Iterator[None]:
@@ -321,7 +312,7 @@ class Trainer:
         with self._parameters_gathered():
             checkpointing.save_checkpoint(
                 self.args.save, self.iteration, self.model, self.model_config, self.optimizer, self.scheduler,
-                extra=dict(consumed_samples=self.consumed_samples, loss_tokens=self.loss_tokens, args=vars(self.args)),
+                extra=dict(consumed_samples=self.consumed_samples, **asdict(self.counts), args=vars(self.args)),
             )
 
     # --- the loop ---------------------------------------------------------------------
@@ -353,7 +344,7 @@ class Trainer:
                     self.iteration, window, grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                     samples_per_s=window_iters * args.global_batch_size / elapsed,
                     flops_per_s=window_iters * flops_iter / elapsed, consumed_samples=self.consumed_samples,
-                    loss_tokens=self.loss_tokens,
+                    counts=self.counts,
                     iteration_time_s=elapsed / window_iters, loss_scale=float(self.optimizer.get_loss_scale()))
                 window_start, window_iters, window = time.perf_counter(), 0, {}
             if args.eval_iters > 0 and args.eval_interval and self.iteration % args.eval_interval == 0:
@@ -378,7 +369,7 @@ class Trainer:
             self.save()
         wall = time.perf_counter() - wall_start
         return metrics.write_summary(
-            iterations=self.iteration, samples=self.consumed_samples, loss_tokens=self.loss_tokens,
+            iterations=self.iteration, samples=self.consumed_samples, counts=self.counts,
             last_train=last_train, last_eval=last_eval, flops=flops_iter * self.iteration,
             parameters=params, wall_time_s=wall, iterations_this_run=self.iteration - start_iteration,
         )

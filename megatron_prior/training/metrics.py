@@ -10,21 +10,28 @@ Keys (the same in metrics.jsonl, TensorBoard, W&B and summary.json, with ``eval_
 validation split and ``train_`` in the summary): ``weighted_ce`` (the loss trained on: PRIOR's
 weighted CE, plain CE for ntp; Megatron's iteration line prints it as ``lm loss``), ``ce``
 (unweighted CE of all loss tokens), ``ce_<kind>`` (per token kind). What a run has trained on,
-as counts of positions of the combined (image + text) sequence: ``loss_tokens`` (positions
-whose label carries loss: the D of the scaling fits), ``padding_positions`` (text positions
-without loss: padding, a masked end of document), ``image_positions`` (positions the image adds:
-its stream replaces one ``<image>`` placeholder) and ``positions`` (all three; what FLOPs count).
-Throughput: ``positions_per_s`` (image included, as FLOPs) and ``text_positions_per_s``.
+as counts of positions of the combined (image + text) sequence, read off its batches
+(``PositionCounts``): ``loss_tokens`` (positions whose label carries loss: the D of the scaling
+fits), ``masked_positions`` (positions holding a text token whose label carries none: a
+caption's last token, whose label is padding or the next packed caption's ``<image>``; a
+position whose label is a masked end of document), ``image_positions`` (positions the images
+add: each image's stream replaces one ``<image>`` placeholder; a packed row has one per
+caption), ``padding_positions`` (positions no sample fills) and ``positions`` (rows times the
+combined length: what FLOPs count), with ``positions = loss_tokens + masked_positions +
+image_positions + padding_positions``. Throughput: ``positions_per_s`` (image included, as
+FLOPs) and ``text_positions_per_s``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -76,13 +83,47 @@ def peak_flops() -> Optional[float]:
     return None
 
 
-def position_counts(cfg: ModelConfig, samples: int, loss_tokens: Optional[int]) -> dict:
-    """``loss_tokens``, ``padding_positions``, ``image_positions`` and ``positions`` after
-    ``samples`` training samples (a count that is not known stays None)."""
-    return {"loss_tokens": loss_tokens,
-            "padding_positions": None if loss_tokens is None else samples * cfg.seq_length - loss_tokens,
-            "image_positions": samples * cfg.image_offset,
-            "positions": samples * cfg.combined_seq_length}
+@dataclass
+class PositionCounts:
+    """What a run has trained on so far, summed over its iterations from the batches' own counts
+    (``PositionCounts.of`` an iteration's logs); a count that a resumed checkpoint did not record
+    is None from then on. It travels with the checkpoints, so a resumed run counts the whole run."""
+
+    loss_tokens: Optional[int] = 0
+    image_positions: Optional[int] = 0
+    padding_positions: Optional[int] = 0
+
+    @classmethod
+    def of(cls, logs: dict) -> "PositionCounts":
+        """One iteration's counts (already summed over micro-batches and data parallel), on
+        every rank: only the last pipeline stage computes the loss and its logs, and rank 0, on
+        the first, writes the checkpoint that carries the counts."""
+        # The ce pair's count is its loss tokens; the share pairs' sums are their positions.
+        pairs = (("ce", 1), ("image_share", 0), ("padding_share", 0))
+        counts = torch.tensor([logs[key][i] if key in logs else 0.0 for key, i in pairs], dtype=torch.float64,
+                              device=parallel.device())
+        dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+        return cls(*(int(c) for c in counts.tolist()))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PositionCounts":
+        return cls(*(state.get(f.name) for f in dataclasses.fields(cls)))
+
+    def add(self, other: "PositionCounts") -> None:
+        for f in dataclasses.fields(self):
+            mine = getattr(self, f.name)
+            setattr(self, f.name, None if mine is None else mine + getattr(other, f.name))
+
+    def report(self, cfg: ModelConfig, samples: int) -> dict:
+        """``loss_tokens``, ``masked_positions``, ``image_positions``, ``padding_positions`` and
+        ``positions`` after ``samples`` training rows; ``masked_positions`` is what the others
+        leave of the rows' positions (None where any count is unknown)."""
+        positions = samples * cfg.combined_seq_length
+        known = [self.loss_tokens, self.image_positions, self.padding_positions]
+        return {"loss_tokens": self.loss_tokens,
+                "masked_positions": None if None in known else positions - sum(known),
+                "image_positions": self.image_positions, "padding_positions": self.padding_positions,
+                "positions": positions}
 
 
 def _loss_order(key: str) -> tuple:
@@ -160,15 +201,15 @@ class MetricsLogger:
             self.wandb.log(scalars, step=record["iteration"])
 
     def log_train(self, iteration: int, window: dict, grad_norm: float, lr: float, samples_per_s: float,
-                  flops_per_s: float, consumed_samples: int, loss_tokens: Optional[int], iteration_time_s: float,
+                  flops_per_s: float, consumed_samples: int, counts: PositionCounts, iteration_time_s: float,
                   loss_scale: float) -> dict:
         """Report the iterations since the last report: ``window`` holds their summed loss
-        pairs, ``iteration_time_s`` their mean wall time; ``loss_tokens`` counts the run's
-        loss tokens so far (None when a resumed checkpoint did not record them)."""
+        pairs, ``iteration_time_s`` their mean wall time; ``counts`` what the run has trained
+        on so far."""
         means = _means(window)
         cfg = self.model_config
         record = {"iteration": iteration, **means, "grad_norm": grad_norm, "lr": lr,
-                  "consumed_samples": consumed_samples, **position_counts(cfg, consumed_samples, loss_tokens),
+                  "consumed_samples": consumed_samples, **counts.report(cfg, consumed_samples),
                   "iteration_time_ms": iteration_time_s * 1000.0,
                   "positions_per_s": samples_per_s * cfg.combined_seq_length,
                   "text_positions_per_s": samples_per_s * cfg.seq_length, "tflops_per_s": flops_per_s / 1e12}
@@ -199,16 +240,16 @@ class MetricsLogger:
             self._emit(record)
         return {"iteration": iteration, "means": means}
 
-    def write_summary(self, iterations: int, samples: int, loss_tokens: Optional[int], last_train: Optional[dict],
+    def write_summary(self, iterations: int, samples: int, counts: PositionCounts, last_train: Optional[dict],
                       last_eval: Optional[dict], flops: float, parameters: int, wall_time_s: float,
                       iterations_this_run: int) -> dict:
         """``summary.json``: the last logged training losses (``train_<key>``), the last
-        validation (``eval_<key>``), what the run trained on (``position_counts``) and how."""
+        validation (``eval_<key>``), what the run trained on (``PositionCounts.report``) and how."""
         loss_keys = [k for k in (last_train or {}) if k == "weighted_ce" or k == "ce" or k.startswith("ce_")]
         summary = {
             "iterations": iterations,
             "samples": samples,
-            **position_counts(self.model_config, samples, loss_tokens),
+            **counts.report(self.model_config, samples),
             **{f"train_{k}": last_train[k] for k in loss_keys},
             **{f"eval_{k}": v for k, v in (last_eval or {}).get("means", {}).items()},
             "flops": flops,

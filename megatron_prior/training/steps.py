@@ -21,7 +21,7 @@ from megatron_prior.loss.loss_func import make_loss_func
 from megatron_prior.models.arch import get_arch
 from megatron_prior.models.config import ModelConfig
 from megatron_prior.models.layout import expand_to_combined
-from megatron_prior.models.packed import log_padding_share, packed_inputs
+from megatron_prior.models.packed import log_position_counts, packed_inputs
 
 # Text-aligned batch entries the loss reads; expanded over the image positions.
 _LOSS_KEYS = ("loss_mask", "loss_weights", "token_kinds", "ref_logprobs")
@@ -49,6 +49,6 @@ def make_forward_step(model_config: ModelConfig, loss: str, check_loss_inputs: b
         batch = next(data_iterator)
         with packed_inputs(model, batch, model_config) if pack_samples else contextlib.nullcontext({}) as extra:
             output = arch.forward_loss(model, {**batch, **extra})
-        return output, log_padding_share(partial(loss_func, loss_view(batch, model_config)), batch)
+        return output, log_position_counts(partial(loss_func, loss_view(batch, model_config)), batch, model_config)
 
     return forward_step
