@@ -4,7 +4,8 @@ functions too) is read with ``ast`` and checked against the rules, so the layeri
 Bottom to top: ``files``, ``loss`` (the kernel layer: imports nothing else of the package),
 ``tokenizer``, ``compat``, ``parallel``; ``data`` (formats, datasets, packing); ``models.config``
 and ``models.arch``; ``checkpoint`` (files + model config); ``models``; ``scoring``;
-``preprocess``; ``training``; ``results``; ``eval``; ``sweeps`` and ``demo``; ``train``.
+``preprocess``; ``training``; ``results``; ``eval``; ``sweeps`` and ``demo``; ``train`` and
+``train_contrastive`` (the commands).
 No module imports one above it, no two modules import each other (directly or round a longer
 cycle), and imports sit at the top of modules unless an optional dependency is the reason.
 """
@@ -42,6 +43,8 @@ RULES: list[tuple[str, tuple[str, ...], str]] = [
     (P + "sweeps", (P + "demo", P + "eval"), "sweeps and the demo do not import each other"),
     (P + "convert", tuple(P + m for m in ("training", "eval", "demo", "sweeps", "scoring", "preprocess", "results")),
      "convert (Hugging Face models in and out) sits on models and checkpoint; only the tools use it"),
+    (P + "train_contrastive", tuple(P + m for m in ("train", "demo", "sweeps", "convert", "preprocess", "scoring")),
+     "the contrastive trainer is a command beside train: on training's pieces, eval and models, under no pipeline"),
 ]
 # What a rule's forbidden prefix P allows after all (the layer's own modules, checkpoint's two).
 ALLOWED: dict[str, tuple[str, ...]] = {

@@ -40,10 +40,9 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 
 from megatron_prior.convert.hf import QKV, ConversionError, SafetensorsFiles, TensorMap, check_names, write_checkpoint
 from megatron_prior.models.config import ModelConfig
+from megatron_prior.models.vision_encoder import PREFIX, vision_encoder_config
 
 log = logging.getLogger("megatron_prior.convert")
-
-PREFIX = "vision_model."
 
 
 @dataclass(frozen=True)
@@ -99,14 +98,12 @@ def vit_config_from_hf(hf: PretrainedConfig, where: Path, vision_feature_layer: 
         problems.append(f"--vision-feature-layer {vision_feature_layer} of {vc.num_hidden_layers} layers")
     if problems:
         raise ConversionError(f"{where}: cannot convert the {tower.name} vision tower: " + "; ".join(problems))
-    return ModelConfig(
-        arch="hlvlm", vocab_size=128, max_position_embeddings=None, seq_length=1, image_token_id=0,
+    return vision_encoder_config(
+        f"a converted {tower.name} tower",
         image_size=vc.image_size, patch_size=vc.patch_size, vision_model_type=tower.vision_model_type,
         vit_num_layers=layers, vit_hidden_size=vc.hidden_size, vit_num_attention_heads=vc.num_attention_heads,
         vit_activation=tower.activations[vc.hidden_act], vit_norm_epsilon=vc.layer_norm_eps,
-        image_mean=list(tower.mean), image_std=list(tower.std),
-        extra={"contents": f"vision_model only (a converted {tower.name} tower); "
-                           "the language model fields are placeholders"})
+        image_mean=list(tower.mean), image_std=list(tower.std))
 
 
 def tensor_map(cfg: ModelConfig, source_prefix: str) -> TensorMap:

@@ -38,7 +38,7 @@ No attention mask is produced: the models build theirs for the combined image + 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -134,6 +134,26 @@ class CaptionDataset(MegatronDataset):
         order, starts = packing.shuffled_rows(self.indices, self.num_samples, cfg.random_seed, costs, budget)
         return order.astype(np.int32 if len(self.dataset) < 2**31 else np.int64), starts
 
+    @classmethod
+    def of_prefix(cls, prefix: str, tokenizer, sequence_length: int, image_mean: Sequence[float] = (0.0, 0.0, 0.0),
+                  image_std: Sequence[float] = (1.0, 1.0, 1.0), num_samples: Optional[int] = None,
+                  seed: int = 0, image_size: Optional[int] = None,
+                  image_aspect: Optional[str] = None) -> "CaptionDataset":
+        """Every caption of one token prefix, unpacked, without megatron-core's split and blend
+        machinery: one shuffled epoch (``num_samples`` None), or ``num_samples`` rows drawn from
+        as many shuffled epochs as they take; images read at ``image_size`` by ``image_aspect``
+        (None: the store's)."""
+        config = CaptionDatasetConfig(random_seed=seed, sequence_length=sequence_length, blend=([prefix], None),
+                                      split="100,0,0", tokenizer=tokenizer, path_to_cache=None, mmap_bin_files=True,
+                                      image_mean=tuple(image_mean), image_std=tuple(image_std), image_size=image_size,
+                                      image_aspect=image_aspect)
+        low = cls.build_low_level_dataset(prefix, config)
+        return cls(low, prefix, np.arange(len(low), dtype=np.int32), num_samples, Split.train, config)
+
+    def row_documents(self, idx: int) -> np.ndarray:
+        """The documents (captions, and their images) of row ``idx``, in row order."""
+        return self.sample_documents[self.row_starts[idx]:self.row_starts[idx + 1]]
+
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: WeightedIndexedDataset) -> int:
         return len(low_level_dataset)
@@ -163,7 +183,7 @@ class CaptionDataset(MegatronDataset):
         kinds = np.zeros(s + 1, dtype=np.int64)
         positions = np.arange(s + 1, dtype=np.int64)
         images, at, used = [], 0, 0
-        for doc in self.sample_documents[self.row_starts[row]:self.row_starts[row + 1]].tolist():
+        for doc in self.row_documents(row).tolist():
             caption, logprobs = self.dataset[doc]
             m = min(len(caption), s)
             end = at + 1 + m  # <= s + 1: the packing budget

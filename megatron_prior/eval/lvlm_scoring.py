@@ -21,12 +21,11 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 from megatron.core import parallel_state
-from megatron.core.datasets.utils import Split
 from tqdm import tqdm
 
 from megatron_prior import parallel
 from megatron_prior.checkpoint import checkpoint_dir, checkpoint_hash
-from megatron_prior.data.caption_dataset import CaptionDataset, CaptionDatasetConfig
+from megatron_prior.data.caption_dataset import CaptionDataset
 from megatron_prior.data.formats import IMAGE_SCORE_VALUES, ScoreMetadata
 from megatron_prior.data.images import DEFAULT_ASPECT, load_image
 from megatron_prior.data.kinds import KIND_NAMES
@@ -171,15 +170,11 @@ class LVLMScorer:
         return sums
 
     def _caption_dataset(self, data_prefix: str) -> CaptionDataset:
-        config = CaptionDatasetConfig(random_seed=0, sequence_length=self.text_length, blend=([data_prefix], None),
-                                      split="0,0,100", tokenizer=self.tokenizer, path_to_cache=None,
-                                      mmap_bin_files=True, image_mean=tuple(self.config.image_mean),
-                                      image_std=tuple(self.config.image_std), image_size=self.config.image_size,
-                                      image_aspect=self.config.image_aspect)
-        low = CaptionDataset.build_low_level_dataset(data_prefix, config)
         # Images are read as training read them (the model's size and rule): an encoded store is
         # decoded to them, a raw store that holds others is refused, naming it.
-        return CaptionDataset(low, data_prefix, np.arange(len(low), dtype=np.int32), None, Split.test, config)
+        return CaptionDataset.of_prefix(data_prefix, self.tokenizer, self.text_length, self.config.image_mean,
+                                        self.config.image_std, image_size=self.config.image_size,
+                                        image_aspect=self.config.image_aspect)
 
     # --- caption likelihoods -------------------------------------------------------------
     @torch.no_grad()

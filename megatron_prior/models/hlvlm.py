@@ -20,7 +20,9 @@ import argparse
 from typing import Optional
 
 import torch
+from megatron.core.models.multimodal import llava_model
 from megatron.core.models.multimodal.llava_model import LLaVAModel
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -61,15 +63,37 @@ class HLVLM(LLaVAModel):
         return output
 
 
+def vision_config(cfg: ModelConfig, bf16: bool = False) -> TransformerConfig:
+    """The ViT's TransformerConfig: what LLaVAModel builds its CLIPViTModel from."""
+    config = transformer_config(num_layers=cfg.vit_num_layers, hidden_size=cfg.vit_hidden_size,
+                                num_attention_heads=cfg.vit_num_attention_heads, bf16=bf16, pipelined=False,
+                                activation_func=VIT_ACTIVATIONS[cfg.vit_activation],
+                                layernorm_epsilon=cfg.vit_norm_epsilon)
+    # Megatron-LM's training arguments put this on the config; LLaVAModel reads it.
+    config.vision_model_type = cfg.vision_model_type
+    return config
+
+
+def has_class_token(cfg: ModelConfig) -> bool:
+    return cfg.vision_model_type == "clip"  # SigLIP has none
+
+
+def vision_encoder(cfg: ModelConfig, bf16: bool = False) -> CLIPViTModel:
+    """The H-LVLM's vision encoder alone, built as LLaVAModel builds it (same config, layer
+    spec, class token and image geometry), so its parameters and their names under
+    ``vision_model.`` are the H-LVLM's: a model holding it as ``vision_model`` saves a
+    checkpoint ``--vit-load`` reads (the contrastive pre-training does)."""
+    cls = has_class_token(cfg)
+    # The class LLaVAModel instantiates, looked up when called: without Transformer Engine,
+    # compat.no_te replaces it there by one whose LayerNorms build.
+    return llava_model.CLIPViTModel(vision_config(cfg, bf16), get_vit_layer_with_local_spec(), add_class_token=cls,
+                        class_token_len=int(cls), patch_dim=cfg.patch_size, img_h=cfg.image_size,
+                        img_w=cfg.image_size, model_subtype=cfg.vision_model_type)
+
+
 def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContext) -> HLVLM:
     if ctx.vp_stage is not None:
         raise ValueError("H-LVLM (LLaVAModel) does not support virtual pipeline stages")
-    vision_config = transformer_config(num_layers=cfg.vit_num_layers, hidden_size=cfg.vit_hidden_size,
-                                       num_attention_heads=cfg.vit_num_attention_heads, bf16=ctx.bf16,
-                                       pipelined=False, activation_func=VIT_ACTIVATIONS[cfg.vit_activation],
-                                       layernorm_epsilon=cfg.vit_norm_epsilon)
-    # Megatron-LM's training arguments put this on the config; LLaVAModel reads it.
-    vision_config.vision_model_type = cfg.vision_model_type
     # An MLP has no heads; the language model's count satisfies the TP divisibility check.
     projector_config = transformer_config(num_layers=1, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.hidden_size,
                                           num_attention_heads=cfg.num_attention_heads, bf16=ctx.bf16,
@@ -79,9 +103,9 @@ def build(cfg: ModelConfig, language_config: TransformerConfig, ctx: BuildContex
         language_transformer_layer_spec=layer_spec(language_config, ctx.use_te),
         language_vocab_size=cfg.vocab_size,
         language_max_sequence_length=cfg.max_position_embeddings,
-        vision_transformer_config=vision_config,
+        vision_transformer_config=vision_config(cfg, ctx.bf16),
         vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
-        drop_vision_class_token=cfg.vision_model_type == "clip",  # SigLIP has no class token to drop
+        drop_vision_class_token=has_class_token(cfg),
         vision_projection_config=projector_config,
         vision_projection_layer_spec=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
         parallel_output=True,

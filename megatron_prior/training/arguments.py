@@ -33,7 +33,9 @@ class ArgumentError(ValueError):
     """A bad flag or flag combination; the message names the flags."""
 
 
-class _Parser(argparse.ArgumentParser):
+class FlagParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the trainer's and the other commands that share its flags)."""
+
     def error(self, message: str):
         # One line, whatever went wrong: the usage of ~80 flags would bury the message.
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
@@ -91,9 +93,11 @@ DOMAINS: dict[str, Domain] = {
 }
 
 
-def _check_domains(args: argparse.Namespace) -> None:
-    for dest, domain in DOMAINS.items():
-        value = getattr(args, dest)
+def check_domains(args: argparse.Namespace, domains: Optional[dict[str, Domain]] = None) -> None:
+    """Refuse a numeric flag outside its domain (``DOMAINS`` and ``domains``; flags a tool does
+    not have are skipped), naming the flag."""
+    for dest, domain in {**DOMAINS, **(domains or {})}.items():
+        value = getattr(args, dest, None)
         if value is not None and value not in domain:
             raise ArgumentError(f"--{dest.replace('_', '-')} must be {domain.describe(isinstance(value, int))}, "
                                 f"got {value}")
@@ -117,7 +121,7 @@ def split_shares(split: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = FlagParser(
         prog="python -m megatron_prior.train",
         description="Train a text-only reference LM or a vision-language model (--model) "
         "with next-token prediction (--loss ntp), PRIOR (--loss prior) or another token weighting "
@@ -326,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_trainer_flags(group: argparse._ArgumentGroup, dests: Sequence[str]) -> None:
+    """Give another tool's parser (``group``) these flags as the trainer defines them (names,
+    types, defaults, help), so a flag means the same in both. argparse's ``parents=`` shares
+    actions the same way, but only whole parsers."""
+    actions = {action.dest: action for action in build_parser()._actions}
+    for dest in dests:
+        group._add_action(actions[dest])
+
+
 def _is_number(item: str) -> bool:
     try:
         float(item)
@@ -353,7 +366,7 @@ def _blend_prefixes(data_path: Sequence[str]) -> list[str]:
     return prefixes
 
 
-def _check_tokenizer(path: str, tokenizer_type: Optional[str], special_tokens: Optional[dict]) -> None:
+def check_tokenizer(path: str, tokenizer_type: Optional[str], special_tokens: Optional[dict]) -> None:
     try:
         require_local(path, "--tokenizer-model")
     except FileNotFoundError as err:
@@ -487,7 +500,7 @@ VIT_SHAPE_DEFAULTS = dict(vit_num_layers=2, vit_hidden_size=64, vit_num_attentio
                           image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
 
 
-def _shape_from_checkpoint(args: argparse.Namespace, flag: str, fields: dict) -> ModelConfig:
+def shape_from_checkpoint(args: argparse.Namespace, flag: str, fields: dict) -> ModelConfig:
     """Unset shape flags from the model_config.json of the checkpoint ``flag`` names; a given
     flag must agree with it. Returns that config."""
     load = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -528,25 +541,25 @@ def _check_lm_shape(args: argparse.Namespace) -> None:
         raise ArgumentError("--add-qkv-bias needs --disable-bias-linear (without it every linear layer has biases)")
 
 
-def _resolve_images(args: argparse.Namespace, prefixes: list[str], size_from: str) -> None:
+def resolve_images(args: argparse.Namespace, prefixes: list[str], size_from: str, flag: str = "--data-path") -> None:
     """``--image-size`` and ``--image-aspect`` of a vision-language model: unset, the image
     stores' (one square size for the whole blend; their rule when they share one, else each
     store keeps its own); set, every raw store must already hold them. ``size_from`` names where
-    a set size came from."""
+    a set size came from, ``flag`` the flag that gave ``prefixes``."""
     try:
         stores = [stored_images(prefix) for prefix in prefixes]
     except FormatError as err:
-        raise ArgumentError(f"--data-path: {err}") from None
+        raise ArgumentError(f"{flag}: {err}") from None
     if args.image_size is None:
         sizes = sorted({(store.height, store.width) for store in stores})
         if len(sizes) > 1:
-            raise ArgumentError(f"--data-path: the blended image stores hold images of different sizes {sizes}: "
+            raise ArgumentError(f"{flag}: the blended image stores hold images of different sizes {sizes}: "
                                 "give --image-size N (encoded stores are decoded to it)")
         (height, width), = sizes
         if height != width:
-            raise ArgumentError(f"--data-path: images are {height}x{width}; the models take square images: give "
+            raise ArgumentError(f"{flag}: images are {height}x{width}; the models take square images: give "
                                 "--image-size N (an encoded store is decoded to N x N)")
-        args.image_size, size_from = height, f"the images of --data-path {prefixes[0]}"
+        args.image_size, size_from = height, f"the images of {flag} {prefixes[0]}"
     if args.image_aspect is None:
         aspects = {store.aspect for store in stores}
         args.image_aspect = aspects.pop() if len(aspects) == 1 else None
@@ -571,9 +584,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     size_from = "--image-size" if args.image_size is not None else f"--vit-load {args.vit_load}'s image size"
     args.lm_load_vocab_size = None
     if args.lm_load is not None:
-        args.lm_load_vocab_size = _shape_from_checkpoint(args, "--lm-load", LM_SHAPE_FLAGS).vocab_size
+        args.lm_load_vocab_size = shape_from_checkpoint(args, "--lm-load", LM_SHAPE_FLAGS).vocab_size
     if args.vit_load is not None:
-        _shape_from_checkpoint(args, "--vit-load", VIT_SHAPE_FLAGS)
+        shape_from_checkpoint(args, "--vit-load", VIT_SHAPE_FLAGS)
     preset = PRESETS.get(args.model_size, {}) if args.model_size else {}
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         if getattr(args, key) is None and key in preset:
@@ -587,7 +600,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.lr is None:
         raise ArgumentError("--lr is required (Megatron has no default learning rate)")
     arch = get_arch(args.model)
-    _check_domains(args)
+    check_domains(args)
     if split_shares(args.split)[1] == 0 and args.eval_iters > 0:
         raise ArgumentError(f"--split {args.split!r} leaves no validation data for --eval-iters {args.eval_iters}: "
                             "give it a validation share or pass --eval-iters 0")
@@ -647,7 +660,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--data-path is required")
     if args.tokenizer_model is None:
         raise ArgumentError("--tokenizer-model is required")
-    _check_tokenizer(args.tokenizer_model, args.tokenizer_type, args.special_tokens)
+    check_tokenizer(args.tokenizer_model, args.tokenizer_type, args.special_tokens)
     for prefix in _blend_prefixes(args.data_path):
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
@@ -670,7 +683,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                                     f"({scores} missing): run tools/score_with_images.py --data-path {prefix} "
                                     "--load LVLM_CHECKPOINT --tokenizer-model ...")
     if arch.needs_images:
-        _resolve_images(args, _blend_prefixes(args.data_path), size_from)
+        resolve_images(args, _blend_prefixes(args.data_path), size_from)
     else:
         for flag, value in (("--image-size", args.image_size), ("--image-aspect", args.image_aspect)):
             if value is not None:

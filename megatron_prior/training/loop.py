@@ -116,6 +116,22 @@ def count_parameters(model_chunks) -> int:
     return int(total.item())
 
 
+def lr_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
+    """megatron-core's learning-rate and weight-decay schedule for the flags (--lr, --min-lr,
+    --lr-decay-style, --lr-warmup-iters, --lr-decay-iters, --weight-decay), stepped in samples:
+    ``step(increment=global batch)`` once an iteration. ``optimizer`` is megatron-core's or a
+    torch one (anything with ``param_groups``)."""
+    gbs = args.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        wsd_decay_steps=(args.lr_decay_iters * gbs) // 10 if args.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
+    )
+
+
 @dataclass
 class Trainer:
     args: argparse.Namespace
@@ -214,16 +230,7 @@ class Trainer:
             ),
             model,
         )
-        gbs = args.global_batch_size
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
-            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-            wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
-            wsd_decay_steps=(args.lr_decay_iters * gbs) // 10 if args.lr_decay_style == "WSD" else None,
-            lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
-        )
-        trainer = cls(args, model_config, model, optimizer, scheduler, data)
+        trainer = cls(args, model_config, model, optimizer, lr_scheduler(optimizer, args), data)
         if args.load:
             state = checkpointing.load_checkpoint(args.load, model, model_config, optimizer, scheduler)
             if state is not None:
