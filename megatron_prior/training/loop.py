@@ -230,7 +230,8 @@ class Trainer:
             ),
             model,
         )
-        trainer = cls(args, model_config, model, optimizer, lr_scheduler(optimizer, args), data)
+        scheduler = lr_scheduler(optimizer, args)
+        trainer = cls(args, model_config, model, optimizer, scheduler, data)
         if args.load:
             state = checkpointing.load_checkpoint(args.load, model, model_config, optimizer, scheduler)
             if state is not None:
