@@ -2,13 +2,13 @@
 image-caption pairs with CLIP's contrastive loss, and measure what its features carry.
 
     python -m megatron_prior.train_contrastive --data-path data/train_caption_document \\
-        --tokenizer-model data/tokenizer.model --micro-batch-size 64 --train-iters 600 --lr 1e-3 \\
+        --tokenizer-model data/tokenizer.model --micro-batch-size 64 --train-iters 500 --lr 1e-3 \\
         --save runs/clip --eval-data-path data/heldout_caption_document \\
         --train-labels data/train.jsonl --eval-labels data/heldout.jsonl
     python -m megatron_prior.train --model hlvlm --vit-load runs/clip --freeze-vit ...
 
 The model is ``models.contrastive.ContrastiveModel``: megatron-core's CLIPViTModel built as the
-H-LVLM builds it (``--vit-*``, ``--patch-size``; the image size is the image store's) and a
+H-LVLM builds it (``--vit-*``, ``--patch-size``, ``--image-size``: by default the store's) and a
 small causal text tower (``--text-*``), both projected to ``--embed-dim``, with the symmetric
 InfoNCE loss (``loss.contrastive``) over each micro-batch: the other pairs of the micro-batch
 are the negatives, and with ``--global-batch-size`` larger than ``--micro-batch-size`` the

@@ -147,6 +147,13 @@ def _train_and_load(corpus: dict, root: str) -> dict:
     initial.initialize(7, 0.02)
     data = CaptionDataset.of_prefix(corpus["data"], load_tokenizer(corpus["tokenizer"]), 32)
     losses = (_fixed_batch_loss(initial, data), _fixed_batch_loss(trained, data))
+    row = data[0]
+    n = int(row["loss_mask"].sum())
+    assert n < 32, "the first caption must leave padding"
+    with torch.no_grad():  # causal layers and a masked mean: the padding after a caption changes nothing
+        padded = trained.text_embeddings(row["labels"][None], torch.tensor([n]))
+        unpadded = trained.text_embeddings(row["labels"][None, :n], torch.tensor([n]))
+    padding_effect = float((padded - unpadded).abs().max() / unpadded.abs().max())
 
     # The H-LVLM trainer with --vit-load: its shape flags come from the checkpoint, its ViT is the encoder.
     args = parse_args(["--model", "hlvlm", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
@@ -160,7 +167,8 @@ def _train_and_load(corpus: dict, root: str) -> dict:
     images = torch.stack([data[i]["images"] for i in range(8)])
     with torch.no_grad():
         same_features = torch.equal(trained.vision_model.eval()(images), hlvlm.eval()(images))
-    return dict(summary=summary, evaluated=evaluated, losses=losses, config=cfg.to_dict(),
+    return dict(summary=summary, evaluated=evaluated, losses=losses, padding_effect=padding_effect,
+                config=cfg.to_dict(),
                 vit_args=(args.vit_num_layers, args.vit_hidden_size, args.vit_num_attention_heads, args.patch_size),
                 same_keys=sorted(ours) == sorted(theirs), tensors=len(tensors),
                 same_weights=all(torch.equal(ours[k], theirs[k]) for k in tensors), same_features=same_features)
@@ -178,6 +186,8 @@ def test_a_short_run_lowers_the_infonce_loss(trained):
     # Below chance (log 64: every caption equally likely), not only below a bad start: a model
     # whose embeddings collapse to one point scores exactly log 64.
     assert after < math.log(64) - 0.4 and after < before - 0.4, trained["losses"]
+    # float32 sums over 32 instead of n positions: rounding only.
+    assert trained["padding_effect"] < 1e-5, trained["padding_effect"]
     first, last = trained["summary"]["first"], trained["summary"]["last"]
     assert last["infonce_loss"] < min(first["infonce_loss"], math.log(32)) - 0.3 and last["iteration"] == 80
 

@@ -10,9 +10,10 @@ projected into one embedding space, trained with the symmetric InfoNCE loss
   rather than reading the class token trains every patch output, which is what the H-LVLM's
   projector sees.
 - ``text_model``: a megatron-core ``GPTModel`` without its output layer (embeddings, causal
-  layers; learned absolute positions) over the caption tokens, read at the caption's last
-  token (CLIP's end-of-text pooling: with causal attention it is the one position that has
-  seen the whole caption), then a LayerNorm and a linear projection.
+  layers; learned absolute positions) over the caption tokens, averaged over the caption's
+  positions (not CLIP's end-of-text token: at initialisation a small causal tower's last
+  position says little more than the caption's length, and training sat at the chance loss
+  longer; see docs/design.md), then a LayerNorm and a linear projection.
 - ``logit_scale``: CLIP's learnable temperature.
 
 The checkpoint (``save``) is an encoder-only H-LVLM checkpoint (``models.vision_encoder``)
