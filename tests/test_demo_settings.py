@@ -31,9 +31,9 @@ def test_seed_offset_moves_only_the_lvlm_training_seeds():
         moved = [a.replace(f"seed{seed}", f"seed{seed - 3}") for a in shifted[name]]
         moved[moved.index("--seed") + 1] = str(seed - 3)
         assert moved == plain[old]
-    for name in ("data", "tokenizer", "text_data", "reference", "score_train", "score_heldout", "vit_warmup"):
+    for name in ("data", "tokenizer", "text_data", "reference", "score_train", "score_heldout", "vit_clip"):
         assert shifted[name] == plain[name], name
-    assert _flag(shifted["reference"], "--seed") == _flag(shifted["vit_warmup"], "--seed") == "1234"
+    assert _flag(shifted["reference"], "--seed") == _flag(shifted["vit_clip"], "--seed") == "1234"
 
 
 def test_default_is_offset_zero():
@@ -54,7 +54,7 @@ def test_checkpoints_at_fixed_fractions_each_evaluated(argv, interval, iters):
         elif name.startswith("eval_"):
             assert "--all-checkpoints" in argv_
     # The pre-training runs save once, at their end.
-    assert "--save-interval" not in steps["reference"] and "--save-interval" not in steps["vit_warmup"]
+    assert "--save-interval" not in steps["reference"] and "--save-interval" not in steps["vit_clip"]
 
 
 def test_headline_is_declared():
@@ -83,7 +83,7 @@ def test_every_lvlm_starts_from_the_text_only_reference():
     for name in trains:
         assert _flag(steps[name], "--lm-load") == str(pipeline.DemoPaths.reference), name
         assert [_flag(steps[name], f) for f in shape] == [_flag(steps["reference"], f) for f in shape], name
-    assert "--lm-load" not in steps["reference"] and "--lm-load" not in steps["vit_warmup"]
+    assert "--lm-load" not in steps["reference"] and "--lm-load" not in steps["vit_clip"]
 
 
 def test_noise_rate_reaches_the_generator_and_is_checked():

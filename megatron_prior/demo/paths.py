@@ -13,7 +13,7 @@ class DemoPaths:
     tokenizer = data / "tokenizer.model"
     unigram_prefix = Path("work/unigram/train")
     reference = Path("runs/reference")
-    vit_warmup = Path("runs/vit_warmup")
+    vit_clip = Path("runs/vit_clip")
     image_scorer = Path("runs/image_scorer")
 
     @staticmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from megatron_prior.demo.analysis import caption_weights, reference_separation
 from megatron_prior.demo.paths import DemoPaths
@@ -55,7 +55,8 @@ def _step_times(out: Path) -> dict[str, dict]:
 
 
 def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: Sequence[RunResult],
-           command: str, started: datetime.datetime, wall_time_s: float, step_times: dict) -> list[str]:
+           command: str, started: datetime.datetime, wall_time_s: float, step_times: dict,
+           vision: Optional[dict]) -> list[str]:
     frac = data_summary["splits"]["train"]["word_fraction"]
     m1 = reference["mean_multiplier"].get("1") or next(iter(reference["mean_multiplier"].values()))
     params = {r.arch: r.parameters for r in runs}
@@ -70,9 +71,7 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         f"({', '.join(f'{a} {p:,} parameters' for a, p in params.items())}), "
         f"{settings.train_iters} iterations of {settings.global_batch_size} captions (seq {settings.seq_length}), "
         f"AdamW lr {settings.lr:g} cosine to {settings.min_lr:g}, a checkpoint every {settings.save_interval} "
-        f"iterations, each evaluated; the H-LVLM's ViT comes from a "
-        f"{settings.vit_warmup_iters}-iteration NTP warm-up on the training set and stays frozen. NTP and PRIOR runs "
-        "of one seed share initialisation and data order.",
+        f"iterations, each evaluated. NTP and PRIOR runs of one seed share initialisation and data order.",
         f"Text-only LM: a GPT of the same language-model shape, {settings.reference_iters} iterations of NTP on the "
         "training captions; it is PRIOR's reference and the initial language model of every LVLM run (--lm-load). "
         "Held-out mean reference probability: "
@@ -89,6 +88,16 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         + " (below 0.5 on popular/adversarial because the negatives there are the frequent objects); "
           "an image-blind model sits near that level, not at 0.5.",
     ]
+    if vision is not None:
+        r, probe = vision["retrieval"], vision["probe_patches"]
+        notes.append(
+            f"The H-LVLM's ViT: {settings.vit_clip_iters} iterations of CLIP-style contrastive pre-training on the "
+            f"training pairs, then frozen. On the {r['candidates']} held-out images: caption retrieval top-1 "
+            f"{r['i2t_top1']:.3f} image->text, {r['t2i_top1']:.3f} text->image (chance {r['chance_top1']:.4f}); "
+            "linear probes of which colours and shapes are present, on its patch features: colour "
+            f"{probe['color']['accuracy']:.3f} (chance {probe['color']['chance']['accuracy']:.3f}), shape "
+            f"{probe['shape']['accuracy']:.3f} (chance {probe['shape']['chance']['accuracy']:.3f}) "
+            "(runs/vit_clip/vision_quality.json).")
     blind: dict[str, list[int]] = {}
     for r in runs:
         if r.heldout["probe_accuracy_popular"] <= baseline["popular"] + 0.05:
@@ -114,7 +123,10 @@ def write_demo_report(out: Path, settings, specs: Sequence, command: str, starte
     captions = caption_weights(heldout, out / DemoPaths.data / "heldout.jsonl", tokenizer, settings.alphas[0])
     baseline = data_summary["probe"]["pair_frequency_baseline"]
     step_times = _step_times(out)
+    quality = out / DemoPaths.vit_clip / "vision_quality.json"
+    vision = load_json(quality) if quality.is_file() else None  # no H-LVLM in --archs: no encoder
     extra = {
+        "vision_encoder": vision,
         "reference": reference,
         "probe_text_prior_baseline": baseline,
         "data": {"splits": data_summary["splits"], "heldout_scenes_seen_in_train":
@@ -129,5 +141,5 @@ def write_demo_report(out: Path, settings, specs: Sequence, command: str, starte
     return write_report(out, runs, reference["auc_grounded_vs_template"], captions=captions,
                         weight_label=f"PRIOR multiplier m (alpha {settings.alphas[0]:g})",
                         notes=_notes(settings, reference, baseline, data_summary, runs, command, started,
-                                     wall_time_s, step_times),
+                                     wall_time_s, step_times, vision),
                         extra=extra, headline=settings.headline)
