@@ -42,7 +42,7 @@ def test_default_is_offset_zero():
     assert quick.seeds == (6, 7) and "train_ulvlm_ntp_seed6" in steps and "train_ulvlm_ntp_seed7" in steps
 
 
-@pytest.mark.parametrize("argv,interval,iters", [((), 75, 300), (("--quick",), 50, 100),
+@pytest.mark.parametrize("argv,interval,iters", [((), 50, 200), (("--quick",), 50, 100),
                                                  (("--train-iters", "301"), 76, 301),
                                                  (("--quick", "--num-checkpoints", "1"), 100, 100)])
 def test_checkpoints_at_fixed_fractions_each_evaluated(argv, interval, iters):
