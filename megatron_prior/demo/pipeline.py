@@ -201,10 +201,14 @@ class RunSpec:
 
 
 def run_specs(s: DemoSettings) -> list[RunSpec]:
+    """The LVLM runs in the order they are started: by seed, then loss, then architecture, so
+    the two architectures' runs of a seed finish together and the last evaluations (one per
+    architecture and seed) run side by side instead of one after the other on a single core."""
     return [RunSpec(arch, loss, seed, alpha)
-            for seed in s.seeds for arch in s.archs
+            for seed in s.seeds
             for loss, alpha in [("ntp", None)] + [("prior", a) for a in s.alphas]
-            + [(loss, None) for loss in s.other_losses]]
+            + [(loss, None) for loss in s.other_losses]
+            for arch in s.archs]
 
 
 def _needs_image_scores(s: DemoSettings) -> bool:
