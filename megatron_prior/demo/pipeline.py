@@ -229,8 +229,9 @@ def _preprocess(split: str, prefix: Path, reference: Optional[Path], s: DemoSett
     return [PREPROCESS, "--input", str(DemoPaths.data / f"{split}-*.tar"), "--json-keys", "caption",
             "--tokenizer-model", str(DemoPaths.tokenizer), "--append-eod", "--output-prefix", str(prefix), *ref,
             "--kinds-key", "kinds", "--image-size", str(s.image_size), "--log-interval", "100000",
-            # 32x32 images: decoded pixels (3 KB each) are read ~30x faster per image than
-            # PNG bytes are decoded, and every LVLM run reads each image ~2.4 times.
+            # 32x32 images: decoded pixels (3 KB each) make a training sample 4x faster to read
+            # than the PNG bytes (9,700 vs 2,400 samples/s, benchmarks/RESULTS.md): about 10 ms
+            # of a 200 ms step at 32 samples, and 36 runs and evaluations read them.
             "--image-store", "raw"]
 
 
@@ -287,20 +288,28 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         # caption retrieval 0.74 top-1 of 400, against 0.38 for a 300-iteration NTP warm-up of the
         # whole H-LVLM, which barely passed the image on (an H-LVLM on it: grounded CE 1.13, 0.57
         # on this encoder; seed 1 of a trial run).
-        steps.append(Step("vit_clip", "pre-train the H-LVLM vision encoder CLIP-style (InfoNCE), report its quality",
-                          [L.vit_clip / "vision_quality.json"],
-                          ["-m", "megatron_prior.train_contrastive", "--data-path", str(L.documents(L.unigram_prefix)),
-                           "--tokenizer-model", str(L.tokenizer), "--seq-length", str(s.seq_length),
-                           "--patch-size", str(s.patch_size), "--vit-num-layers", "2", "--vit-hidden-size", "64",
-                           "--vit-num-attention-heads", "4", "--text-num-layers", "1", "--text-hidden-size", "64",
-                           "--text-num-attention-heads", "4", "--embed-dim", "64", "--micro-batch-size", "64",
+        shape = ["--data-path", str(L.documents(L.unigram_prefix)), "--tokenizer-model", str(L.tokenizer),
+                 "--seq-length", str(s.seq_length), "--patch-size", str(s.patch_size), "--vit-num-layers", "2",
+                 "--vit-hidden-size", "64", "--vit-num-attention-heads", "4", "--text-num-layers", "1",
+                 "--text-hidden-size", "64", "--text-num-attention-heads", "4", "--embed-dim", "64",
+                 "--seed", str(s.data_seed)]
+        # Trained beside the reference (both need only the unigram-scored training set); its
+        # held-out report needs the held-out set, which the reference scores, so it is a step
+        # of its own rather than a core left idle while the reference trains.
+        steps.append(Step("vit_clip", "pre-train the H-LVLM vision encoder CLIP-style (InfoNCE)",
+                          [L.vit_clip / "latest_checkpointed_iteration.txt"],
+                          ["-m", "megatron_prior.train_contrastive", *shape, "--micro-batch-size", "64",
                            "--global-batch-size", "64", "--train-iters", str(s.vit_clip_iters), "--lr", "1e-3",
                            "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
-                           "--adam-beta2", "0.95", "--seed", str(s.data_seed), "--log-interval", "50",
+                           "--adam-beta2", "0.95", "--log-interval", "50", "--save", str(L.vit_clip)],
+                          deps=["text_data"], clean=[L.vit_clip]))
+        steps.append(Step("vit_quality", "measure the vision encoder on held-out images (retrieval, linear probes)",
+                          [L.vit_clip / "vision_quality.json"],
+                          ["-m", "megatron_prior.train_contrastive", *shape, "--eval-only", "--vit-load", str(L.vit_clip),
                            "--eval-data-path", str(L.documents(L.prefix("heldout"))),
                            "--train-labels", str(L.data / "train.jsonl"), "--eval-labels", str(L.data / "heldout.jsonl"),
-                           "--save", str(L.vit_clip)],
-                          deps=["text_data", "score_heldout"], clean=[L.vit_clip]))
+                           "--report", str(L.vit_clip / "vision_quality.json")],
+                          deps=["vit_clip", "score_heldout"]))
     # MI and CAL weigh tokens by what an image-conditioned model predicts: a U-LVLM trained with
     # NTP on the training set (data_seed, so fresh training seeds reuse it) scores it, into
     # sidecars beside the reference log-probs. Scoring rewrites the dataset's metadata, so every
@@ -321,28 +330,36 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                            "--tokenizer-model", str(L.tokenizer), "--micro-batch-size", str(s.eval_batch_size)],
                           deps=["image_scorer"]))
         scored = ["score_images"]
+    trains = {}
     for spec in run_specs(s):
         rdir = L.run_dir(spec.name)
         loss = ["--loss", spec.loss] + (["--prior-alpha", f"{spec.alpha:g}"] if spec.loss == "prior" else [])
         saves = ["--save-interval", str(s.save_interval)]
         vit = ["--vit-load", str(L.vit_clip), "--freeze-vit"] if _vit_archs([spec.arch]) else []
         lm = ["--lm-load", str(L.reference)]
-        steps.append(Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
-                          _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s,
-                                 loss + saves + lm + vit),
-                          deps=["score_train"] + scored + (["vit_clip"] if vit else []), clean=[rdir]))
+        trains[spec] = Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
+                            _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s,
+                                   loss + saves + lm + vit),
+                            deps=["score_train"] + scored + (["vit_clip"] if vit else []), clean=[rdir])
     # One evaluation process per architecture and seed: its runs share the held-out data and
-    # probe, and a process of its own would spend ~10 s of CPU per run starting up.
-    for (arch, seed), group in _eval_groups(run_specs(s)).items():
-        dirs = [L.run_dir(spec.name) for spec in group]
-        steps.append(Step(f"eval_{arch}_seed{seed}", f"evaluate {arch} seed {seed} ({len(group)} runs)",
-                          [d / "eval.json" for d in dirs],
-                          ["-m", "megatron_prior.eval.run", "--load", *map(str, dirs),
-                           "--tokenizer-model", str(L.tokenizer),
-                           "--data-path", str(L.documents(L.prefix("heldout"))),
-                           "--probe", str(L.data / "probe.jsonl"), "--micro-batch-size", str(s.eval_batch_size),
-                           "--output", *(str(d / "eval.json") for d in dirs), "--all-checkpoints", "--no-progress"],
-                          deps=[f"train_{spec.name}" for spec in group] + ["score_heldout"]))
+    # probe, and a process of its own would spend ~10 s of CPU per run starting up. Each is
+    # listed after its seed's trainings, so the runner (which starts ready steps in list order)
+    # evaluates a seed while the next one trains, and only the last seed's evaluations remain
+    # at the end, side by side.
+    for seed in s.seeds:
+        groups = {key: group for key, group in _eval_groups(run_specs(s)).items() if key[1] == seed}
+        steps += [step for spec, step in trains.items() if spec.seed == seed]
+        for (arch, _), group in groups.items():
+            dirs = [L.run_dir(spec.name) for spec in group]
+            steps.append(Step(f"eval_{arch}_seed{seed}", f"evaluate {arch} seed {seed} ({len(group)} runs)",
+                              [d / "eval.json" for d in dirs],
+                              ["-m", "megatron_prior.eval.run", "--load", *map(str, dirs),
+                               "--tokenizer-model", str(L.tokenizer),
+                               "--data-path", str(L.documents(L.prefix("heldout"))),
+                               "--probe", str(L.data / "probe.jsonl"), "--micro-batch-size", str(s.eval_batch_size),
+                               "--output", *(str(d / "eval.json") for d in dirs), "--all-checkpoints",
+                               "--no-progress"],
+                              deps=[f"train_{spec.name}" for spec in group] + ["score_heldout"]))
     steps.append(Step("report", "write the report", [Path("results.json"), Path("results.md")], func=report_fn,
                       deps=[st.name for st in steps if st.name.startswith("eval_")] + ["score_heldout"],
                       always=True))
