@@ -13,7 +13,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # a CPU-only machine too, where torch.cuda.is_available() is False and the CPU shim applies.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
-# make demo: the whole pipeline on CPU (about 21 min on 2 cores); QUICK=1 for the ~3-minute version.
+# make demo: the whole pipeline on CPU (12.5 min alone on 2 cores); QUICK=1 for the 2.5-minute version.
 OUTPUT_DIR ?= demo_output
 QUICK ?=
 # make sweep: NTP vs PRIOR scaling-law grid on the demo's data.

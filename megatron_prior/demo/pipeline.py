@@ -1,8 +1,8 @@
 """``python -m megatron_prior.demo.pipeline``: PRIOR against NTP end to end on the demo's
 synthetic image-caption benchmark, on CPU (``make demo``).
 
-    python -m megatron_prior.demo.pipeline                  # full: 3 seeds, about 21 minutes on 2 cores
-    python -m megatron_prior.demo.pipeline --quick          # 1 seed, NTP vs PRIOR alpha 1, about 3 minutes
+    python -m megatron_prior.demo.pipeline                  # full: 3 seeds, 12.5 minutes on 2 cores
+    python -m megatron_prior.demo.pipeline --quick          # 1 seed, NTP vs PRIOR alpha 1, 2.5 minutes
     python -m megatron_prior.demo.pipeline --seed-offset 3  # the same demo on fresh training seeds 4, 5, 6
 
 Every stage runs the project's real command-line tools as subprocesses, from the output
@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run PRIOR against NTP end to end on the synthetic grounded image-caption benchmark: data, "
                     "tokenizer, reference LM, scoring, U-LVLM and H-LVLM training with each loss, evaluation "
                     "(held-out loss by token kind, POPE-style probe, reference AUC) and a report. Finished stages "
-                    "are skipped on a rerun (resumable). Full mode takes about 21 minutes on 2 CPU cores, --quick "
-                    "about 3.",
+                    "are skipped on a rerun (resumable). Full mode takes 12.5 minutes on 2 CPU cores, --quick "
+                    "2.5.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"small preset: {QUICK.num_train} training pairs, {QUICK.train_iters} iterations, one seed, "
