@@ -109,3 +109,11 @@ def test_other_losses_add_runs_and_the_image_scorer_only_when_needed():
     assert "image_scorer" not in rho1_only and "score_images" not in rho1_only
     with pytest.raises(SystemExit):
         pipeline.main(["--other-losses", "prior", "--output-dir", "/nonexistent/never-made"])
+
+
+def test_the_report_waits_for_the_vision_encoder_report():
+    steps = {s.name: s for s in pipeline.build_steps(_steps()[0], lambda: None)}
+    assert "vit_quality" in steps["report"].deps and "vit_clip" in steps["vit_quality"].deps
+    assert steps["vit_clip"].deps == ["text_data"]  # trained beside the reference, not after it
+    only_u = {s.name: s for s in pipeline.build_steps(_steps("--archs", "ulvlm")[0], lambda: None)}
+    assert "vit_quality" not in only_u and "vit_quality" not in only_u["report"].deps

@@ -361,7 +361,8 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                                "--no-progress"],
                               deps=[f"train_{spec.name}" for spec in group] + ["score_heldout"]))
     steps.append(Step("report", "write the report", [Path("results.json"), Path("results.md")], func=report_fn,
-                      deps=[st.name for st in steps if st.name.startswith("eval_")] + ["score_heldout"],
+                      deps=[st.name for st in steps if st.name.startswith("eval_") or st.name == "vit_quality"]
+                      + ["score_heldout"],
                       always=True))
     return steps
 
