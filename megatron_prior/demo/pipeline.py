@@ -287,7 +287,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         # runs' --vit-load takes it as is. 500 iterations at lr 1e-3 (one core, ~70 s): held-out
         # caption retrieval 0.74 top-1 of 400, against 0.38 for a 300-iteration NTP warm-up of the
         # whole H-LVLM, which barely passed the image on (an H-LVLM on it: grounded CE 1.13, 0.57
-        # on this encoder; seed 1 of a trial run).
+        # on this encoder; seed 1 of a trial run, LM from scratch, 300 iterations).
         shape = ["--data-path", str(L.documents(L.unigram_prefix)), "--tokenizer-model", str(L.tokenizer),
                  "--seq-length", str(s.seq_length), "--patch-size", str(s.patch_size), "--vit-num-layers", "2",
                  "--vit-hidden-size", "64", "--vit-num-attention-heads", "4", "--text-num-layers", "1",
