@@ -96,7 +96,7 @@ BAD = [
     (_mutate(["token_budgets"], []), "token_budgets: is empty"),
     (_mutate(["sizes"], []), "sizes: is empty"),
     (_mutate(["losses"], []), "losses: is empty"),
-    (_mutate(["losses", 1], "rho1"), "losses[1]: unknown loss 'rho1'"),
+    (_mutate(["losses", 1], "focal"), "losses[1]: unknown loss 'focal'"),
     (_mutate(["losses", 1], "ntp"), "losses[1]: duplicate loss 'ntp'"),
     (_mutate(["seeds", 1], 1), "seeds[1]: duplicate seed 1"),
     (_mutate(["seq_length"], 0), "seq_length: must be >= 1"),
