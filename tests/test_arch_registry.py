@@ -149,3 +149,37 @@ def test_seq_length_is_stored_or_derived_for_old_configs():
         ModelConfig(arch="ulvlm", max_position_embeddings=40, seq_length=24, **image)
     with pytest.raises(ValueError, match="give seq_length, max_position_embeddings or both"):
         ModelConfig(arch="gpt", max_position_embeddings=None)
+
+
+TOY_FILE = '''"""A fourth architecture in a file of its own: the U-LVLM's parts under another name."""
+
+from megatron_prior.models import ulvlm
+from megatron_prior.models.arch import Arch, register
+
+ARCH = register(Arch(name="toyvlm", display_name="Toy-VLM", description="an architecture added as one new file",
+                     needs_images=True, build=ulvlm.build, forward_loss=ulvlm.forward_loss,
+                     validate_config=ulvlm.validate_config, image_sequence_length=ulvlm.image_sequence_length))
+'''
+
+
+def test_a_new_architecture_is_one_new_file(tmp_path):
+    """A copy of the package with one file added to models/ and nothing else edited: the trainer
+    offers the new architecture and builds it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "megatron_prior"
+    shutil.copytree(source, tmp_path / "megatron_prior", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "megatron_prior" / "models" / "toyvlm.py").write_text(TOY_FILE)
+    probe = ("from megatron_prior.models import ARCHS\n"
+             "from megatron_prior.training.arguments import build_parser\n"
+             "(action,) = [a for a in build_parser()._actions if a.dest == 'model']\n"
+             "print(list(ARCHS), list(action.choices), ARCHS['toyvlm'].display_name)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Registered in import order: the new file imports ulvlm, so it comes last.
+    names = "['gpt', 'hlvlm', 'ulvlm', 'toyvlm']"
+    assert done.stdout.strip().splitlines()[-1] == f"{names} {names} Toy-VLM"

@@ -118,7 +118,12 @@ def module_imports(path: Path, root: Path = PACKAGE) -> list[Import]:
 
 
 def package_imports() -> list[Import]:
-    return [i for path in sorted(PACKAGE.rglob("*.py")) for i in module_imports(path)]
+    """The import statements, plus the one import the source does not spell: ``megatron_prior.models``
+    imports each module that registers an architecture, found by ``architecture_modules``."""
+    from megatron_prior.models import architecture_modules
+
+    found = [i for path in sorted(PACKAGE.rglob("*.py")) for i in module_imports(path)]
+    return found + [Import(P + "models", P + "models." + name, 0, False, False) for name in architecture_modules()]
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -189,7 +194,8 @@ def test_the_parser_sees_the_package():
     edges = set(_edges(imports))
     # A few edges known to exist, read the three ways imports are written.
     assert (P + "training.loop", P + "models.builder") in edges                # from a.b import name
-    assert (P + "models", P + "models.gpt") in edges                           # from a import module
+    assert (P + "train_contrastive", P + "models.contrastive") in edges         # from a import module
+    assert {(P + "models", P + "models." + m) for m in ("gpt", "hlvlm", "ulvlm")} <= edges  # registrations
     assert (P + "sweeps.report", P + "sweeps.plots") in edges                  # relative import
     assert any(i.local and i.target == "wandb" for i in imports)               # inside a function
 

@@ -5,7 +5,7 @@ In the spirit of torchtitan's ``TrainSpec`` and megatron-core's ``ModuleSpec``: 
 evaluation, sweeps, demo and reports know an architecture only by its name in ``ARCHS`` and
 through these fields, never by comparing names. Each architecture is defined and registered in
 its own model file (``gpt.py``, ``hlvlm.py``, ``ulvlm.py``); ``megatron_prior.models`` imports
-them, so importing anything from the package fills the registry.
+every module that registers one, so importing anything from the package fills the registry.
 """
 
 from __future__ import annotations
