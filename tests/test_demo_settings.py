@@ -99,14 +99,20 @@ def test_other_losses_add_runs_and_the_image_scorer_only_when_needed():
     settings, steps = _steps("--other-losses", "mi", "rho1", "cal")
     assert len([n for n in steps if n.startswith("train_")]) == 3 * 2 * 6
     scorer, score = steps["image_scorer"], steps["score_images"]
-    assert _flag(scorer, "--model") == "ulvlm" and _flag(scorer, "--seed") == str(settings.data_seed)
+    assert _flag(scorer, "--model") == "hlvlm" and _flag(scorer, "--seed") == str(settings.data_seed)
+    assert _flag(scorer, "--vit-load") == str(pipeline.DemoPaths.vit_clip) and "--freeze-vit" in scorer
+    assert _flag(scorer, "--lm-load") == str(pipeline.DemoPaths.reference)
     assert _flag(scorer, "--loss") == "ntp" and _flag(score, "--load") == str(pipeline.DemoPaths.image_scorer)
     runs = {s.name: s for s in pipeline.build_steps(settings, lambda: None)}
+    assert "vit_clip" in runs["image_scorer"].deps
     for name in ("train_ulvlm_mi_seed1", "train_hlvlm_cal_seed2", "train_ulvlm_rho1_seed3", "train_hlvlm_ntp_seed1"):
         assert "score_images" in runs[name].deps, name  # scoring rewrites the metadata every run reads
     assert _flag(steps["train_hlvlm_rho1_seed1"], "--loss") == "rho1"
     _, rho1_only = _steps("--other-losses", "rho1")
     assert "image_scorer" not in rho1_only and "score_images" not in rho1_only
+    # Without an H-LVLM run the scorer still needs the CLIP-style encoder: it is trained.
+    _, u_only = _steps("--archs", "ulvlm", "--other-losses", "mi")
+    assert {"vit_clip", "image_scorer"} <= set(u_only) and _flag(u_only["image_scorer"], "--model") == "hlvlm"
     with pytest.raises(SystemExit):
         pipeline.main(["--other-losses", "prior", "--output-dir", "/nonexistent/never-made"])
 

@@ -75,6 +75,12 @@ PREPROCESS = "tools/preprocess_with_weights.py"
 LVLMS = tuple(a.name for a in ARCHS.values() if a.needs_images)
 # The weightings a demo can run beside NTP (the baseline) and PRIOR (one run per alpha).
 OTHER_LOSSES = tuple(loss for loss in LOSSES if loss not in ("ntp", "prior"))
+# The image-conditioned scorer of MI and CAL: the LVLM that reads the image within the demo's
+# iterations. At 200 iterations from the pretrained LM the H-LVLM (frozen CLIP-style ViT) answers
+# the held-out probe at 0.77, while every U-LVLM run stays image-blind (0.27, the score of always
+# preferring the commoner object): a U-LVLM's scores would be the text prior again, and MI's
+# weights its floor.
+IMAGE_SCORER_ARCH = "hlvlm"
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ class DemoSettings:
     seed_offset: int = 0  # already added to ``seeds``; recorded so results.json says so
     archs: tuple[str, ...] = ("ulvlm", "hlvlm")
     # Losses run beside NTP and PRIOR (one run per alpha): any of mi, rho1, cal. mi and cal add
-    # an image-conditioned scorer (a U-LVLM NTP run on data_seed) that scores the training set.
+    # an image-conditioned scorer (an IMAGE_SCORER_ARCH NTP run on data_seed) that scores the
+    # training set.
     other_losses: tuple[str, ...] = ()
     data_seed: int = 1234
     # Share of training captions with one colour or shape word made wrong (the generator's
@@ -145,9 +152,14 @@ class DemoSettings:
         for name in ("num_train", "num_heldout", "reference_iters", "train_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        vit = _vit_archs(self.archs)
+        vit = _vit_archs(self.vit_users)
         if vit and self.vit_clip_iters < 1:
             raise ValueError(f"vit_clip_iters must be >= 1 for the {get_arch(vit[0]).display_name}")
+
+    @property
+    def vit_users(self) -> tuple[str, ...]:
+        """The architectures trained here: the LVLM runs' and the image scorer's."""
+        return self.archs + ((IMAGE_SCORER_ARCH,) if _needs_image_scores(self) else ())
 
     @property
     def save_interval(self) -> int:
@@ -176,6 +188,11 @@ FULL = DemoSettings(num_train=4000, num_heldout=400, reference_iters=300, vit_cl
 def _vit_archs(archs: Sequence[str]) -> list[str]:
     """The architectures among ``archs`` whose vision encoder is pre-trained apart (--vit-load)."""
     return [a for a in archs if "vit_load" in get_arch(a).only_flags]
+
+
+def _vit_flags(arch: str) -> list[str]:
+    """The trainer flags that give ``arch`` the CLIP-style encoder, frozen (none if it has no ViT)."""
+    return ["--vit-load", str(DemoPaths.vit_clip), "--freeze-vit"] if _vit_archs([arch]) else []
 
 
 def _alpha_tag(alpha: float) -> str:
@@ -211,7 +228,7 @@ def run_specs(s: DemoSettings) -> list[RunSpec]:
             for arch in s.archs]
 
 
-def _needs_image_scores(s: DemoSettings) -> bool:
+def _needs_image_scores(s: "DemoSettings") -> bool:
     return bool({"mi", "cal"} & set(s.other_losses))
 
 
@@ -282,7 +299,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                           L.preprocessed(L.prefix(split)),
                           _preprocess(split, L.prefix(split), L.reference, s),
                           deps=["reference"]))
-    if _vit_archs(s.archs):
+    if _vit_archs(s.vit_users):
         # The ViT shape is the H-LVLM's default (megatron_prior.train's --vit-* flags), so the
         # runs' --vit-load takes it as is. 500 iterations at lr 1e-3 (one core, ~70 s): held-out
         # caption retrieval 0.74 top-1 of 400, against 0.38 for a 300-iteration NTP warm-up of the
@@ -310,18 +327,22 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                            "--train-labels", str(L.data / "train.jsonl"), "--eval-labels", str(L.data / "heldout.jsonl"),
                            "--report", str(L.vit_clip / "vision_quality.json")],
                           deps=["vit_clip", "score_heldout"]))
-    # MI and CAL weigh tokens by what an image-conditioned model predicts: a U-LVLM trained with
-    # NTP on the training set (data_seed, so fresh training seeds reuse it) scores it, into
-    # sidecars beside the reference log-probs. Scoring rewrites the dataset's metadata, so every
-    # LVLM run waits for it rather than read the files while they change.
+    # MI and CAL weigh tokens by what an image-conditioned model predicts: an IMAGE_SCORER_ARCH
+    # trained with NTP on the training set (data_seed, so fresh training seeds reuse it) from the
+    # LVLM runs' starting point scores it, into sidecars beside the reference log-probs. Scoring
+    # rewrites the dataset's metadata, so every LVLM run waits for it rather than read the files
+    # while they change.
     scored = []
     if _needs_image_scores(s):
-        steps.append(Step("image_scorer", "train the image-conditioned scorer of MI and CAL (U-LVLM, NTP)",
+        scorer_vit = _vit_flags(IMAGE_SCORER_ARCH)
+        steps.append(Step("image_scorer", f"train the image-conditioned scorer of MI and CAL "
+                                          f"({get_arch(IMAGE_SCORER_ARCH).display_name}, NTP)",
                           [L.image_scorer / "summary.json"],
                           # Scoring reads whole captions: the reference's length, not the LVLMs' 48.
-                          _train("ulvlm", L.image_scorer, L.prefix("train"), s.data_seed, s.train_iters, s,
-                                 ["--loss", "ntp", "--lm-load", str(L.reference)], s.reference_seq_length),
-                          deps=["score_train"], clean=[L.image_scorer]))
+                          _train(IMAGE_SCORER_ARCH, L.image_scorer, L.prefix("train"), s.data_seed, s.train_iters, s,
+                                 ["--loss", "ntp", "--lm-load", str(L.reference), *scorer_vit],
+                                 s.reference_seq_length),
+                          deps=["score_train"] + (["vit_clip"] if scorer_vit else []), clean=[L.image_scorer]))
         doc = str(L.documents(L.prefix("train")))
         steps.append(Step("score_images", "score the train captions with the image-conditioned scorer",
                           [Path(doc + ext) for ext in (".imglogprobs.bin", ".imglogprobs.idx", ".imgdelta.bin",
@@ -335,7 +356,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         rdir = L.run_dir(spec.name)
         loss = ["--loss", spec.loss] + (["--prior-alpha", f"{spec.alpha:g}"] if spec.loss == "prior" else [])
         saves = ["--save-interval", str(s.save_interval)]
-        vit = ["--vit-load", str(L.vit_clip), "--freeze-vit"] if _vit_archs([spec.arch]) else []
+        vit = _vit_flags(spec.arch)
         lm = ["--lm-load", str(L.reference)]
         trains[spec] = Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
                             _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s,

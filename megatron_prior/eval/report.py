@@ -367,8 +367,9 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
 Series = dict[tuple, list[tuple[np.ndarray, np.ndarray]]]  # (loss, alpha) -> one (x, y) per seed
 
 
-def _plot_grid(runs: Sequence[RunResult], rows: dict[str, str], series: Callable[[str, str], Series],
-               path: str | os.PathLike, title: str, log_y: bool, marker: str | None = None) -> Path:
+def plot_grid(runs: Sequence[RunResult], rows: dict[str, str], series: Callable[[str, str], Series],
+              path: str | os.PathLike, title: str, log_y: bool, marker: str | None = None,
+              xlabel: str = "iteration") -> Path:
     """One column per architecture, one row per key of ``rows`` (its y label); on each axis
     ``series(arch, row)``: each loss and PRIOR alpha in its own colour, a thin line per seed and a
     thick line for the mean over seeds (where the seeds share their x values)."""
@@ -401,7 +402,7 @@ def _plot_grid(runs: Sequence[RunResult], rows: dict[str, str], series: Callable
                 ax.set_title(ARCHS[arch].display_name)
                 ax.legend(fontsize=8)
             if row == len(rows) - 1:
-                ax.set_xlabel("iteration")
+                ax.set_xlabel(xlabel)
             if col == 0:
                 ax.set_ylabel(rows[key], fontsize=9)
     fig.suptitle(title, fontsize=11)
@@ -424,7 +425,7 @@ def plot_loss_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path
                 out[(r.loss, r.prior_alpha)].append(tuple(map(np.asarray, zip(*pts))))
         return out
 
-    return _plot_grid(runs, curves, series, path, "Training curves: NTP vs PRIOR (thin: one seed)", log_y=True)
+    return plot_grid(runs, curves, series, path, "Training curves: NTP vs PRIOR (thin: one seed)", log_y=True)
 
 
 def plot_checkpoint_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
@@ -439,7 +440,7 @@ def plot_checkpoint_curves(runs: Sequence[RunResult], path: str | os.PathLike) -
                                                      np.asarray([c["metrics"][metric] for c in ckpts])))
         return out
 
-    return _plot_grid(runs, CHECKPOINT_CURVES, series, path,
+    return plot_grid(runs, CHECKPOINT_CURVES, series, path,
                       "Held-out results along training: NTP vs PRIOR (thin: one seed)", log_y=False, marker="o")
 
 
