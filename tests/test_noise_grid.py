@@ -70,8 +70,7 @@ def test_markdown_and_plot(tmp_path: Path):
     assert "| 30 % | H-LVLM | MI | final | 1.020 → 0.960 | -0.060 ± 0.000 (-0.060, -0.060, -0.060) | -5.9 |" in text
     assert "MI's +0.060 there: **met**" in text
     runs = _runs(0.0) + _runs(0.3)
-    noise_of = {id(r): r.noise_rate for r in runs}
-    path = noise_grid.plot_noise(runs, noise_of, tmp_path / "grid.png")
+    path = noise_grid.plot_noise(runs, tmp_path / "grid.png")
     with Image.open(path) as img:
         assert img.size[0] > 300 and np.asarray(img).std() > 0
 
@@ -81,6 +80,7 @@ def test_markdown_and_plot(tmp_path: Path):
     (["--", "--output-dir=/tmp/x"], "--output-dir is set per level by the grid"),
     (["--noise-rates", "0", "0"], "--noise-rates must be distinct and in"),
     (["--noise-rates", "1.5"], "--noise-rates must be distinct and in"),
+    (["--noise-rates", "0.15", "0.151"], "round to the same whole percent"),
     (["--", "--alphas", "2"], "leaves out the preset's headline alpha"),
 ])
 def test_bad_arguments_are_refused_before_training(argv, message, tmp_path):

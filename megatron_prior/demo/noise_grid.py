@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_prior.demo import pipeline
-from megatron_prior.demo.report import load_run
+from megatron_prior.demo.report import load_runs
 from megatron_prior.eval.report import Series, headline_comparison, plot_grid
 from megatron_prior.files import atomic_write_json, atomic_write_text
 from megatron_prior.models.arch import ARCHS
@@ -104,7 +104,7 @@ def _markdown(levels: list[dict], targets: dict, command: str, wall_s: float) ->
     return "\n".join(lines) + "\n"
 
 
-def plot_noise(runs: Sequence[RunResult], noise_of: dict[int, float], path: Path) -> Path:
+def plot_noise(runs: Sequence[RunResult], path: Path) -> Path:
     """Held-out grounded CE and probe accuracy at the final checkpoint against the noise rate,
     each weighting in its colour, a thin line per seed."""
 
@@ -112,7 +112,7 @@ def plot_noise(runs: Sequence[RunResult], noise_of: dict[int, float], path: Path
         points: dict = defaultdict(lambda: defaultdict(list))
         for r in runs:
             if r.arch == arch:
-                points[(r.loss, r.prior_alpha)][r.seed].append((noise_of[id(r)], r.heldout[metric]))
+                points[(r.loss, r.prior_alpha)][r.seed].append((r.noise_rate, r.heldout[metric]))
         out: Series = defaultdict(list)
         for v, by_seed in points.items():
             for pts in by_seed.values():
@@ -149,6 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"megatron_prior.demo.noise_grid: --noise-rates must be distinct and in [0, 1], "
                          f"got {args.noise_rates}")
     out = Path(args.output_dir)
+    if len({level_dir(out, r) for r in args.noise_rates}) != len(args.noise_rates):
+        raise SystemExit(f"megatron_prior.demo.noise_grid: --noise-rates {args.noise_rates} round to the same "
+                         f"whole percent, which names each level's folder")
     try:  # every level's settings, checked before the first one trains
         settings = {r: pipeline.settings_from_args(pipeline.build_parser().parse_args(
             [*passed, "--noise-rate", str(r)])) for r in args.noise_rates}
@@ -156,15 +159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"megatron_prior.demo.noise_grid: {err}") from None
     command = "python -m megatron_prior.demo.noise_grid " + " ".join(map(shlex.quote, argv))
     start = time.perf_counter()
-    levels, runs, noise_of = [], [], {}
+    levels, runs = [], []
     for i, rate in enumerate(sorted(args.noise_rates)):
         print(f"[noise grid] level {i + 1}/{len(args.noise_rates)}: {100 * rate:.0f} % noisy captions "
               f"into {level_dir(out, rate)}/", flush=True)
         pipeline.main([*passed, "--noise-rate", str(rate), "--output-dir", str(level_dir(out, rate))])
         s = settings[rate]
-        level_runs = [load_run(level_dir(out, rate), spec) for spec in pipeline.run_specs(s)]
-        for r in level_runs:
-            noise_of[id(r)] = rate
+        level_runs = load_runs(level_dir(out, rate), pipeline.run_specs(s))
         runs += level_runs
         levels.append({"noise_rate": rate, "output_dir": str(level_dir(out, rate)),
                        "comparisons": comparisons(level_runs, s.headline_alpha, s.other_losses)})
@@ -176,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "levels": levels, "mi_target": targets}
     atomic_write_json(out / "noise_grid.json", result)
     atomic_write_text(out / "noise_grid.md", _markdown(levels, targets, command, wall))
-    plot_noise(runs, noise_of, out / "noise_grid.png")
+    plot_noise(runs, out / "noise_grid.png")
     print((out / "noise_grid.md").read_text())
     return result
 

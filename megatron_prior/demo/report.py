@@ -44,6 +44,12 @@ def load_run(out: Path, spec) -> RunResult:
     return run
 
 
+def load_runs(out: Path, specs: Sequence) -> list[RunResult]:
+    """``load_run`` of each spec, with the noise rate of the data they trained on (the generator's)."""
+    noise_rate = float(load_json(out / DemoPaths.data / "kinds_summary.json")["config"]["noise_rate"])
+    return [dataclasses.replace(load_run(out, spec), noise_rate=noise_rate) for spec in specs]
+
+
 def _step_times(out: Path) -> dict[str, dict]:
     """Wall and CPU seconds of each finished step, from the runner's stamps."""
     times = {}
@@ -115,10 +121,8 @@ def write_demo_report(out: Path, settings, specs: Sequence, command: str, starte
     out = Path(out)
     tokenizer = load_tokenizer(str(out / DemoPaths.tokenizer))
     heldout = str(out / DemoPaths.documents(DemoPaths.prefix("heldout")))
-    runs = [load_run(out, spec) for spec in specs]
+    runs = load_runs(out, specs)
     data_summary = load_json(out / DemoPaths.data / "kinds_summary.json")
-    for run in runs:
-        run.noise_rate = float(data_summary["config"]["noise_rate"])
     reference = reference_separation(heldout, tokenizer, sorted({1.0, *settings.alphas}, reverse=True))
     captions = caption_weights(heldout, out / DemoPaths.data / "heldout.jsonl", tokenizer, settings.alphas[0])
     baseline = data_summary["probe"]["pair_frequency_baseline"]
