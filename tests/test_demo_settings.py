@@ -123,3 +123,38 @@ def test_the_report_waits_for_the_vision_encoder_report():
     assert steps["vit_clip"].deps == ["text_data"]  # trained beside the reference, not after it
     only_u = {s.name: s for s in pipeline.build_steps(_steps("--archs", "ulvlm")[0], lambda: None)}
     assert "vit_quality" not in only_u and "vit_quality" not in only_u["report"].deps
+
+
+def test_a_reference_of_another_size_only_scores():
+    """--reference-num-layers/--reference-hidden-size: a second text-only GPT of that shape scores
+    both splits (and so weighs PRIOR, Rho-1 and MI), trained like the first but for its shape,
+    while every LVLM and the image scorer still start from the first."""
+    _, plain = _steps("--other-losses", "mi")
+    settings, steps = _steps("--other-losses", "mi", "--reference-num-layers", "1", "--reference-hidden-size", "32")
+    assert settings.separate_reference and settings.reference_shape == (1, 32)
+    ref, scorer = steps["reference"], steps["scoring_reference"]
+    assert ref == plain["reference"]
+    assert (_flag(scorer, "--num-layers"), _flag(scorer, "--hidden-size")) == ("1", "32")
+    moved = [a.replace("scoring_reference", "reference") for a in scorer]
+    for flag, value in (("--num-layers", "2"), ("--hidden-size", "128")):
+        moved[moved.index(flag) + 1] = value
+    assert moved == ref  # the same data, seed, iterations and schedule
+    for split in ("train", "heldout"):
+        assert _flag(steps[f"score_{split}"], "--reference-load") == str(pipeline.DemoPaths.scoring_reference)
+    graph = {s.name: s for s in pipeline.build_steps(settings, lambda: None)}
+    assert graph["score_train"].deps == ["scoring_reference"]
+    for name in ("train_ulvlm_prior0p5_seed1", "train_hlvlm_ntp_seed2", "image_scorer"):
+        assert _flag(steps[name], "--lm-load") == str(pipeline.DemoPaths.reference), name
+        assert "reference" in graph[name].deps, name
+    # The LVLMs' own shape is the plain demo: one text-only GPT in both roles.
+    same, steps_same = _steps("--other-losses", "mi", "--reference-num-layers", "2", "--reference-hidden-size", "128")
+    assert not same.separate_reference and steps_same == plain and "scoring_reference" not in plain
+    data_only = [s.name for s in pipeline.build_steps(settings, lambda: None) if s.name in pipeline.DATA_STEPS]
+    assert data_only == ["data", "tokenizer", "text_data", "reference", "scoring_reference", "score_train",
+                         "score_heldout"]
+
+
+@pytest.mark.parametrize("argv", [("--reference-hidden-size", "30"), ("--reference-num-layers", "0")])
+def test_a_reference_shape_that_cannot_be_built_is_refused(argv):
+    with pytest.raises(SystemExit, match="the reference needs >= 1 layer and a width divisible by its 4 attention"):
+        pipeline.main([*argv, "--output-dir", "/nonexistent/never-made"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_prior.demo import noise_grid
+from megatron_prior.demo import grid, noise_grid
 from megatron_prior.results import RunResult
 
 # Held-out grounded CE of each (noise rate, loss) at seed s: base + 0.01 s; NTP's is 1.0.
@@ -30,7 +30,7 @@ def _runs(rate: float) -> list[RunResult]:
 
 
 def _levels() -> list[dict]:
-    return [{"noise_rate": r, "output_dir": f"noise_{r}", "comparisons": noise_grid.comparisons(_runs(r), 0.5, ["mi"])}
+    return [{"noise_rate": r, "output_dir": f"noise_{r}", "comparisons": grid.comparisons(_runs(r), 0.5, ["mi"])}
             for r in (0.0, 0.3)]
 
 
@@ -66,11 +66,10 @@ def test_the_target_needs_a_clean_and_a_noisy_level():
 
 def test_markdown_and_plot(tmp_path: Path):
     levels = _levels()
-    text = noise_grid._markdown(levels, noise_grid.mi_target(levels, 0.5), "python -m x", 90.0)
+    text = grid.markdown(noise_grid.AXIS, levels, noise_grid.summary(levels, 0.5)[1], "python -m x", 90.0)
     assert "| 30 % | H-LVLM | MI | final | 1.020 → 0.960 | -0.060 ± 0.000 (-0.060, -0.060, -0.060) | -5.9 |" in text
     assert "MI's +0.060 there: **met**" in text
-    runs = _runs(0.0) + _runs(0.3)
-    path = noise_grid.plot_noise(runs, tmp_path / "grid.png")
+    path = grid.plot(noise_grid.AXIS, [(r, _runs(r)) for r in (0.0, 0.3)], tmp_path / "grid.png")
     with Image.open(path) as img:
         assert img.size[0] > 300 and np.asarray(img).std() > 0
 
@@ -78,9 +77,9 @@ def test_markdown_and_plot(tmp_path: Path):
 @pytest.mark.parametrize("argv, message", [
     (["--", "--noise-rate", "0.1"], "--noise-rate is set per level by the grid"),
     (["--", "--output-dir=/tmp/x"], "--output-dir is set per level by the grid"),
-    (["--noise-rates", "0", "0"], "--noise-rates must be distinct and in"),
-    (["--noise-rates", "1.5"], "--noise-rates must be distinct and in"),
-    (["--noise-rates", "0.15", "0.151"], "round to the same whole percent"),
+    (["--noise-rates", "0", "0"], "--noise-rates repeats a level"),
+    (["--noise-rates", "1.5"], "--noise-rates must be in"),
+    (["--noise-rates", "0.15", "0.151"], "two levels would share a folder"),
     (["--", "--alphas", "2"], "leaves out the preset's headline alpha"),
 ])
 def test_bad_arguments_are_refused_before_training(argv, message, tmp_path):

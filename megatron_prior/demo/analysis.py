@@ -37,17 +37,21 @@ def token_multipliers(dataset: WeightedIndexedDataset, alpha: float, eod: int, p
 
 def reference_separation(data_prefix: str, tokenizer, alphas: Sequence[float]) -> dict:
     """AUCs of the reference weight ``1 - p_ref`` (grounded vs template: the headline; grounded
-    vs unrelated), mean ``p_ref`` per kind, and mean multiplier per kind for each alpha."""
+    vs unrelated), mean ``p_ref`` and the reference's mean NLL per kind and over all scored tokens
+    (how well it models the captions), and mean multiplier per kind for each alpha."""
     dataset = WeightedIndexedDataset(data_prefix, tokenizer_fingerprint=tokenizer.fingerprint)
     if not dataset.has_kinds:
         raise ValueError(f"{data_prefix}: no token kinds (.kinds.bin/.idx); preprocess with --kinds-key")
     kinds = np.asarray(dataset.kind_array, dtype=np.int64)
-    p = np.exp(np.asarray(dataset.logprob_array, dtype=np.float64))
+    logp = np.asarray(dataset.logprob_array, dtype=np.float64)
+    p = np.exp(logp)
     weight = 1.0 - p
     present = [k for k in KIND_NAMES if (kinds == KIND_IDS[k]).any()]
     result = {
         "auc_grounded_vs_template": kind_separation_auc(weight, kinds, positive="grounded", negative="template"),
         "mean_reference_probability": {k: float(p[kinds == KIND_IDS[k]].mean()) for k in present},
+        "mean_nll": {k: float(-logp[kinds == KIND_IDS[k]].mean()) for k in present},
+        "mean_nll_all": float(-logp.mean()),
         "tokens": {k: int((kinds == KIND_IDS[k]).sum()) for k in present},
         "mean_multiplier": {},
     }

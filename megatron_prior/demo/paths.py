@@ -13,6 +13,7 @@ class DemoPaths:
     tokenizer = data / "tokenizer.model"
     unigram_prefix = Path("work/unigram/train")
     reference = Path("runs/reference")
+    scoring_reference = Path("runs/scoring_reference")  # PRIOR's reference where it is not `reference`
     vit_clip = Path("runs/vit_clip")
     image_scorer = Path("runs/image_scorer")
 

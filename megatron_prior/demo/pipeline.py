@@ -22,7 +22,10 @@ folder (default ``demo_output/``):
    ``runs/reference/``. It has two roles, as a pretrained LLM has in the paper's setting: PRIOR's
    reference (it scores the captions) and the starting point of every LVLM's language model
    (``--lm-load``), so NTP and PRIOR runs begin from a model that already knows the captions'
-   text and differ only in what they then learn from the image;
+   text and differ only in what they then learn from the image. A reference of another shape
+   (``--reference-num-layers``/``--reference-hidden-size``, the reference-size grid) is a second
+   GPT trained the same way, ``scoring_reference`` -> ``runs/scoring_reference/``, which only
+   scores: the LVLMs still start from the first;
 5. ``vit_clip``: the H-LVLM's vision encoder, pre-trained CLIP-style (symmetric InfoNCE between
    images and their captions, ``megatron_prior.train_contrastive``) on the training set, with its
    held-out quality (caption retrieval, colour/shape linear probe) in
@@ -117,6 +120,11 @@ class DemoSettings:
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
+    # PRIOR's reference shape; None takes the LVLMs' language-model shape, and the reference is
+    # then also their initial language model. Another shape trains a second text-only GPT that
+    # only scores (the reference-size grid): a reference of another width cannot initialise them.
+    reference_num_layers: Optional[int] = None
+    reference_hidden_size: Optional[int] = None
     global_batch_size: int = 32
     lr: float = 2e-3
     min_lr: float = 2e-4
@@ -152,9 +160,24 @@ class DemoSettings:
         for name in ("num_train", "num_heldout", "reference_iters", "train_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        layers, width = self.reference_shape
+        if layers < 1 or width < 1 or width % self.num_attention_heads:
+            raise ValueError(f"the reference needs >= 1 layer and a width divisible by its "
+                             f"{self.num_attention_heads} attention heads, got {layers} layers of width {width}")
         vit = _vit_archs(self.vit_users)
         if vit and self.vit_clip_iters < 1:
             raise ValueError(f"vit_clip_iters must be >= 1 for the {get_arch(vit[0]).display_name}")
+
+    @property
+    def reference_shape(self) -> tuple[int, int]:
+        """PRIOR's reference: (layers, width)."""
+        return (self.num_layers if self.reference_num_layers is None else self.reference_num_layers,
+                self.hidden_size if self.reference_hidden_size is None else self.reference_hidden_size)
+
+    @property
+    def separate_reference(self) -> bool:
+        """Whether PRIOR's reference is a GPT of its own, apart from the LVLMs' initial LM."""
+        return self.reference_shape != (self.num_layers, self.hidden_size)
 
     @property
     def vit_users(self) -> tuple[str, ...]:
@@ -253,10 +276,13 @@ def _preprocess(split: str, prefix: Path, reference: Optional[Path], s: DemoSett
 
 
 def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: DemoSettings,
-           extra: Sequence[str] = (), seq_length: Optional[int] = None) -> list[str]:
+           extra: Sequence[str] = (), seq_length: Optional[int] = None,
+           shape: Optional[tuple[int, int]] = None) -> list[str]:
+    """The trainer's argv; ``shape`` (layers, width) defaults to the LVLMs' language model, the
+    text-only LM's shape too, since it initialises them."""
     lvlm = get_arch(model).needs_images
-    # The reference has the LVLMs' language-model shape: it is also their initial language model.
-    size = ["--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
+    layers, width = shape or (s.num_layers, s.hidden_size)
+    size = ["--num-layers", str(layers), "--hidden-size", str(width),
             "--num-attention-heads", str(s.num_attention_heads)]
     return ["-m", "megatron_prior.train", "--model", model, *size,
             "--seq-length", str(seq_length or (s.seq_length if lvlm else s.reference_seq_length)),
@@ -294,11 +320,22 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                     ["--loss", "ntp", "--log-interval", "50"]),
              deps=["text_data"], clean=[L.reference]),
     ]
+    scorer, scorer_step = L.reference, "reference"
+    if s.separate_reference:
+        scorer, scorer_step = L.scoring_reference, "scoring_reference"
+        layers, width = s.reference_shape
+        # The same data, seed, iterations and learning rate as the LVLMs' initial LM: only the
+        # shape differs, so the grid varies the reference's capacity and nothing else.
+        steps.append(Step(scorer_step, f"train PRIOR's reference apart (GPT, {layers} layers of width {width}, NTP)",
+                          [scorer / "summary.json"],
+                          _train("gpt", scorer, L.unigram_prefix, s.data_seed, s.reference_iters, s,
+                                 ["--loss", "ntp", "--log-interval", "50"], shape=s.reference_shape),
+                          deps=["text_data"], clean=[scorer]))
     for split in ("train", "heldout"):
         steps.append(Step(f"score_{split}", f"score the {split} captions with the reference LM",
                           L.preprocessed(L.prefix(split)),
-                          _preprocess(split, L.prefix(split), L.reference, s),
-                          deps=["reference"]))
+                          _preprocess(split, L.prefix(split), scorer, s),
+                          deps=[scorer_step]))
     if _vit_archs(s.vit_users):
         # The ViT shape is the H-LVLM's default (megatron_prior.train's --vit-* flags), so the
         # runs' --vit-load takes it as is. 500 iterations at lr 1e-3 (one core, ~70 s): held-out
@@ -342,7 +379,8 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
                           _train(IMAGE_SCORER_ARCH, L.image_scorer, L.prefix("train"), s.data_seed, s.train_iters, s,
                                  ["--loss", "ntp", "--lm-load", str(L.reference), *scorer_vit],
                                  s.reference_seq_length),
-                          deps=["score_train"] + (["vit_clip"] if scorer_vit else []), clean=[L.image_scorer]))
+                          deps=["score_train", "reference"] + (["vit_clip"] if scorer_vit else []),
+                          clean=[L.image_scorer]))
         doc = str(L.documents(L.prefix("train")))
         steps.append(Step("score_images", "score the train captions with the image-conditioned scorer",
                           [Path(doc + ext) for ext in (".imglogprobs.bin", ".imglogprobs.idx", ".imgdelta.bin",
@@ -361,7 +399,8 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         trains[spec] = Step(f"train_{spec.name}", f"train {spec.label}", [rdir / "summary.json"],
                             _train(spec.arch, rdir, L.prefix("train"), spec.seed, s.train_iters, s,
                                    loss + saves + lm + vit),
-                            deps=["score_train"] + scored + (["vit_clip"] if vit else []), clean=[rdir])
+                            deps=["score_train", "reference"] + scored + (["vit_clip"] if vit else []),
+                            clean=[rdir])
     # One evaluation process per architecture and seed: its runs share the held-out data and
     # probe, and a process of its own would spend ~10 s of CPU per run starting up. Each is
     # listed after its seed's trainings, so the runner (which starts ready steps in list order)
@@ -389,7 +428,7 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
 
 
 # The scored benchmark alone (what `make sweep` trains on): no LVLM runs, no report.
-DATA_STEPS = ("data", "tokenizer", "text_data", "reference", "score_train", "score_heldout")
+DATA_STEPS = ("data", "tokenizer", "text_data", "reference", "scoring_reference", "score_train", "score_heldout")
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
@@ -408,7 +447,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         changes["archs"] = tuple(args.archs)
     if args.other_losses is not None:
         changes["other_losses"] = tuple(args.other_losses)
-    for key in ("train_iters", "num_train", "num_heldout", "reference_iters", "vit_clip_iters", "num_checkpoints"):
+    for key in ("train_iters", "num_train", "num_heldout", "reference_iters", "vit_clip_iters", "num_checkpoints",
+                "reference_num_layers", "reference_hidden_size"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     settings = dataclasses.replace(base, **changes)
@@ -448,13 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "caption-noise axis: run each level into its own --output-dir); held-out data stay clean")
     p.add_argument("--archs", nargs="+", choices=LVLMS, default=None, help="architectures to run")
     p.add_argument("--other-losses", nargs="+", choices=OTHER_LOSSES, default=None,
-                   help="weightings to run beside NTP and PRIOR, each on every arch and seed: mi and cal add a U-LVLM "
-                        "NTP run on the data seed that scores the training set with images "
-                        "(tools/score_with_images.py); rho1 uses the reference log-probs (--rho1-ratio 0.6)")
+                   help="weightings to run beside NTP and PRIOR, each on every arch and seed: mi and cal add an "
+                        f"{get_arch(IMAGE_SCORER_ARCH).display_name} NTP run on the data seed that scores the training "
+                        "set with images (tools/score_with_images.py); rho1 uses the reference log-probs (--rho1-ratio 0.6)")
     p.add_argument("--train-iters", type=int, default=None, help="iterations of each LVLM run (default 200 full, 100 quick)")
     p.add_argument("--num-train", type=int, default=None, help="training image-caption pairs")
     p.add_argument("--num-heldout", type=int, default=None, help="held-out pairs (3 probe items each)")
     p.add_argument("--reference-iters", type=int, default=None, help="iterations of the reference LM")
+    p.add_argument("--reference-num-layers", type=int, default=None,
+                   help=f"layers of PRIOR's reference GPT (default: the LVLMs' language model's, {FULL.num_layers}); "
+                        "a shape other than theirs trains a second text-only GPT that only scores, while the LVLMs "
+                        "still start from one of their shape")
+    p.add_argument("--reference-hidden-size", type=int, default=None,
+                   help=f"width of PRIOR's reference GPT (default: the LVLMs' language model's, {FULL.hidden_size}; "
+                        f"divisible by its {FULL.num_attention_heads} attention heads)")
     p.add_argument("--vit-clip-iters", type=int, default=None,
                    help="iterations of the H-LVLM ViT's contrastive (CLIP-style) pre-training")
     p.add_argument("--jobs", type=int, default=None,

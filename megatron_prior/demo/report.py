@@ -66,6 +66,7 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
     frac = data_summary["splits"]["train"]["word_fraction"]
     m1 = reference["mean_multiplier"].get("1") or next(iter(reference["mean_multiplier"].values()))
     params = {r.arch: r.parameters for r in runs}
+    reference_layers, reference_width = settings.reference_shape
     notes = [
         f"Command: `{command}`, started {started.strftime('%Y-%m-%d %H:%M %Z')}; this invocation took "
         f"{wall_time_s / 60:.1f} minutes (stages skipped as already done take no time); the stages used "
@@ -78,9 +79,14 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         f"{settings.train_iters} iterations of {settings.global_batch_size} captions (seq {settings.seq_length}), "
         f"AdamW lr {settings.lr:g} cosine to {settings.min_lr:g}, a checkpoint every {settings.save_interval} "
         f"iterations, each evaluated. NTP and PRIOR runs of one seed share initialisation and data order.",
-        f"Text-only LM: a GPT of the same language-model shape, {settings.reference_iters} iterations of NTP on the "
-        "training captions; it is PRIOR's reference and the initial language model of every LVLM run (--lm-load). "
-        "Held-out mean reference probability: "
+        (f"Text-only LMs: the initial language model of every LVLM run (--lm-load) is a GPT of their "
+         f"language-model shape; PRIOR's reference is a second GPT of {reference_layers} layers of width "
+         f"{reference_width} (runs/scoring_reference); both {settings.reference_iters} iterations of NTP on the "
+         "training captions. "
+         if settings.separate_reference else
+         f"Text-only LM: a GPT of the same language-model shape, {settings.reference_iters} iterations of NTP on the "
+         "training captions; it is PRIOR's reference and the initial language model of every LVLM run (--lm-load). ")
+        + f"The reference's held-out NLL: {reference['mean_nll_all']:.3f} nats per token; mean reference probability: "
         + ", ".join(f"{k} {v:.2f}" for k, v in reference["mean_reference_probability"].items())
         + "; mean PRIOR multiplier (alpha 1): " + ", ".join(f"{k} {v:.2f}" for k, v in m1.items())
         + (f". Its weights rank unrelated tokens above grounded ones (AUC grounded vs unrelated "

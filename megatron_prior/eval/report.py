@@ -369,7 +369,7 @@ Series = dict[tuple, list[tuple[np.ndarray, np.ndarray]]]  # (loss, alpha) -> on
 
 def plot_grid(runs: Sequence[RunResult], rows: dict[str, str], series: Callable[[str, str], Series],
               path: str | os.PathLike, title: str, log_y: bool, marker: str | None = None,
-              xlabel: str = "iteration") -> Path:
+              xlabel: str = "iteration", log_x: bool = False) -> Path:
     """One column per architecture, one row per key of ``rows`` (its y label); on each axis
     ``series(arch, row)``: each loss and PRIOR alpha in its own colour, a thin line per seed and a
     thick line for the mean over seeds (where the seeds share their x values)."""
@@ -397,6 +397,8 @@ def plot_grid(runs: Sequence[RunResult], rows: dict[str, str], series: Callable[
                     ax.plot([], [], color=colors[v], label=label)
             if log_y:
                 ax.set_yscale("log")
+            if log_x:
+                ax.set_xscale("log")
             ax.grid(True, which="both", alpha=0.25)
             if row == 0:
                 ax.set_title(ARCHS[arch].display_name)
