@@ -24,8 +24,12 @@ SWEEP_DIR ?= $(OUTPUT_DIR)/sweep
 # what it showed and its measured time).
 NOISE_DIR  ?= $(OUTPUT_DIR)/noise_grid
 NOISE_ARGS ?= --seed-offset 6 --archs hlvlm --other-losses mi rho1 cal
+# make reference-grid: PRIOR (alpha 0.5) against NTP with PRIOR's reference at 1x32, 2x128 and 4x256
+# (layers x width; README: what it showed and its measured time).
+REFERENCE_DIR  ?= $(OUTPUT_DIR)/reference_grid
+REFERENCE_ARGS ?= --seed-offset 6 --alphas 0.5
 
-.PHONY: setup test demo sweep noise-grid bench fuzz clean
+.PHONY: setup test demo sweep noise-grid reference-grid bench fuzz clean
 
 setup: $(VENV)/.setup-done
 
@@ -66,6 +70,9 @@ sweep: setup
 
 noise-grid: setup
 	$(PY) -m megatron_prior.demo.noise_grid --output-dir $(NOISE_DIR) -- $(NOISE_ARGS)
+
+reference-grid: setup
+	$(PY) -m megatron_prior.demo.reference_grid --output-dir $(REFERENCE_DIR) -- $(REFERENCE_ARGS)
 
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done

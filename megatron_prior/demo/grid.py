@@ -85,8 +85,9 @@ def gain(rows: list[dict], arch: str, loss: str, alpha: Optional[float], metric:
 
 def markdown(axis: Axis, levels: list[dict], extra: list[str], command: str, wall_s: float) -> str:
     lines = [f"# {axis.title}: each weighting against NTP", "",
-             f"`{command}` ({wall_s / 60:.1f} min). Differences are the weighting's minus NTP's on the same seed "
-             "(mean ± sd over seeds, then each seed); negative CE is better.",
+             f"`{command}` (this invocation: {wall_s / 60:.1f} min; levels already done are skipped). Differences "
+             "are the weighting's minus NTP's on the same seed (mean ± sd over seeds, then each seed); negative CE "
+             "is better.",
              "", f"| {axis.column} | arch | loss | at | CE grounded NTP → loss | Δ CE grounded (per seed) | Δ % "
              "| Δ CE template | probe NTP → loss |", "|---|---|---|---|---|---|---|---|---|"]
     for lv in levels:

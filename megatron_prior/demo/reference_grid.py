@@ -93,7 +93,17 @@ def summary(levels: list[dict], headline_alpha: float) -> tuple[dict, list[str]]
                      + " | ".join("-" if g["grounded_ce"] is None else
                                   f"{g['grounded_ce']:+.3f}, {g['probe_accuracy']:+.3f}" for g in gains.values())
                      + " |")
-    return {"reference_effect": rows}, lines
+    # NTP does not read the reference, and its seeds, data and initial LM are the same at every
+    # level: its runs repeat, and any spread between levels is what the grid's numbers carry of
+    # run-to-run nondeterminism.
+    spread = {}
+    for a in archs:
+        ntp = [r["metrics"][grid.GROUNDED]["ntp"] for lv in levels for r in lv["comparisons"]
+               if r["arch"] == a and r["at"] == "final" and r["declared"]]
+        spread[a] = max(ntp) - min(ntp)
+    lines += ["", "NTP runs repeat at every level (only the reference differs): their mean final grounded CE spans "
+              + ", ".join(f"{v:.2g} nats ({ARCHS[a].display_name})" for a, v in spread.items()) + " between levels."]
+    return {"reference_effect": rows, "ntp_spread_between_levels": spread}, lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
