@@ -314,7 +314,8 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
         Step("text_data", "tokenize the training set (unigram scores) for the pre-training runs",
              L.preprocessed(L.unigram_prefix), _preprocess("train", L.unigram_prefix, None, s),
              deps=["tokenizer"]),
-        Step("reference", "train the text-only LM (GPT, NTP): PRIOR's reference and the LVLMs' initial LM",
+        Step("reference", "train the text-only LM (GPT, NTP): "
+             + ("the LVLMs' initial LM" if s.separate_reference else "PRIOR's reference and the LVLMs' initial LM"),
              [L.reference / "summary.json"],
              _train("gpt", L.reference, L.unigram_prefix, s.data_seed, s.reference_iters, s,
                     ["--loss", "ntp", "--log-interval", "50"]),
