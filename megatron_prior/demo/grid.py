@@ -55,6 +55,8 @@ class Axis:
     log_x: bool = False
     # Raises ValueError for levels the grid refuses (the pipeline's own checks run after it).
     check: Optional[Callable[[Sequence[Any]], None]] = None
+    metavar: str = "VALUE"
+    show: Callable[[Any], str] = str            # a level as the command line writes it
 
     def level_dir(self, output_dir: Path, value: Any) -> Path:
         return output_dir / f"{self.name}_{self.tag(value)}"
@@ -130,8 +132,10 @@ def build_parser(axis: Axis, prog: str, description: str) -> argparse.ArgumentPa
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default=f"demo_output/{axis.name}_grid",
                    help=f"grid folder: one pipeline folder per level ({axis.name}_...) and the grid's report")
-    p.add_argument(axis.values_flag, type=axis.parse, nargs="+", default=list(axis.default_values),
-                   dest="values", help=axis.values_help)
+    # SUPPRESS: the help names the default levels as they are typed, not as parsed tuples.
+    p.add_argument(axis.values_flag, type=axis.parse, nargs="+", default=argparse.SUPPRESS, dest="values",
+                   metavar=axis.metavar,
+                   help=f"{axis.values_help} (default: {' '.join(map(axis.show, axis.default_values))})")
     return p
 
 
@@ -145,7 +149,7 @@ def main(axis: Axis, argv: Sequence[str], prog: str, description: str, summary: 
         if any(a == flag or a.startswith(flag + "=") for a in passed):
             raise SystemExit(f"{prog}: {flag} is set per level by the grid; give {axis.values_flag} / --output-dir "
                              f"before --")
-    out, values = Path(args.output_dir), list(args.values)
+    out, values = Path(args.output_dir), list(getattr(args, "values", axis.default_values))
     try:
         if len(set(values)) != len(values):
             raise ValueError(f"{axis.values_flag} repeats a level: {values}")

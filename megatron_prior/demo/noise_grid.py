@@ -32,7 +32,7 @@ AXIS = grid.Axis(
     tag=lambda r: f"{round(100 * r):02d}", pipeline_args=lambda r: ["--noise-rate", str(r)], sets=("--noise-rate",),
     describe=lambda r, where, settings: {"noise_rate": r}, x=lambda lv: lv["noise_rate"],
     label=lambda lv: f"{100 * lv['noise_rate']:.0f} %", column="noise", title="Caption noise",
-    xlabel="share of training captions with a wrong word")
+    xlabel="share of training captions with a wrong word", metavar="RATE")
 
 
 def mi_target(levels: list[dict], headline_alpha: float) -> dict:

@@ -37,6 +37,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def size_text(size: tuple[int, int]) -> str:
+    """(2, 128) -> ``"2x128"``: the level's folder suffix and how its size is typed."""
+    return f"{size[0]}x{size[1]}"
+
+
 def describe(size: tuple[int, int], where: Path, settings: DemoSettings) -> dict:
     """The level's reference: its shape and parameters, and what the demo report measured of its
     scores on the held-out captions."""
@@ -54,18 +59,19 @@ def describe(size: tuple[int, int], where: Path, settings: DemoSettings) -> dict
 
 def _label(level: dict) -> str:
     r = level["reference"]
-    return f"{r['num_layers']}x{r['hidden_size']}" + (" (LM init)" if r["is_lm_init"] else "")
+    return size_text((r["num_layers"], r["hidden_size"])) + (" (LM init)" if r["is_lm_init"] else "")
 
 
 AXIS = grid.Axis(
     name="reference", values_flag="--reference-sizes", default_values=((1, 32), (2, 128), (4, 256)),
     parse=parse_size, values_help="sizes of PRIOR's reference GPT, LAYERSxWIDTH (the demo's LVLM language model is "
                                   "2x128: that level's reference is also their initial LM)",
-    tag=lambda size: f"{size[0]}x{size[1]}",
+    tag=size_text,
     pipeline_args=lambda size: ["--reference-num-layers", str(size[0]), "--reference-hidden-size", str(size[1])],
     sets=("--reference-num-layers", "--reference-hidden-size"), describe=describe,
     x=lambda lv: lv["reference"]["parameters"], label=_label, column="reference", title="Reference size",
-    xlabel="parameters of PRIOR's reference (log scale)", log_x=True)
+    xlabel="parameters of PRIOR's reference (log scale)", log_x=True, metavar="LAYERSxWIDTH",
+    show=size_text)
 
 
 def summary(levels: list[dict], headline_alpha: float) -> tuple[dict, list[str]]:
