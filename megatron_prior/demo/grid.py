@@ -181,8 +181,9 @@ def main(axis: Axis, argv: Sequence[str], prog: str, description: str, summary: 
     result = {"command": command, "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "wall_time_s": wall, "pipeline_args": passed, "headline_alpha": headline_alpha,
               "levels": levels, **extra_json}
+    text = markdown(axis, levels, extra_md, command, wall)
     atomic_write_json(out / f"{axis.name}_grid.json", result)
-    atomic_write_text(out / f"{axis.name}_grid.md", markdown(axis, levels, extra_md, command, wall))
+    atomic_write_text(out / f"{axis.name}_grid.md", text)
     plot(axis, plotted, out / f"{axis.name}_grid.png")
-    print((out / f"{axis.name}_grid.md").read_text())
+    print(text)
     return result

@@ -299,9 +299,24 @@ def _train(model: str, save: Path, data_prefix: Path, seed: int, iters: int, s: 
             *(["--eod-mask-loss"] if lvlm else []), *extra]
 
 
+def prior_reference(s: DemoSettings) -> tuple[str, Path]:
+    """The step that trains PRIOR's reference and its checkpoint folder: the LVLMs' initial LM,
+    or a GPT of its own where its shape is another (``DemoSettings.separate_reference``)."""
+    if s.separate_reference:
+        return "scoring_reference", DemoPaths.scoring_reference
+    return "reference", DemoPaths.reference
+
+
 def build_steps(s: DemoSettings, report_fn) -> list[Step]:
     """The demo's step graph; ``report_fn`` writes the report (in-process)."""
     L = DemoPaths
+
+    def text_lm(save: Path, shape: Optional[tuple[int, int]] = None) -> list[str]:
+        # Every text-only GPT trains alike (data, seed, iterations, schedule): a reference of
+        # its own differs from the LVLMs' initial LM in its shape only.
+        return _train("gpt", save, L.unigram_prefix, s.data_seed, s.reference_iters, s,
+                      ["--loss", "ntp", "--log-interval", "50"], shape=shape)
+
     steps = [
         Step("data", "render the image-caption benchmark", [L.data / "kinds_summary.json"],
              ["-m", "megatron_prior.demo.generator", "--output-dir", str(L.data), "--num-train", str(s.num_train),
@@ -316,21 +331,13 @@ def build_steps(s: DemoSettings, report_fn) -> list[Step]:
              deps=["tokenizer"]),
         Step("reference", "train the text-only LM (GPT, NTP): "
              + ("the LVLMs' initial LM" if s.separate_reference else "PRIOR's reference and the LVLMs' initial LM"),
-             [L.reference / "summary.json"],
-             _train("gpt", L.reference, L.unigram_prefix, s.data_seed, s.reference_iters, s,
-                    ["--loss", "ntp", "--log-interval", "50"]),
-             deps=["text_data"], clean=[L.reference]),
+             [L.reference / "summary.json"], text_lm(L.reference), deps=["text_data"], clean=[L.reference]),
     ]
-    scorer, scorer_step = L.reference, "reference"
+    scorer_step, scorer = prior_reference(s)
     if s.separate_reference:
-        scorer, scorer_step = L.scoring_reference, "scoring_reference"
         layers, width = s.reference_shape
-        # The same data, seed, iterations and learning rate as the LVLMs' initial LM: only the
-        # shape differs, so the grid varies the reference's capacity and nothing else.
         steps.append(Step(scorer_step, f"train PRIOR's reference apart (GPT, {layers} layers of width {width}, NTP)",
-                          [scorer / "summary.json"],
-                          _train("gpt", scorer, L.unigram_prefix, s.data_seed, s.reference_iters, s,
-                                 ["--loss", "ntp", "--log-interval", "50"], shape=s.reference_shape),
+                          [scorer / "summary.json"], text_lm(scorer, s.reference_shape),
                           deps=["text_data"], clean=[scorer]))
     for split in ("train", "heldout"):
         steps.append(Step(f"score_{split}", f"score the {split} captions with the reference LM",

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_prior.demo import grid
-from megatron_prior.demo.paths import DemoPaths
-from megatron_prior.demo.pipeline import DemoSettings
+from megatron_prior.demo.pipeline import DemoSettings, prior_reference
 from megatron_prior.models.arch import ARCHS
 from megatron_prior.results import SUMMARY, load_json
 
@@ -46,7 +45,7 @@ def describe(size: tuple[int, int], where: Path, settings: DemoSettings) -> dict
     """The level's reference: its shape and parameters, and what the demo report measured of its
     scores on the held-out captions."""
     reference = load_json(where / "results.json")["reference"]
-    ckpt = DemoPaths.scoring_reference if settings.separate_reference else DemoPaths.reference
+    _, ckpt = prior_reference(settings)
     return {"reference": {
         "num_layers": size[0], "hidden_size": size[1],
         "parameters": int(load_json(where / ckpt / SUMMARY)["parameters"]),

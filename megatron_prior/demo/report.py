@@ -81,7 +81,7 @@ def _notes(settings, reference: dict, baseline: dict, data_summary: dict, runs: 
         f"iterations, each evaluated. NTP and PRIOR runs of one seed share initialisation and data order.",
         (f"Text-only LMs: the initial language model of every LVLM run (--lm-load) is a GPT of their "
          f"language-model shape; PRIOR's reference is a second GPT of {reference_layers} layers of width "
-         f"{reference_width} (runs/scoring_reference); both {settings.reference_iters} iterations of NTP on the "
+         f"{reference_width} ({DemoPaths.scoring_reference}); both {settings.reference_iters} iterations of NTP on the "
          "training captions. "
          if settings.separate_reference else
          f"Text-only LM: a GPT of the same language-model shape, {settings.reference_iters} iterations of NTP on the "
